@@ -1,0 +1,37 @@
+# safepoint developer commands. `make test` and `make demo` work on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test lint demo bench clean
+
+# The stamp depends on the files that define the environment, so `make install`
+# is a no-op (under a second) when nothing changed.
+$(STAMP): pyproject.toml constraints-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints-dev.txt -e '.[all,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(VENV)/bin/ruff check src tests bench examples
+	$(VENV)/bin/ruff format --check src tests bench examples
+
+test: install lint
+	$(PY) -m pytest -q
+
+# The main job: train, crash with SIGKILL mid-run, resume, and check the result is
+# bit-identical to an uninterrupted run.
+demo: install
+	rm -rf runs/demo
+	-$(VENV)/bin/safepoint demo --root runs/demo --crash-at-epoch 12
+	$(VENV)/bin/safepoint demo --root runs/demo
+
+bench: install
+	$(PY) bench/save_load.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache .hypothesis

@@ -1,0 +1,274 @@
+"""The default payload: plain safetensors files, streamed from the tensors' own buffers.
+
+Layout (the safetensors spec): an 8-byte little-endian header length, a JSON header
+padded with spaces to a multiple of 8, then every tensor's bytes back to back. The
+writer builds only the header in memory and hands the tensor buffers themselves to
+``writev`` (no copy of the state), hashing them on the way. Any
+``safetensors.safe_open`` can read the result.
+
+The reader trusts nothing: the header length is bounded by the file size, every
+entry's dtype must be in the allow-list, its shape must account for exactly the
+bytes its offsets span, and the entries must tile the data region with no gap or
+overlap. Only then is memory allocated, tensor by tensor, and filled with
+``readinto`` while the checksum is computed over the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .. import checksum, dtypes
+from ..manifest import Manifest
+from ..storage import Storage
+from ..tree import TensorLeaf
+from . import Files, Locations, expect, shards
+
+MAX_HEADER = 100 << 20
+_FLUSH_BYTES = 256 << 20
+_FLUSH_COUNT = 1024
+
+
+def _layout(dtype_name: str, shape: Sequence[int]) -> tuple[dtypes.DType, tuple[int, ...]]:
+    dt = dtypes.BY_NAME[dtype_name]
+    return dtypes.payload_layout(dt, tuple(shape), native=dt.safetensors is not None)
+
+
+def header_bytes(leaves: Sequence[TensorLeaf]) -> bytes:
+    """The length prefix and padded JSON header describing ``leaves`` in order."""
+    header: dict[str, Any] = {"__metadata__": {"writer": "safepoint", "format": "pt"}}
+    offset = 0
+    for leaf in leaves:
+        dt, shape = _layout(leaf.dtype.name, leaf.shape)
+        header[leaf.key] = {
+            "dtype": dt.safetensors,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + leaf.nbytes],
+        }
+        offset += leaf.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+class SafetensorsFormat:
+    name = "safetensors"
+    suffix = ".safetensors"
+
+    def write(
+        self, storage: Storage, staged: str, leaves: Sequence[TensorLeaf], *, shard_bytes: int
+    ) -> tuple[Files, Locations]:
+        files: Files = {}
+        locations: Locations = {}
+        for index, group in enumerate(shards(leaves, shard_bytes)):
+            fname = f"model-{index:05d}{self.suffix}"
+            size, digest = self._write_file(storage, f"{staged}/{fname}", group)
+            files[fname] = {"size": size, checksum.ALGORITHM: digest}
+            for leaf in group:
+                locations[leaf.key] = {"file": fname, "name": leaf.key}
+        return files, locations
+
+    def _write_file(
+        self, storage: Storage, relpath: str, leaves: Sequence[TensorLeaf]
+    ) -> tuple[int, str]:
+        hasher = checksum.Hasher()
+        head = header_bytes(leaves)
+        writer = storage.open_write(relpath)
+        try:
+            pending: list[memoryview] = [memoryview(head)]
+            pending_bytes = 0
+            size = len(head)
+            for leaf in leaves:
+                buf = leaf.buffer()
+                if buf.nbytes != leaf.nbytes:
+                    raise RuntimeError(f"tensor {leaf.key} changed size while being saved")
+                pending.append(buf)
+                pending_bytes += buf.nbytes
+                size += buf.nbytes
+                if len(pending) >= _FLUSH_COUNT or pending_bytes >= _FLUSH_BYTES:
+                    hasher.update_all(pending)
+                    writer.write(pending)
+                    pending, pending_bytes = [], 0
+            hasher.update_all(pending)
+            writer.write(pending)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        return size, hasher.hexdigest()
+
+    def read(self, storage: Storage, ckpt: str, manifest: Manifest) -> dict[str, np.ndarray]:
+        by_file: dict[str, list[tuple[str, dict[str, Any]]]] = {f: [] for f in manifest.files}
+        for key, entry in manifest.tensors.items():
+            by_file[entry["file"]].append((key, entry))
+        out: dict[str, np.ndarray] = {}
+        for fname, info in manifest.files.items():
+            out.update(self._read_file(storage, f"{ckpt}/{fname}", info, by_file[fname]))
+        return out
+
+    def _read_file(
+        self,
+        storage: Storage,
+        relpath: str,
+        info: dict[str, Any],
+        wanted: list[tuple[str, dict[str, Any]]],
+    ) -> dict[str, np.ndarray]:
+        expected_size = int(info["size"])
+        with storage.open_read(relpath) as f:
+            import os
+
+            actual_size = os.fstat(f.fileno()).st_size
+            checksum.check_size(relpath, expected=expected_size, actual=actual_size)
+            hasher = checksum.Hasher()
+            prefix = _read_exact(f, 8, relpath)
+            hasher.update(prefix)
+            (hlen,) = struct.unpack("<Q", prefix)
+            expect(
+                8 + hlen <= actual_size and hlen <= MAX_HEADER,
+                relpath,
+                "header length exceeds the file",
+                expected=actual_size - 8,
+                actual=hlen,
+            )
+            raw_header = _read_exact(f, hlen, relpath)
+            hasher.update(raw_header)
+            entries = parse_header(raw_header, relpath, data_len=actual_size - 8 - hlen)
+            wanted_by_name = {entry["name"]: (key, entry) for key, entry in wanted}
+            out: dict[str, np.ndarray] = {}
+            for name, (begin, end) in entries:
+                buf = np.empty(end - begin, dtype=np.uint8)  # bounded: offsets tile the file
+                view = memoryview(buf)
+                filled = 0
+                while filled < len(buf):
+                    n = f.readinto(view[filled:])
+                    expect(
+                        bool(n), relpath, "file ended early", expected=end, actual=begin + filled
+                    )
+                    filled += n
+                hasher.update(view)
+                if name in wanted_by_name:
+                    key, entry = wanted_by_name[name]
+                    header_entry = entries.meta[name]
+                    dt, shape = _layout(entry["dtype"], entry["shape"])
+                    expect(
+                        header_entry["dtype"] == dt.safetensors
+                        and tuple(header_entry["shape"]) == shape,
+                        relpath,
+                        f"tensor {name!r} differs from the manifest",
+                        expected=(dt.safetensors, shape),
+                        actual=(header_entry["dtype"], header_entry["shape"]),
+                    )
+                    out[key] = buf
+            checksum.check(relpath, expected=info[checksum.ALGORITHM], actual=hasher.hexdigest())
+        missing = set(wanted_by_name) - set(entries.meta)
+        expect(
+            not missing,
+            relpath,
+            "tensors listed in the manifest are absent",
+            expected=sorted(missing),
+            actual=None,
+        )
+        return out
+
+
+class _Entries(list[tuple[str, tuple[int, int]]]):
+    meta: dict[str, dict[str, Any]]
+
+
+def parse_header(raw: bytes, relpath: str, *, data_len: int) -> _Entries:
+    """Validate a safetensors header; return ``(name, (begin, end))`` sorted by offset."""
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        expect(
+            False, relpath, "header is not valid JSON", expected="JSON object", actual=str(exc)[:80]
+        )
+    expect(
+        isinstance(header, dict),
+        relpath,
+        "header is not an object",
+        expected="object",
+        actual=type(header).__name__,
+    )
+    entries = _Entries()
+    entries.meta = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        expect(isinstance(entry, dict), relpath, f"entry {name!r} is not an object")
+        code = entry.get("dtype")
+        expect(
+            code in dtypes.BY_SAFETENSORS,
+            relpath,
+            f"entry {name!r} has a dtype outside the allow-list",
+            expected=sorted(dtypes.BY_SAFETENSORS),
+            actual=code,
+        )
+        shape = entry.get("shape")
+        offsets = entry.get("data_offsets")
+        expect(
+            isinstance(shape, list)
+            and len(shape) <= 64
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape),
+            relpath,
+            f"entry {name!r} has a bad shape",
+            actual=shape,
+        )
+        expect(
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+            and offsets[0] <= offsets[1],
+            relpath,
+            f"entry {name!r} has bad offsets",
+            actual=offsets,
+        )
+        nbytes = math.prod(shape) * dtypes.BY_SAFETENSORS[code].itemsize
+        expect(
+            nbytes == offsets[1] - offsets[0],
+            relpath,
+            f"entry {name!r}: shape x itemsize does not match its byte span",
+            expected=nbytes,
+            actual=offsets[1] - offsets[0],
+        )
+        entries.append((name, (offsets[0], offsets[1])))
+        entries.meta[name] = entry
+    entries.sort(key=lambda e: e[1])
+    position = 0
+    for name, (begin, end) in entries:
+        expect(
+            begin == position,
+            relpath,
+            f"entry {name!r} leaves a gap or overlaps",
+            expected=position,
+            actual=begin,
+        )
+        position = end
+    expect(
+        position == data_len,
+        relpath,
+        "tensors do not cover the data region exactly",
+        expected=data_len,
+        actual=position,
+    )
+    return entries
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _read_exact(f: Any, n: int, relpath: str) -> bytes:
+    data = f.read(n)
+    expect(len(data) == n, relpath, "file ended early", expected=n, actual=len(data))
+    return bytes(data)

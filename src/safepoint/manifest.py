@@ -1,0 +1,266 @@
+"""The manifest: a checkpoint's commit record, and its validation.
+
+``manifest.json`` is written last inside the staging directory; a checkpoint whose
+manifest is absent was never committed. It records the order (``seq``, monotonic per
+root), step, epoch, metrics, the state tree with tensor references, where each tensor
+lives, and each payload file's size and checksum. The manifest checksums itself (an
+xxh3 of its canonical JSON without the ``checksum`` field), so a flipped digit in a
+shape or offset is caught, not trusted.
+
+Parsing validates everything before anything is allocated: sizes, shapes, dtypes
+from the allow-list, file names confined to the checkpoint directory, nesting depth,
+duplicate keys. A manifest from a newer format version is refused with
+``IncompatibleCheckpointError`` rather than misread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import checksum, dtypes
+from .errors import CorruptCheckpointError, IncompatibleCheckpointError
+from .storage import component_problem
+from .tree import encode_float, tensor_refs, unflatten
+from .version import __version__
+
+NAME = "manifest.json"
+FORMAT = "safepoint"
+FORMAT_VERSION = 1
+MAX_BYTES = 64 << 20
+MAX_DIMS = 64
+PAYLOADS = ("safetensors", "hdf5")
+LIBS = ("numpy", "numpy-scalar", "torch")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parsed, validated commit record of one checkpoint."""
+
+    name: str
+    seq: int
+    step: int | None
+    epoch: int | None
+    created: float
+    metrics: dict[str, Any]
+    tree: Any
+    tensors: dict[str, dict[str, Any]]
+    files: dict[str, dict[str, Any]]
+    payload: str = "safetensors"
+    library_version: str = __version__
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        body = {
+            "format": FORMAT,
+            "format_version": self.format_version,
+            "library_version": self.library_version,
+            "name": self.name,
+            "seq": self.seq,
+            "step": self.step,
+            "epoch": self.epoch,
+            "created": self.created,
+            "metrics": {k: _encode_metric(v) for k, v in self.metrics.items()},
+            "payload": self.payload,
+            "files": self.files,
+            "tensors": self.tensors,
+            "tree": self.tree,
+            "extra": self.extra,
+        }
+        body["checksum"] = _body_digest(body)
+        return body
+
+    def to_bytes(self) -> bytes:
+        return (
+            json.dumps(self.to_json(), sort_keys=True, indent=1, allow_nan=False) + "\n"
+        ).encode()
+
+    def nbytes(self) -> int:
+        return sum(int(f["size"]) for f in self.files.values())
+
+
+def _encode_metric(value: Any) -> Any:
+    if isinstance(value, float):
+        return encode_float(value)
+    return value
+
+
+def _body_digest(body: dict[str, Any]) -> str:
+    rest = {k: v for k, v in body.items() if k != "checksum"}
+    canon = json.dumps(
+        rest, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+    return checksum.digest_bytes(canon.encode())
+
+
+def now() -> float:
+    return round(time.time(), 6)
+
+
+# ---------------------------------------------------------------------------- parsing
+def _fail(where: str, why: str, received: Any = None) -> CorruptCheckpointError:
+    text = repr(received)
+    if len(text) > 120:
+        text = text[:117] + "..."
+    return CorruptCheckpointError(
+        f"Invalid manifest {where}: {why}. Received: {text}. It was not written by safepoint "
+        "or was damaged; restore another checkpoint (restore('latest') skips it).",
+        file=where,
+        expected=why,
+        actual=received,
+    )
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-JSON constant {name}")
+
+
+def _int(value: Any, where: str, what: str, *, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _fail(where, f"{what} must be a non-negative integer", value)
+    return value
+
+
+def parse(data: bytes, *, where: str) -> Manifest:
+    """Validate and parse manifest bytes; raise Corrupt/Incompatible errors, nothing else."""
+    if len(data) > MAX_BYTES:
+        raise _fail(where, f"larger than {MAX_BYTES} bytes", len(data))
+    try:
+        body = json.loads(
+            data.decode("utf-8"),
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_reject_constant,
+        )
+    except RecursionError:
+        raise _fail(where, "nesting too deep", "...") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _fail(where, f"not valid JSON ({exc})", data[:60]) from None
+    if not isinstance(body, dict):
+        raise _fail(where, "not a JSON object", body)
+    if body.get("format") != FORMAT:
+        raise IncompatibleCheckpointError(
+            f"{where} is not a safepoint manifest. Expected format={FORMAT!r}. Received: "
+            f"format={body.get('format')!r}. Use the tool that wrote it, or "
+            "'safepoint convert' for formats safepoint can import."
+        )
+    version = body.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise _fail(where, "format_version must be a positive integer", version)
+    if version > FORMAT_VERSION:
+        raise IncompatibleCheckpointError(
+            f"{where} uses checkpoint format version {version}. Expected at most "
+            f"{FORMAT_VERSION}. Received: a checkpoint from safepoint "
+            f"{body.get('library_version')!r}. Upgrade safepoint to read it."
+        )
+    if body.get("checksum") != _body_digest(body):
+        raise _fail(where, "manifest checksum does not match its contents", body.get("checksum"))
+    return _from_body(body, where)
+
+
+def _from_body(body: dict[str, Any], where: str) -> Manifest:
+    name = body.get("name")
+    if component_problem(name):
+        raise _fail(where, "name is not a safe checkpoint name", name)
+    seq = _int(body.get("seq"), where, "seq")
+    step = _int(body.get("step"), where, "step", optional=True)
+    epoch = _int(body.get("epoch"), where, "epoch", optional=True)
+    created = body.get("created")
+    if (
+        isinstance(created, bool)
+        or not isinstance(created, int | float)
+        or not math.isfinite(created)
+    ):
+        raise _fail(where, "created must be a number", created)
+    payload = body.get("payload")
+    if payload not in PAYLOADS:
+        raise _fail(where, f"payload must be one of {PAYLOADS}", payload)
+    metrics = body.get("metrics")
+    if not isinstance(metrics, dict):
+        raise _fail(where, "metrics must be an object", metrics)
+    metrics = unflatten(metrics, lambda key: _fail(where, "metrics hold no tensors", key))
+    files = body.get("files")
+    if not isinstance(files, dict):
+        raise _fail(where, "files must be an object", files)
+    for fname, info in files.items():
+        if component_problem(fname) or fname == NAME:
+            raise _fail(where, "file names must stay inside the checkpoint", fname)
+        if not isinstance(info, dict):
+            raise _fail(where, "file entries must be objects", info)
+        _int(info.get("size"), where, f"size of {fname}")
+        digest = info.get(checksum.ALGORITHM)
+        if not isinstance(digest, str) or len(digest) != 16:
+            raise _fail(where, f"{fname} needs a {checksum.ALGORITHM} digest", digest)
+    tensors = body.get("tensors")
+    if not isinstance(tensors, dict):
+        raise _fail(where, "tensors must be an object", tensors)
+    per_file: dict[str, int] = {}
+    for key, entry in tensors.items():
+        _check_tensor(key, entry, files, where)
+        per_file[entry["file"]] = per_file.get(entry["file"], 0) + tensor_nbytes(entry)
+    for fname, total in per_file.items():
+        # A shape bomb declares more elements than the file can hold: refuse it here,
+        # before anything is allocated for it.
+        if total > files[fname]["size"]:
+            raise _fail(where, f"tensors in {fname} declare more bytes than the file holds", total)
+    tree = body.get("tree")
+    for ref in tensor_refs(tree):
+        if ref not in tensors:
+            raise _fail(where, "the state tree references an unknown tensor", ref)
+    extra = body.get("extra", {})
+    if not isinstance(extra, dict):
+        raise _fail(where, "extra must be an object", extra)
+    return Manifest(
+        name=name,
+        seq=seq or 0,
+        step=step,
+        epoch=epoch,
+        created=float(created),
+        metrics=metrics,
+        tree=tree,
+        tensors=tensors,
+        files=files,
+        payload=payload,
+        library_version=str(body.get("library_version", "")),
+        format_version=body["format_version"],
+        extra=extra,
+    )
+
+
+def _check_tensor(key: Any, entry: Any, files: dict[str, Any], where: str) -> None:
+    if not isinstance(entry, dict):
+        raise _fail(where, "tensor entries must be objects", entry)
+    if entry.get("file") not in files:
+        raise _fail(where, f"tensor {key!r} lives in an unlisted file", entry.get("file"))
+    if not isinstance(entry.get("name"), str):
+        raise _fail(where, f"tensor {key!r} needs a name inside its file", entry.get("name"))
+    dtypes.lookup(entry.get("dtype"), where=f"{where} tensor {key!r}")
+    shape = entry.get("shape")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape)
+    ):
+        raise _fail(where, f"tensor {key!r} shape must be a list of non-negative ints", shape)
+    if entry.get("lib") not in LIBS:
+        raise _fail(where, f"tensor {key!r} lib must be one of {LIBS}", entry.get("lib"))
+    if entry["lib"] == "numpy-scalar" and shape:
+        raise _fail(where, f"tensor {key!r} is a scalar with a shape", shape)
+
+
+def tensor_nbytes(entry: dict[str, Any]) -> int:
+    return math.prod(entry["shape"]) * dtypes.BY_NAME[entry["dtype"]].itemsize

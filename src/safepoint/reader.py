@@ -1,0 +1,113 @@
+"""Reading committed checkpoints: manifests, verified payloads, rebuilt state trees.
+
+Shared by :class:`~safepoint.CheckpointManager` and :func:`safepoint.load`. Nothing
+here writes: restoring from a read-only root works and leaves it untouched.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from . import checksum, formats, manifest
+from .errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+)
+from .manifest import Manifest
+from .storage import LocalStorage, Storage, check_name
+from .tree import unflatten
+
+
+def read_manifest(storage: Storage, name: str) -> Manifest:
+    """The validated manifest of checkpoint ``name``."""
+    relpath = f"{name}/{manifest.NAME}"
+    try:
+        data = storage.read_bytes(relpath, max_size=manifest.MAX_BYTES)
+    except FileNotFoundError:
+        if storage.exists(name):
+            raise IncompleteCheckpointError(
+                f"{storage.root}/{name} has no {manifest.NAME}: it was never committed (a "
+                "crashed or interrupted save). Expected a committed checkpoint. Delete it, or "
+                "let the next writer clean it up."
+            ) from None
+        raise CheckpointNotFoundError(
+            f"No checkpoint named {name!r} in {storage.root}. Expected one of the names "
+            "'safepoint ls ROOT' prints."
+        ) from None
+    except NotADirectoryError:
+        raise IncompleteCheckpointError(
+            f"{storage.root}/{name} is a file, not a checkpoint directory."
+        ) from None
+    return manifest.parse(data, where=f"{name}/{manifest.NAME}")
+
+
+def read_state(storage: Storage, name: str, found: Manifest, *, as_numpy: bool = False) -> Any:
+    """Read, verify and rebuild the state tree of a committed checkpoint."""
+    fmt = formats.get(found.payload)
+    raw = fmt.read(storage, name, found)
+    cache: dict[str, Any] = {}
+
+    def tensor(key: str) -> Any:
+        if key not in cache:
+            if key not in raw:
+                raise CorruptCheckpointError(
+                    f"{name}: tensor {key!r} is listed in the manifest but was not read from "
+                    "its payload file.",
+                    file=name,
+                )
+            cache[key] = formats.materialize(found.tensors[key], raw[key], as_numpy=as_numpy)
+        return cache[key]
+
+    return unflatten(found.tree, tensor)
+
+
+def verify(storage: Storage, name: str) -> Manifest:
+    """Check a checkpoint's manifest and every payload file's size and checksum."""
+    found = read_manifest(storage, name)
+    for fname, info in found.files.items():
+        relpath = f"{name}/{fname}"
+        try:
+            f = storage.open_read(relpath)
+        except FileNotFoundError:
+            raise CorruptCheckpointError(
+                f"{relpath} is listed in the manifest but missing. Expected {info['size']} "
+                "bytes. Received: no file. Restore an older checkpoint.",
+                file=relpath,
+                expected=info["size"],
+                actual=None,
+            ) from None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            checksum.check_size(relpath, expected=int(info["size"]), actual=size)
+            checksum.check(
+                relpath,
+                expected=info[checksum.ALGORITHM],
+                actual=checksum.hash_stream(f, size, file=relpath),
+            )
+    return found
+
+
+def load(path: str | os.PathLike[str], *, as_numpy: bool = True) -> Any:
+    """Read one checkpoint directory as a plain tree (numpy arrays + JSON values).
+
+    ``as_numpy=False`` returns torch tensors where torch tensors were saved. Every
+    payload checksum is verified; nothing is ever unpickled.
+    """
+    full = os.path.abspath(os.fspath(path))
+    parent, name = os.path.split(full.rstrip(os.sep))
+    check_name(name, what="checkpoint directory name")
+    storage = LocalStorage(parent)
+    if not os.path.isdir(full):
+        if os.path.exists(full):
+            from .errors import IncompatibleCheckpointError
+
+            raise IncompatibleCheckpointError(
+                f"{full} is a file, not a safepoint checkpoint directory. Expected a directory "
+                "with manifest.json. safepoint never unpickles files such as torch.save "
+                "outputs; convert them in a trusted environment ('safepoint convert --help')."
+            )
+        raise CheckpointNotFoundError(f"No checkpoint at {full}. Expected a directory.")
+    found = read_manifest(storage, name)
+    return read_state(storage, name, found, as_numpy=as_numpy)

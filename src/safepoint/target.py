@@ -1,0 +1,145 @@
+"""Loading a restored state tree into the live objects it came from.
+
+Restoring is two passes. The first only compares: every key of the target must be in
+the checkpoint, and module-like state dicts must have the same keys and shapes; all
+problems are gathered into one ``StateMismatchError`` before anything is touched.
+The second loads: stateful objects through ``load_state_dict``, arrays and tensors by
+copying into them in place, plain values by replacing the dict entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import numpy as np
+
+from .errors import StateMismatchError
+from .tree import is_stateful, is_torch_tensor
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, np.ndarray) or is_torch_tensor(value)
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    return tuple(int(s) for s in value.shape)
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}/{key}" if path else str(key)
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.missing: list[str] = []
+        self.unexpected: list[str] = []
+        self.mismatched: list[str] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.mismatched)
+
+
+def _compare(target: Any, loaded: Any, path: str, problems: _Problems) -> None:
+    if is_stateful(target):
+        current = target.state_dict()
+        if isinstance(current, Mapping) and current and all(_is_array(v) for v in current.values()):
+            if not isinstance(loaded, Mapping):
+                problems.mismatched.append(f"{path or '<root>'} (expected a state dict)")
+                return
+            problems.missing += [_join(path, k) for k in current if k not in loaded]
+            problems.unexpected += [_join(path, k) for k in loaded if k not in current]
+            for k, v in current.items():
+                if k in loaded and _is_array(loaded[k]) and _shape(loaded[k]) != _shape(v):
+                    problems.mismatched.append(
+                        f"{_join(path, k)} (checkpoint {list(_shape(loaded[k]))}, "
+                        f"target {list(_shape(v))})"
+                    )
+        return
+    if isinstance(target, Mapping):
+        if not isinstance(loaded, Mapping):
+            problems.mismatched.append(
+                f"{path or '<root>'} (checkpoint holds {type(loaded).__name__}, target a dict)"
+            )
+            return
+        for k, v in target.items():
+            if k not in loaded:
+                problems.missing.append(_join(path, k))
+            else:
+                _compare(v, loaded[k], _join(path, k), problems)
+        return
+    if _is_array(target) and _is_array(loaded) and _shape(target) != _shape(loaded):
+        problems.mismatched.append(
+            f"{path} (checkpoint {list(_shape(loaded))}, target {list(_shape(target))})"
+        )
+
+
+def _load(target: Any, loaded: Any, path: str, strict: bool) -> Any:
+    if is_stateful(target):
+        try:
+            if not strict and _accepts_strict(target):
+                target.load_state_dict(loaded, strict=False)
+            else:
+                target.load_state_dict(loaded)
+        except StateMismatchError:
+            raise
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            raise StateMismatchError(
+                f"Restoring {path or 'the state'} into {type(target).__name__} failed: {exc}. "
+                "Expected the checkpoint to match the object's structure. Build the object "
+                "with the configuration the checkpoint was saved from, or pass strict=False.",
+                mismatched=[path or "<root>"],
+            ) from exc
+        return target
+    if isinstance(target, MutableMapping) and isinstance(loaded, Mapping):
+        for k in list(target):
+            if k in loaded:
+                target[k] = _load(target[k], loaded[k], _join(path, k), strict)
+        return target
+    if isinstance(target, np.ndarray) and isinstance(loaded, np.ndarray):
+        if target.shape == loaded.shape and target.dtype == loaded.dtype and target.flags.writeable:
+            np.copyto(target, loaded)
+            return target
+        return loaded
+    if is_torch_tensor(target) and is_torch_tensor(loaded):
+        if target.shape == loaded.shape and target.dtype == loaded.dtype:
+            import torch
+
+            with torch.no_grad():
+                target.copy_(loaded)
+            return target
+        return loaded
+    return loaded
+
+
+def _accepts_strict(obj: Any) -> bool:
+    import inspect
+
+    try:
+        return "strict" in inspect.signature(obj.load_state_dict).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def restore_into(target: Any, loaded: Any, *, strict: bool = True) -> Any:
+    """Load ``loaded`` into ``target`` in place; return the (possibly new) value."""
+    problems = _Problems()
+    _compare(target, loaded, "", problems)
+    if problems and strict:
+        parts = []
+        if problems.missing:
+            parts.append(f"missing from the checkpoint: {problems.missing}")
+        if problems.unexpected:
+            parts.append(f"in the checkpoint but not the target: {problems.unexpected}")
+        if problems.mismatched:
+            parts.append(f"mismatched: {problems.mismatched}")
+        raise StateMismatchError(
+            "The checkpoint does not fit the state it is restored into; nothing was loaded. "
+            + "; ".join(parts)
+            + ". Restore into objects built like the saved ones, or pass strict=False to "
+            "load what matches.",
+            missing=problems.missing,
+            unexpected=problems.unexpected,
+            mismatched=problems.mismatched,
+        )
+    return _load(target, loaded, "", strict)
