@@ -5,6 +5,7 @@
 frameworks when used.
 """
 
+from .callback import ModelCheckpoint
 from .checkpoint import Checkpoint, Verification
 from .errors import (
     CheckpointNotFoundError,
@@ -31,6 +32,7 @@ __all__ = [
     "IncompatibleCheckpointError",
     "IncompleteCheckpointError",
     "Keep",
+    "ModelCheckpoint",
     "RNGState",
     "SafepointError",
     "StateMismatchError",
