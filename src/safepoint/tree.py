@@ -89,6 +89,10 @@ def as_bytes(source: Any) -> memoryview:
     import torch
 
     tensor = tensor.contiguous().reshape(-1)
+    if tensor.numel() == 1 and tensor.stride(0) != 1:
+        # torch calls a one-element tensor contiguous whatever its stride (t[::2] of a
+        # length-2 tensor), and view() to uint8 refuses a stride other than 1.
+        tensor = tensor.clone(memory_format=torch.contiguous_format)
     if tensor.dtype != torch.uint8:
         tensor = tensor.view(torch.uint8)
     return memoryview(tensor.numpy())
