@@ -98,12 +98,19 @@ def as_bytes(source: Any) -> memoryview:
     return memoryview(tensor.numpy())
 
 
+def _part_text(part: object) -> str:
+    # An int key past Python's int/str digit limit cannot be str()-ed: spell it in hex.
+    if isinstance(part, int) and part.bit_length() > _BIG_INT_BITS:
+        return hex(part)
+    return str(part)
+
+
 def _path_str(path: tuple[object, ...]) -> str:
-    return "/".join(str(p) for p in path) or "<root>"
+    return "/".join(_part_text(p) for p in path) or "<root>"
 
 
 def _key_part(part: object) -> str:
-    return str(part).replace("%", "%25").replace("/", "%2F")
+    return _part_text(part).replace("%", "%25").replace("/", "%2F")
 
 
 class _Flattener:
@@ -198,12 +205,7 @@ class _Flattener:
                     )
             if all(isinstance(k, str) and not k.startswith("$") for k in keys):
                 return {k: self.node(obj[k], (*path, k)) for k in keys}
-            return {
-                "$dict": [
-                    [int(k) if isinstance(k, int) else k, self.node(obj[k], (*path, k))]
-                    for k in keys
-                ]
-            }
+            return {"$dict": [[_encode_key(k), self.node(obj[k], (*path, k))] for k in keys]}
         if isinstance(obj, list):
             return [self.node(v, (*path, i)) for i, v in enumerate(obj)]
         if isinstance(obj, tuple):
@@ -221,6 +223,21 @@ class _Flattener:
             f"{type(obj).__qualname__}. safepoint never pickles; give the object a "
             "state_dict()/load_state_dict() pair or leave it out of the state."
         )
+
+
+def _encode_key(key: str | int) -> Any:
+    """A ``$dict`` key: str and small ints as themselves, huge ints tagged.
+
+    An int past Python's int/str digit limit cannot be written as a JSON number at all,
+    so it gets the same ``{"$int": hex}`` tag as a huge value.
+    """
+    if isinstance(key, int):
+        return {"$int": hex(key)} if key.bit_length() > _BIG_INT_BITS else int(key)
+    return key
+
+
+def _is_int_tag(node: Any) -> bool:
+    return isinstance(node, dict) and list(node) == ["$int"]
 
 
 def encode_float(value: float) -> Any:
@@ -293,6 +310,10 @@ def _decode(node: Any, tensor: Callable[[str], Any], depth: int) -> Any:
     if tag == "$dict" and isinstance(value, list):
         out: dict[Any, Any] = {}
         for pair in value:
+            if isinstance(pair, list) and len(pair) == 2 and _is_int_tag(pair[0]):
+                key = _decode(pair[0], tensor, depth + 1)  # a huge int key: {"$int": hex}
+                if isinstance(key, int) and key.bit_length() > _BIG_INT_BITS:
+                    pair = [key, pair[1]]
             if (
                 not isinstance(pair, list)
                 or len(pair) != 2
