@@ -75,9 +75,9 @@ class Manifest:
         return body
 
     def to_bytes(self) -> bytes:
-        return (
-            json.dumps(self.to_json(), sort_keys=True, indent=1, allow_nan=False) + "\n"
-        ).encode()
+        # Not sort_keys: the state tree's dicts must come back in the user's key order
+        # (the checksum is over a sorted canonical form, so it does not depend on it).
+        return (json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n").encode()
 
     def nbytes(self) -> int:
         return sum(int(f["size"]) for f in self.files.values())
