@@ -92,7 +92,11 @@ def materialize(entry: dict[str, Any], raw: np.ndarray, *, as_numpy: bool = Fals
     if lib == "torch" and not as_numpy:
         import torch
 
-        tensor = torch.from_numpy(raw).view(getattr(torch, str(dt.torch))).reshape(shape)
+        torch_dtype = getattr(torch, str(dt.torch))
+        # torch.from_numpy gives an empty array stride 0, which view() to a wider dtype
+        # refuses; a fresh empty uint8 tensor has stride 1.
+        source = torch.from_numpy(raw) if raw.size else torch.empty(0, dtype=torch.uint8)
+        tensor = source.view(torch_dtype).reshape(shape)
         if entry.get("requires_grad"):
             tensor.requires_grad_(True)
         return tensor
