@@ -1,0 +1,113 @@
+"""The `safepoint` command line: listing, showing, verifying and cleaning a root."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import safepoint
+from safepoint.cli import main
+
+
+@pytest.fixture
+def root(tmp_path):
+    path = tmp_path / "run"
+    mgr = safepoint.CheckpointManager(path, monitor="val_loss")
+    for step, loss in [(1, 0.9), (2, 0.5), (3, 0.7)]:
+        mgr.save(
+            {"w": np.full((4, 4), step, np.float32), "step": step},
+            step=step,
+            epoch=step,
+            metrics={"val_loss": loss},
+        )
+    mgr.close()
+    return path
+
+
+def test_ls_lists_in_order_and_marks_best(root, capsys):
+    assert main(["ls", str(root), "--monitor", "val_loss"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in out[1:]]
+    assert names == ["step-00000001", "step-00000002", "step-00000003"]
+    assert "(best)" in out[2] and "(best)" not in out[1] + out[3]
+
+
+def test_ls_json(root, capsys):
+    assert main(["ls", str(root), "--json", "--monitor", "val_loss"]) == 0
+    items = json.loads(capsys.readouterr().out)
+    assert [i["step"] for i in items] == [1, 2, 3]
+    assert [i["best"] for i in items] == [False, True, False]
+    assert all(i["bytes"] > 64 for i in items)
+
+
+def test_ls_empty_root(tmp_path, capsys):
+    assert main(["ls", str(tmp_path / "nothing")]) == 0
+    assert "No committed checkpoints" in capsys.readouterr().out
+
+
+def test_show_prints_tensors_and_metrics(root, capsys):
+    assert main(["show", str(root / "step-00000002")]) == 0
+    out = capsys.readouterr().out
+    assert "val_loss=0.5" in out and "float32" in out and "[4, 4]" in out
+
+
+def test_show_json_is_the_manifest(root, capsys):
+    assert main(["show", str(root / "step-00000002"), "--json"]) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body["step"] == 2 and body["format"] == "safepoint"
+
+
+def test_show_missing_checkpoint_exit_code(root, capsys):
+    code = main(["show", str(root / "step-00000099")])
+    assert code == safepoint.CheckpointNotFoundError.exit_code == 3
+    assert "No checkpoint named" in capsys.readouterr().err
+
+
+def test_verify_ok_then_corrupt(root, capsys):
+    assert main(["verify", str(root)]) == 0
+    assert "3 of 3 checkpoints verified" in capsys.readouterr().out
+    payload = root / "step-00000002" / "model-00000.safetensors"
+    data = bytearray(payload.read_bytes())
+    data[-1] ^= 0x01
+    payload.write_bytes(bytes(data))
+    assert main(["verify", str(root)]) == safepoint.CorruptCheckpointError.exit_code
+    out = capsys.readouterr().out
+    assert "FAILED  step-00000002" in out and "Checksum mismatch" in out
+    assert main(["verify", str(root / "step-00000001")]) == 0
+
+
+def test_verify_json(root, capsys):
+    os.remove(root / "step-00000003" / "manifest.json")
+    assert main(["verify", str(root), "--json"]) == safepoint.IncompleteCheckpointError.exit_code
+    items = {i["name"]: i for i in json.loads(capsys.readouterr().out)}
+    assert items["step-00000001"]["ok"] and not items["step-00000003"]["ok"]
+
+
+def test_gc_removes_leftovers_only(root, capsys):
+    (root / "step-00000004.tmp-deadbeef").mkdir()
+    (root / ".trash-step-00000000-cafe").mkdir()
+    assert main(["gc", str(root)]) == 0
+    assert "2 leftover" in capsys.readouterr().out
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == [
+        "step-00000001",
+        "step-00000002",
+        "step-00000003",
+    ]
+
+
+def test_log_prints_saves(root, capsys):
+    assert main(["log", str(root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[0] for ln in lines] == ["save"] * 3
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("ls", "show", "verify", "gc", "log", "demo"):
+        assert command in out
