@@ -95,6 +95,10 @@ def materialize(entry: dict[str, Any], raw: np.ndarray, *, as_numpy: bool = Fals
         torch_dtype = getattr(torch, str(dt.torch))
         # torch.from_numpy gives an empty array stride 0, which view() to a wider dtype
         # refuses; a fresh empty uint8 tensor has stride 1.
+        if raw.size and raw.ctypes.data % min(dt.itemsize, 16):
+            # A payload reader may hand out a slice at any 8-byte offset; torch kernels
+            # assume elements aligned to their size (a misaligned complex128 crashes).
+            raw = raw.copy()
         source = torch.from_numpy(raw) if raw.size else torch.empty(0, dtype=torch.uint8)
         tensor = source.view(torch_dtype).reshape(shape)
         if entry.get("requires_grad"):
