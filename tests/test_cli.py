@@ -109,5 +109,57 @@ def test_help_lists_every_command(capsys):
         main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for command in ("ls", "show", "verify", "gc", "log", "demo"):
+    for command in ("ls", "show", "verify", "diff", "convert", "plot", "gc", "log", "demo"):
         assert command in out
+
+
+def test_diff_reports_changed_tensors_and_metrics(root, capsys):
+    assert main(["diff", str(root / "step-00000001"), str(root / "step-00000002")]) == 1
+    out = capsys.readouterr().out
+    assert "~ tensor w: 16 of 16 values differ, max |a-b| = 1" in out
+    assert "~ metric val_loss: 0.9 -> 0.5" in out
+    assert "~ non-tensor state differs" in out
+    assert main(["diff", str(root / "step-00000002"), str(root / "step-00000002")]) == 0
+    assert "identical" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt", ["hdf5", "safetensors"])
+def test_convert_round_trips_through_the_other_format(root, tmp_path, capsys, fmt):
+    pytest.importorskip("h5py")
+    src = root / "step-00000002"
+    mid = tmp_path / "other" / "as-hdf5"
+    back = tmp_path / "other" / "back"
+    assert main(["convert", str(src), "--to", "hdf5", "--out", str(mid)]) == 0
+    assert (mid / "model-00000.h5").exists()
+    target = back if fmt == "safetensors" else mid
+    if fmt == "safetensors":
+        assert main(["convert", str(mid), "--to", "safetensors", "--out", str(back)]) == 0
+    loaded, original = safepoint.load(target), safepoint.load(src)
+    assert loaded["step"] == original["step"] == 2
+    np.testing.assert_array_equal(loaded["w"], original["w"])
+    assert main(["diff", str(src), str(target)]) == 0
+    assert main(["verify", str(target)]) == 0
+    # converting onto an existing path is refused
+    assert main(["convert", str(src), "--to", "hdf5", "--out", str(mid)]) == 2
+
+
+def test_convert_refuses_pickle_files_without_opening_them(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    payload = tmp_path / "model.pt"
+    # A pickle whose loading would create the marker file.
+    payload.write_bytes(b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
+    code = main(["convert", str(payload), "--to", "safetensors"])
+    assert code == safepoint.IncompatibleCheckpointError.exit_code
+    assert "never opens pickle" in capsys.readouterr().err
+    with pytest.raises(safepoint.IncompatibleCheckpointError, match=r"torch\.load"):
+        safepoint.load(payload)
+    assert not marker.exists()
+
+
+def test_plot_draws_every_saved_metric(root, tmp_path, capsys):
+    out = tmp_path / "m.svg"
+    assert main(["plot", str(root), "--out", str(out)]) == 0
+    assert "(3 points)" in capsys.readouterr().out
+    svg = out.read_text()
+    assert svg.startswith("<svg") and "val_loss (min 0.5, max 0.9)" in svg
+    assert svg.count("<circle") == 3

@@ -163,6 +163,36 @@ def cmd_log(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diff(args: argparse.Namespace) -> int:
+    from .report import diff
+
+    lines = diff(args.a, args.b)
+    for line in lines:
+        print(line)
+    if not lines:
+        print("identical: same tensors, state, metrics and step")
+    return 1 if lines else 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .conversion import convert
+
+    src = os.path.abspath(args.checkpoint).rstrip(os.sep)
+    out = args.out or f"{src}-{args.to}"
+    print(f"converted {src} -> {convert(src, out, to=args.to)} ({args.to})")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .report import plot
+
+    name = os.path.basename(os.path.abspath(args.root).rstrip(os.sep))
+    out = args.out or f"{name}-metrics.svg"
+    points = plot(args.root, out, metrics=args.metric or None)
+    print(f"wrote {out} ({points} points)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
@@ -202,6 +232,26 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("root")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_log)
+    s = sub.add_parser(
+        "diff", help="compare two checkpoints: tensors, state, metrics (exit 1 when they differ)"
+    )
+    s.add_argument("a")
+    s.add_argument("b")
+    s.set_defaults(fn=cmd_diff)
+    s = sub.add_parser("convert", help="rewrite a checkpoint in another payload format")
+    s.add_argument("checkpoint", help="path of a checkpoint directory")
+    s.add_argument("--to", required=True, choices=("safetensors", "hdf5"))
+    s.add_argument(
+        "--out",
+        default=None,
+        help="new checkpoint directory (default: CHECKPOINT-FORMAT beside it)",
+    )
+    s.set_defaults(fn=cmd_convert)
+    s = sub.add_parser("plot", help="draw the run's metrics (from its log) into an SVG file")
+    s.add_argument("root")
+    s.add_argument("--metric", action="append", help="metric to draw (repeatable; default all)")
+    s.add_argument("--out", default=None, help="SVG path (default ./ROOTNAME-metrics.svg)")
+    s.set_defaults(fn=cmd_plot)
     s = sub.add_parser(
         "demo",
         help="train, crash with SIGKILL, resume and check exactness (needs torch and scikit-learn)",

@@ -13,6 +13,7 @@ from . import checksum, formats, manifest
 from .errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    IncompatibleCheckpointError,
     IncompleteCheckpointError,
 )
 from .manifest import Manifest
@@ -89,6 +90,17 @@ def verify(storage: Storage, name: str) -> Manifest:
     return found
 
 
+def refuse_pickle(path: str) -> IncompatibleCheckpointError:
+    """The error for a file given where a checkpoint directory belongs (often a pickle)."""
+    return IncompatibleCheckpointError(
+        f"{path} is a file, not a safepoint checkpoint directory; safepoint never opens pickle "
+        "files (torch.save, .pt/.pth/.ckpt) because loading one can run arbitrary code. "
+        "Expected a directory with manifest.json. To import it, in an environment you trust "
+        "run: state = torch.load(path, weights_only=True); then "
+        "safepoint.CheckpointManager(ROOT).save(state, step=...)."
+    )
+
+
 def load(path: str | os.PathLike[str], *, as_numpy: bool = True) -> Any:
     """Read one checkpoint directory as a plain tree (numpy arrays + JSON values).
 
@@ -101,13 +113,7 @@ def load(path: str | os.PathLike[str], *, as_numpy: bool = True) -> Any:
     storage = LocalStorage(parent)
     if not os.path.isdir(full):
         if os.path.exists(full):
-            from .errors import IncompatibleCheckpointError
-
-            raise IncompatibleCheckpointError(
-                f"{full} is a file, not a safepoint checkpoint directory. Expected a directory "
-                "with manifest.json. safepoint never unpickles files such as torch.save "
-                "outputs; convert them in a trusted environment ('safepoint convert --help')."
-            )
+            raise refuse_pickle(full)
         raise CheckpointNotFoundError(f"No checkpoint at {full}. Expected a directory.")
     found = read_manifest(storage, name)
     return read_state(storage, name, found, as_numpy=as_numpy)

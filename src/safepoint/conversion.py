@@ -1,0 +1,78 @@
+"""Converting a checkpoint between payload formats (safetensors <-> HDF5).
+
+Conversion works on raw bytes: each tensor is read and verified, then written under the
+same key, dtype and shape by the other format, so no value passes through a float
+conversion and no framework is imported. The result is committed with the same
+protocol as a save (staged in the destination root, fsynced, renamed into place).
+
+Pickle files (``torch.save`` outputs, ``.pt``/``.pth``/``.ckpt``/``.bin``) are never
+opened: loading one can run arbitrary code. The error explains the safe way in.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+from . import formats, manifest
+from .errors import ConfigError
+from .reader import read_manifest, refuse_pickle
+from .storage import LocalStorage, check_name
+from .tree import TensorLeaf
+
+
+def convert(src: str, dst: str, *, to: str) -> str:
+    """Write checkpoint ``src`` as a new checkpoint directory ``dst`` in format ``to``."""
+    src = os.path.abspath(src).rstrip(os.sep)
+    if os.path.isfile(src):
+        raise refuse_pickle(src)
+    if to not in ("safetensors", "hdf5"):
+        raise ConfigError(
+            f"Cannot convert to {to!r}. Expected 'safetensors' or 'hdf5'. Received: --to {to}. "
+            "Keras files are written by safepoint.keras.ModelCheckpoint during training."
+        )
+    src_root, src_name = os.path.split(src)
+    dst = os.path.abspath(dst).rstrip(os.sep)
+    dst_root, dst_name = os.path.split(dst)
+    check_name(dst_name, what="output checkpoint name")
+    if os.path.lexists(dst):
+        raise ConfigError(
+            f"Output {dst} exists. Expected a new path. Received: --out {dst}. Choose another "
+            "name or remove it first."
+        )
+    src_storage = LocalStorage(src_root)
+    found = read_manifest(src_storage, src_name)
+    raw = formats.get(found.payload).read(src_storage, src_name, found)
+    leaves = [
+        TensorLeaf(
+            key,
+            _dtype(entry),
+            tuple(entry["shape"]),
+            entry["lib"],
+            raw[key],
+            bool(entry.get("requires_grad")),
+        )
+        for key, entry in found.tensors.items()
+    ]
+    fmt = formats.get(to)
+    out = LocalStorage(dst_root)
+    staged = out.stage(dst_name)
+    try:
+        files, locations = fmt.write(out, staged, leaves, shard_bytes=formats.SHARD_BYTES)
+        tensors = {
+            key: {**{k: v for k, v in entry.items() if k not in ("file", "name")}, **locations[key]}
+            for key, entry in found.tensors.items()
+        }
+        converted = replace(found, name=dst_name, files=files, tensors=tensors, payload=fmt.name)
+        out.write_file(f"{staged}/{manifest.NAME}", converted.to_bytes(), stage="manifest")
+        out.commit(staged, dst_name)
+    except BaseException:
+        out.discard(staged)
+        raise
+    return dst
+
+
+def _dtype(entry: dict[str, object]):  # type: ignore[no-untyped-def]
+    from . import dtypes
+
+    return dtypes.BY_NAME[str(entry["dtype"])]
