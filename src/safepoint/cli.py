@@ -107,14 +107,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     target = os.path.abspath(args.path)
     if os.path.isfile(os.path.join(target, "manifest.json")):
         storage, name = _split_ckpt(target)
-        names = [name]
-        results = []
-        for n in names:
-            try:
-                reader.verify(storage, n)
-                results.append((n, None))
-            except SafepointError as exc:
-                results.append((n, exc))
+        error: Exception | None = None
+        try:
+            reader.verify(storage, name)
+        except SafepointError as exc:
+            error = exc
+        results: list[tuple[str, Exception | None]] = [(name, error)]
     else:
         results = [(v.name, v.error) for v in CheckpointManager(target).verify()]
     bad = [(n, e) for n, e in results if e is not None]

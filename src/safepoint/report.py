@@ -115,7 +115,8 @@ def plot(root: str, out: str, *, metrics: list[str] | None = None) -> int:
     events = [e for e in runlog.read(LocalStorage(root)) if e.get("event") in ("save", "skip")]
     series: dict[str, list[tuple[float, float, bool]]] = {}
     for i, e in enumerate(events):
-        x = e.get("step") if isinstance(e.get("step"), int) else i
+        step = e.get("step")
+        x = step if isinstance(step, int) else i
         for k, v in (e.get("metrics") or {}).items():
             if metrics and k not in metrics:
                 continue
