@@ -449,10 +449,15 @@ class LocalStorage:
         with translate("log", self.describe(LOG_NAME)):
             fd = os.open(
                 os.path.join(self.root, LOG_NAME),
-                os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                 0o644,
             )
             try:
+                # A crash may have torn the last line; start on a fresh line so the
+                # torn fragment does not swallow this record too.
+                end = os.fstat(fd).st_size
+                if end and os.pread(fd, 1, end - 1) != b"\n":
+                    data = b"\n" + data
                 os.write(fd, data)  # one write with O_APPEND: lines never interleave
             finally:
                 os.close(fd)
