@@ -17,21 +17,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from .. import checksum, dtypes
+from .. import checksum, directio, dtypes
 from ..manifest import Manifest
 from ..storage import Storage
 from ..tree import TensorLeaf
 from . import Files, Locations, expect, shards
 
 MAX_HEADER = 100 << 20
-_FLUSH_BYTES = 256 << 20
-_FLUSH_COUNT = 1024
 
 
 def _layout(dtype_name: str, shape: Sequence[int]) -> tuple[dtypes.DType, tuple[int, ...]]:
@@ -76,31 +75,22 @@ class SafetensorsFormat:
     def _write_file(
         self, storage: Storage, relpath: str, leaves: Sequence[TensorLeaf]
     ) -> tuple[int, str]:
-        hasher = checksum.Hasher()
         head = header_bytes(leaves)
-        writer = storage.open_write(relpath)
+        total = len(head) + sum(leaf.nbytes for leaf in leaves)
+        stream = directio.PayloadStream(storage.open_write(relpath), size_hint=total)
         try:
-            pending: list[memoryview] = [memoryview(head)]
-            pending_bytes = 0
-            size = len(head)
+            stream.write(memoryview(head))
             for leaf in leaves:
                 buf = leaf.buffer()
                 if buf.nbytes != leaf.nbytes:
                     raise RuntimeError(f"tensor {leaf.key} changed size while being saved")
-                pending.append(buf)
-                pending_bytes += buf.nbytes
-                size += buf.nbytes
-                if len(pending) >= _FLUSH_COUNT or pending_bytes >= _FLUSH_BYTES:
-                    hasher.update_all(pending)
-                    writer.write(pending)
-                    pending, pending_bytes = [], 0
-            hasher.update_all(pending)
-            writer.write(pending)
-            writer.close()
+                stream.write(buf)
         except BaseException:
-            writer.abort()
+            stream.abort()
             raise
-        return size, hasher.hexdigest()
+        size, digest = stream.close()
+        assert size == total, (size, total)
+        return size, digest
 
     def read(self, storage: Storage, ckpt: str, manifest: Manifest) -> dict[str, np.ndarray]:
         by_file: dict[str, list[tuple[str, dict[str, Any]]]] = {f: [] for f in manifest.files}
@@ -120,51 +110,44 @@ class SafetensorsFormat:
     ) -> dict[str, np.ndarray]:
         expected_size = int(info["size"])
         with storage.open_read(relpath) as f:
-            import os
-
             actual_size = os.fstat(f.fileno()).st_size
             checksum.check_size(relpath, expected=expected_size, actual=actual_size)
-            hasher = checksum.Hasher()
-            prefix = _read_exact(f, 8, relpath)
-            hasher.update(prefix)
-            (hlen,) = struct.unpack("<Q", prefix)
+            try:
+                # The size is bounded by the manifest and by the file itself, so this
+                # allocation is no larger than what is really on disk.
+                image, digest = directio.read_image(f.fileno(), actual_size)
+            except EOFError as exc:
+                expect(False, relpath, "file ended early", expected=actual_size, actual=str(exc))
+        checksum.check(relpath, expected=info[checksum.ALGORITHM], actual=digest)
+        expect(actual_size >= 8, relpath, "file ended early", expected=8, actual=actual_size)
+        (hlen,) = struct.unpack("<Q", image[:8].tobytes())
+        expect(
+            8 + hlen <= actual_size and hlen <= MAX_HEADER,
+            relpath,
+            "header length exceeds the file",
+            expected=actual_size - 8,
+            actual=hlen,
+        )
+        entries = parse_header(
+            image[8 : 8 + hlen].tobytes(), relpath, data_len=actual_size - 8 - hlen
+        )
+        wanted_by_name = {entry["name"]: (key, entry) for key, entry in wanted}
+        data = image[8 + hlen :]
+        out: dict[str, np.ndarray] = {}
+        for name, (begin, end) in entries:
+            if name not in wanted_by_name:
+                continue
+            key, entry = wanted_by_name[name]
+            header_entry = entries.meta[name]
+            dt, shape = _layout(entry["dtype"], entry["shape"])
             expect(
-                8 + hlen <= actual_size and hlen <= MAX_HEADER,
+                header_entry["dtype"] == dt.safetensors and tuple(header_entry["shape"]) == shape,
                 relpath,
-                "header length exceeds the file",
-                expected=actual_size - 8,
-                actual=hlen,
+                f"tensor {name!r} differs from the manifest",
+                expected=(dt.safetensors, shape),
+                actual=(header_entry["dtype"], header_entry["shape"]),
             )
-            raw_header = _read_exact(f, hlen, relpath)
-            hasher.update(raw_header)
-            entries = parse_header(raw_header, relpath, data_len=actual_size - 8 - hlen)
-            wanted_by_name = {entry["name"]: (key, entry) for key, entry in wanted}
-            out: dict[str, np.ndarray] = {}
-            for name, (begin, end) in entries:
-                buf = np.empty(end - begin, dtype=np.uint8)  # bounded: offsets tile the file
-                view = memoryview(buf)
-                filled = 0
-                while filled < len(buf):
-                    n = f.readinto(view[filled:])
-                    expect(
-                        bool(n), relpath, "file ended early", expected=end, actual=begin + filled
-                    )
-                    filled += n
-                hasher.update(view)
-                if name in wanted_by_name:
-                    key, entry = wanted_by_name[name]
-                    header_entry = entries.meta[name]
-                    dt, shape = _layout(entry["dtype"], entry["shape"])
-                    expect(
-                        header_entry["dtype"] == dt.safetensors
-                        and tuple(header_entry["shape"]) == shape,
-                        relpath,
-                        f"tensor {name!r} differs from the manifest",
-                        expected=(dt.safetensors, shape),
-                        actual=(header_entry["dtype"], header_entry["shape"]),
-                    )
-                    out[key] = buf
-            checksum.check(relpath, expected=info[checksum.ALGORITHM], actual=hasher.hexdigest())
+            out[key] = data[begin:end]
         missing = set(wanted_by_name) - set(entries.meta)
         expect(
             not missing,
