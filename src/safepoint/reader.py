@@ -47,7 +47,18 @@ def read_manifest(storage: Storage, name: str) -> Manifest:
 def read_state(storage: Storage, name: str, found: Manifest, *, as_numpy: bool = False) -> Any:
     """Read, verify and rebuild the state tree of a committed checkpoint."""
     fmt = formats.get(found.payload)
-    raw = fmt.read(storage, name, found)
+    try:
+        raw = fmt.read(storage, name, found)
+    except FileNotFoundError as exc:
+        # A payload the manifest lists is gone: the checkpoint is damaged, and
+        # restore("latest") must be able to skip it like any other corruption.
+        fname = os.path.basename(str(exc.filename or "")) or "a payload file"
+        raise CorruptCheckpointError(
+            f"{name}/{fname} is listed in the manifest but missing. Expected every payload "
+            "file of the manifest. Received: no file. Restore an older checkpoint.",
+            file=f"{name}/{fname}",
+            actual=None,
+        ) from None
     cache: dict[str, Any] = {}
 
     def tensor(key: str) -> Any:
