@@ -160,7 +160,7 @@ def test_missing_manifest_is_incomplete(tmp_path: Path, caplog: pytest.LogCaptur
     root = tmp_path / "run"
     mgr = three_checkpoints(root)
     (root / "step-00000003" / "manifest.json").unlink()
-    with pytest.raises(safepoint.IncompleteCheckpointError, match="manifest.json"):
+    with pytest.raises(safepoint.IncompleteCheckpointError, match=r"manifest\.json"):
         mgr.restore(checkpoint="step-00000003")
     assert [c.step for c in mgr.checkpoints()] == [1, 2]  # never listed
     with caplog.at_level(logging.WARNING, logger="safepoint"):
@@ -192,7 +192,7 @@ def test_all_bad_means_a_clear_error(tmp_path: Path) -> None:
     mgr = three_checkpoints(root)
     for step in (1, 2, 3):
         flip_byte(-1)(root / f"step-0000000{step}")
-    with pytest.raises(safepoint.CorruptCheckpointError, match="No checkpoint .* verifies"):
+    with pytest.raises(safepoint.CorruptCheckpointError, match=r"No checkpoint .* verifies"):
         mgr.restore()
     mgr.close()
 
@@ -220,7 +220,7 @@ def test_hdf5_damage_is_detected(tmp_path: Path, caplog: pytest.LogCaptureFixtur
         data = bytearray(p.read_bytes())
         data[-10] ^= 0xFF
         p.write_bytes(bytes(data))
-        with pytest.raises(safepoint.CorruptCheckpointError, match="model-00000.h5"):
+        with pytest.raises(safepoint.CorruptCheckpointError, match=r"model-00000\.h5"):
             mgr.restore(checkpoint=2)
         with caplog.at_level(logging.WARNING, logger="safepoint"):
             ckpt = mgr.restore()
