@@ -457,32 +457,43 @@ class LocalStorage:
         # The staging directory's own entries must be durable before it becomes visible
         # under its final name; then the root's entry for the rename.
         self._fsync_dir(staged, "dir-fsync")
+        replaced: str | None = None  # where the checkpoint this one replaces went
         with translate("rename", self.describe(name)):
             self._fault("rename", name)
             src, dst = os.path.join(self.root, staged), os.path.join(self.root, name)
             if os.path.lexists(dst):
                 # Same name committed before (a resumed run saving the same step again):
                 # swap atomically, so a crash leaves one complete checkpoint under that name.
-                if not _exchange(self.root, staged, name):
-                    os.rename(
-                        dst, os.path.join(self.root, f"{TRASH_PREFIX}{name}-{secrets.token_hex(4)}")
-                    )
-                    os.rename(src, dst)
+                if _exchange(self.root, staged, name):
+                    replaced = staged
+                else:
+                    replaced = f"{TRASH_PREFIX}{name}-{secrets.token_hex(4)}"
+                    os.rename(dst, os.path.join(self.root, replaced))
+                    try:
+                        os.rename(src, dst)
+                    except OSError:
+                        os.rename(os.path.join(self.root, replaced), dst)  # put the old one back
+                        raise
             else:
                 os.rename(src, dst)
         try:
             self._fsync_dir("", "dir-fsync")
         except StorageError:
-            # The rename may not be durable: take the checkpoint out of the listing rather
-            # than let a save that raised leave a checkpoint that could vanish on power loss.
+            # The rename may not be durable: undo it rather than let a save that raised
+            # leave a checkpoint that could vanish on power loss. A replaced checkpoint goes
+            # back under its name (the new one out of the listing, discarded by the caller).
             with contextlib.suppress(OSError):
-                os.rename(
-                    dst, os.path.join(self.root, f"{TRASH_PREFIX}{name}-{secrets.token_hex(4)}")
-                )
+                if replaced == staged:
+                    _exchange(self.root, staged, name)
+                else:
+                    trash = f"{TRASH_PREFIX}{name}-{secrets.token_hex(4)}"
+                    os.rename(dst, os.path.join(self.root, trash))
+                    if replaced is not None:
+                        os.rename(os.path.join(self.root, replaced), dst)
+                    self.discard(trash)
             raise
-        if os.path.lexists(os.path.join(self.root, staged)):  # the swapped-out old one
-            self.discard(staged)
-
+        if replaced is not None:  # the old checkpoint, now out of the listing
+            self.discard(replaced)
     def discard(self, staged: str) -> None:
         shutil.rmtree(os.path.join(self.root, staged), ignore_errors=True)
 
