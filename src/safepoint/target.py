@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from .errors import StateMismatchError
-from .tree import is_stateful, is_torch_tensor
+from .stateful import view
+from .tree import is_torch_tensor
 
 
 def _is_array(value: Any) -> bool:
@@ -41,8 +42,9 @@ class _Problems:
 
 
 def _compare(target: Any, loaded: Any, path: str, problems: _Problems) -> None:
-    if is_stateful(target):
-        current = target.state_dict()
+    stateful = view(target)
+    if stateful is not None:
+        current = stateful.state_dict()
         if isinstance(current, Mapping) and current and all(_is_array(v) for v in current.values()):
             if not isinstance(loaded, Mapping):
                 problems.mismatched.append(f"{path or '<root>'} (expected a state dict)")
@@ -75,12 +77,13 @@ def _compare(target: Any, loaded: Any, path: str, problems: _Problems) -> None:
 
 
 def _load(target: Any, loaded: Any, path: str, strict: bool) -> Any:
-    if is_stateful(target):
+    stateful = view(target)  # loading through a view updates the user's object in place
+    if stateful is not None:
         try:
-            if not strict and _accepts_strict(target):
-                target.load_state_dict(loaded, strict=False)
+            if not strict and _accepts_strict(stateful):
+                stateful.load_state_dict(loaded, strict=False)  # type: ignore[call-arg]
             else:
-                target.load_state_dict(loaded)
+                stateful.load_state_dict(loaded)
         except StateMismatchError:
             raise
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:

@@ -31,6 +31,7 @@ import numpy as np
 from . import dtypes
 from .dtypes import DType
 from .errors import ConfigError, CorruptCheckpointError
+from .stateful import view
 
 #: Deepest nesting accepted, both ways; deeper trees are a bomb, not training state.
 MAX_DEPTH = 200
@@ -210,11 +211,12 @@ class _Flattener:
             return [self.node(v, (*path, i)) for i, v in enumerate(obj)]
         if isinstance(obj, tuple):
             return {"$tuple": [self.node(v, (*path, i)) for i, v in enumerate(obj)]}
-        if is_stateful(obj):
+        stateful = view(obj)  # the object itself, or a registered view (numpy Generator)
+        if stateful is not None:
             cls = type(obj)
             return {
                 "$stateful": f"{cls.__module__}.{cls.__qualname__}",
-                "state": self.node(obj.state_dict(), path),
+                "state": self.node(stateful.state_dict(), path),
             }
         raise ConfigError(
             f"Cannot save the value at key path {_path_str(path)!r}. Expected a dict, list, "
