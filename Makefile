@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml constraints-dev.txt
 
 install: $(STAMP)
 
+# ruff reads its file set from pyproject.toml ([tool.ruff] include/extend-exclude).
 lint: install
-	$(VENV)/bin/ruff check src tests bench examples
-	$(VENV)/bin/ruff format --check src tests bench examples
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: install lint
 	$(PY) -m pytest -q
