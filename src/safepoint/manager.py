@@ -17,7 +17,8 @@ import logging
 import os
 import time
 from dataclasses import replace
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from . import formats, reader, runlog
 from .checkpoint import Checkpoint, Verification
@@ -38,6 +39,9 @@ from .storage import LOG_NAME, TMP_MARK, TRASH_PREFIX, LocalStorage, Storage
 from .target import restore_into
 from .template import NameTemplate
 from .tree import flatten
+
+if TYPE_CHECKING:
+    from .preemption import SaveOnSignal
 
 log = logging.getLogger("safepoint")
 
@@ -436,3 +440,27 @@ class CheckpointManager:
     def metric(self, ckpt: Checkpoint) -> float | None:
         """The monitored metric of ``ckpt`` as a finite float (None if absent or NaN)."""
         return None if self.monitor is None else metric_value(ckpt.metrics, self.monitor)
+
+    def save_on_signal(
+        self,
+        state: Any,
+        *,
+        signals: Iterable[int] | None = None,
+        grace_period: float | None = None,
+        exit_code: int | None = None,
+    ) -> SaveOnSignal:
+        """On SIGTERM, SIGUSR1 or Ctrl-C, save ``state`` at the next safe point and exit.
+
+        A thin entry point to :class:`safepoint.preemption.SaveOnSignal` (see there):
+        the handler only notes the signal; the next ``ModelCheckpoint`` hook (or the
+        returned guard's ``check()``) saves synchronously, then exits with 128 + signal.
+        """
+        from .preemption import DEFAULT_SIGNALS, SaveOnSignal
+
+        return SaveOnSignal(
+            self,
+            state,
+            signals=DEFAULT_SIGNALS if signals is None else signals,
+            grace_period=grace_period,
+            exit_code=exit_code,
+        )
