@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import replace
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from . import formats, reader, runlog
