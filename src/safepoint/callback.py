@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from . import preemption
 from .checkpoint import Checkpoint
 from .errors import ConfigError
 from .manager import CheckpointManager
@@ -113,16 +115,24 @@ class ModelCheckpoint:
         self._epoch = epoch
 
     def on_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> Checkpoint | None:
-        """Count a batch; save when ``save_freq=N`` batches have passed."""
+        """Count a batch; save when ``save_freq=N`` batches have passed.
+
+        Also a safe point for preemption (``manager.save_on_signal``): after a signal,
+        the state is saved here, between two steps, and the process exits.
+        """
         self.step += 1
         self._counting = True
-        if self.save_freq == "epoch":
-            return None
-        self._batches_since_save += 1
-        if self._batches_since_save < int(self.save_freq):
-            return None
-        self._batches_since_save = 0
-        return self._maybe_save(self._epoch, logs, batch=batch)
+        saved = None
+        if self.save_freq != "epoch":
+            self._batches_since_save += 1
+            if self._batches_since_save >= int(self.save_freq):
+                self._batches_since_save = 0
+                saved = self._maybe_save(self._epoch, logs, batch=batch)
+        guard = preemption.active()
+        if guard is not None:
+            metrics = _numeric_logs(logs) if guard.pending else None
+            guard.safe_point(step=self.step, epoch=self._epoch + 1, metrics=metrics, saved=saved)
+        return saved
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> Checkpoint | None:
         """Save at the end of an epoch when ``save_freq="epoch"`` and the rules allow."""
@@ -130,9 +140,16 @@ class ModelCheckpoint:
         if not self._checked_monitor:
             self._checked_monitor = True
             self._check_monitor(logs)
-        if self.save_freq != "epoch":
-            return None
-        return self._maybe_save(epoch, logs, batch=None)
+        saved = self._maybe_save(epoch, logs, batch=None) if self.save_freq == "epoch" else None
+        guard = preemption.active()
+        if guard is not None:  # a safe point too (see on_batch_end)
+            guard.safe_point(
+                step=self.step if self._counting else epoch + 1,
+                epoch=epoch + 1,
+                metrics=_numeric_logs(logs) if guard.pending else None,
+                saved=saved,
+            )
+        return saved
 
     # -- decisions ----------------------------------------------------------------------
     def _check_monitor(self, logs: Mapping[str, Any] | None) -> None:
@@ -194,6 +211,8 @@ class ModelCheckpoint:
         else:
             self._say(f"{prefix}saving model to {path}")
         state = self.state() if callable(self.state) else self.state
+        started = time.perf_counter()
         ckpt = self.manager.save(state, step=step, epoch=epoch + 1, metrics=metrics)
+        preemption.record_save(time.perf_counter() - started)  # for its grace-period check
         self.last_saved = ckpt
         return ckpt

@@ -336,10 +336,23 @@ class CheckpointManager:
             )
 
     # -- restoring ---------------------------------------------------------------------
+    def _has_manifest(self, name: str) -> bool:
+        try:
+            return self.storage.exists(f"{name}/{MANIFEST_NAME}")
+        except SafepointError:
+            return True  # there, but refused (a link): a damaged checkpoint
+        except OSError:
+            return False
+
     def _resolve(self, checkpoint: str | int) -> list[str]:
         """Candidate names for ``checkpoint``, best candidate first."""
         if checkpoint == "latest":
-            return [c.name for c in reversed(self.checkpoints())]
+            listed = [c.name for c in reversed(self.checkpoints())]
+            # A directory whose manifest exists but does not parse (damaged, or written
+            # by a newer safepoint) is not listed, yet the root is not empty: try it
+            # last so restore() reports it rather than claim there is nothing to resume.
+            broken = [n for n in self._entries() if n not in listed and self._has_manifest(n)]
+            return listed + broken
         if checkpoint == "best":
             if self.monitor is None:
                 raise ConfigError(
