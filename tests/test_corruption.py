@@ -225,3 +225,31 @@ def test_hdf5_damage_is_detected(tmp_path: Path, caplog: pytest.LogCaptureFixtur
         with caplog.at_level(logging.WARNING, logger="safepoint"):
             ckpt = mgr.restore()
         assert ckpt is not None and ckpt.step == 1
+
+
+@pytest.mark.parametrize("damage", [garble_manifest, truncate_manifest, empty_manifest])
+def test_unreadable_manifests_are_not_an_empty_root(
+    tmp_path: Path, damage: Damage, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When every checkpoint's manifest is damaged, restore must not report "nothing to
+    resume" (missing_ok=True would silently restart training from scratch)."""
+    root = tmp_path / "run"
+    mgr = three_checkpoints(root)
+    for step in (1, 2, 3):
+        damage(root / f"step-0000000{step}")
+    with caplog.at_level(logging.WARNING, logger="safepoint"):
+        with pytest.raises(safepoint.CorruptCheckpointError, match="step-00000003"):
+            mgr.restore()
+        with pytest.raises(safepoint.CorruptCheckpointError):
+            mgr.restore(missing_ok=True)
+    mgr.close()
+
+
+def test_only_foreign_directories_still_mean_empty(tmp_path: Path) -> None:
+    """Other tools' directories (no manifest.json) in the root are not checkpoints."""
+    root = tmp_path / "run"
+    (root / "tensorboard").mkdir(parents=True)
+    mgr = safepoint.CheckpointManager(root)
+    assert mgr.restore(missing_ok=True) is None
+    with pytest.raises(safepoint.CheckpointNotFoundError):
+        mgr.restore()

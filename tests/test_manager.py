@@ -246,7 +246,6 @@ def test_bad_mode_is_config_error(tmp_path: Path, mode: object) -> None:
         {"keep": "last"},
         {"keep": safepoint.Keep(best=1)},  # best without a monitor
         {"shard_bytes": 0},
-        {"async_save": True},
     ],
 )
 def test_bad_constructor_arguments(tmp_path: Path, kwargs: dict[str, object]) -> None:

@@ -1,0 +1,107 @@
+"""The public surface: exports, import weight, and the exception tree DESIGN.md fixes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import safepoint
+
+#: Names DESIGN.md shows at the top level of ``safepoint`` for the core engine.
+DESIGN_NAMES = {
+    "CheckpointManager",
+    "Checkpoint",
+    "Keep",
+    "RNGState",
+    "load",
+    "SafepointError",
+    "ConfigError",
+    "CheckpointNotFoundError",
+    "IncompleteCheckpointError",
+    "CorruptCheckpointError",
+    "IncompatibleCheckpointError",
+    "StateMismatchError",
+    "StorageError",
+}
+
+
+def test_all_is_sorted_and_complete() -> None:
+    assert list(safepoint.__all__) == sorted(safepoint.__all__)
+    assert len(set(safepoint.__all__)) == len(safepoint.__all__)
+    assert set(safepoint.__all__) >= DESIGN_NAMES
+    for name in safepoint.__all__:
+        assert hasattr(safepoint, name), name
+    public = {
+        n
+        for n, v in vars(safepoint).items()
+        if not n.startswith("_") and not isinstance(v, type(sys)) and n != "annotations"
+    }
+    assert public <= set(safepoint.__all__), public - set(safepoint.__all__)
+
+
+def test_import_is_framework_free() -> None:
+    code = (
+        "import json, sys, safepoint\n"
+        "mgr = safepoint.CheckpointManager\n"
+        "print(json.dumps(sorted(m for m in ('torch', 'keras', 'h5py', 's3fs', 'tensorflow', "
+        "'jax') if m in sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert json.loads(out.stdout) == []
+
+
+def test_saving_and_loading_numpy_stays_framework_free(tmp_path: object) -> None:
+    code = (
+        "import json, sys, numpy as np, safepoint\n"
+        f"m = safepoint.CheckpointManager({str(tmp_path)!r}, monitor='val_loss')\n"
+        "m.save({'w': np.ones(3), 'rng': safepoint.RNGState()}, step=1, "
+        "metrics={'val_loss': 0.5})\n"
+        "m.restore({'w': np.zeros(3), 'rng': safepoint.RNGState()})\n"
+        "m.verify(); m.close()\n"
+        "print(json.dumps(sorted(x for x in ('torch', 'keras', 'h5py') if x in sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert json.loads(out.stdout) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "builtin"),
+    [
+        ("ConfigError", ValueError),
+        ("CheckpointNotFoundError", FileNotFoundError),
+        ("StorageError", OSError),
+        ("IncompleteCheckpointError", Exception),
+        ("CorruptCheckpointError", Exception),
+        ("IncompatibleCheckpointError", Exception),
+        ("StateMismatchError", Exception),
+    ],
+)
+def test_error_tree(name: str, builtin: type) -> None:
+    cls = getattr(safepoint, name)
+    assert issubclass(cls, safepoint.SafepointError)
+    assert issubclass(cls, builtin)
+    assert isinstance(cls.exit_code, int) and cls.exit_code not in (0, 1)
+
+
+def test_exit_codes_are_distinct() -> None:
+    classes = [getattr(safepoint, n) for n in safepoint.__all__ if n.endswith("Error")]
+    codes = [c.exit_code for c in classes if c is not safepoint.SafepointError]
+    assert len(codes) == len(set(codes))
+
+
+def test_storage_error_is_a_real_oserror() -> None:
+    err = safepoint.StorageError("disk full", errno=28, stage="write")
+    assert err.errno == 28 and err.stage == "write" and str(err) == "disk full"
+    with pytest.raises(OSError):
+        raise err
+
+
+def test_version_is_a_string() -> None:
+    assert isinstance(safepoint.__version__, str) and safepoint.__version__[0].isdigit()
