@@ -14,7 +14,6 @@ restarted run keeps comparing against the true best instead of starting over.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -25,19 +24,10 @@ from .checkpoint import Checkpoint
 from .errors import ConfigError
 from .manager import CheckpointManager
 from .monitor import is_better, metric_value, resolve_mode
+from .policy import SavePolicy, check_save_freq
 from .retention import Keep
 
 State = Mapping[str, Any] | Callable[[], Any]
-
-
-def _check_freq(save_freq: object) -> None:
-    if save_freq == "epoch":
-        return
-    if isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1:
-        raise ConfigError(
-            f"Unrecognized save_freq. Expected 'epoch' or a positive int (save every N "
-            f"batches). Received: save_freq={save_freq!r}."
-        )
 
 
 def _numeric_logs(logs: Mapping[str, Any] | None) -> dict[str, float]:
@@ -72,7 +62,7 @@ class ModelCheckpoint:
         keep: Keep | None = None,
         print_fn: Callable[[str], None] = print,
     ) -> None:
-        _check_freq(save_freq)
+        check_save_freq(save_freq)
         self.mode = resolve_mode(monitor, mode)
         if isinstance(manager, CheckpointManager):
             if keep is not None:
@@ -94,7 +84,14 @@ class ModelCheckpoint:
         self.save_freq = save_freq
         self.verbose = verbose
         self.print_fn = print_fn
-        self.best: float | None = initial_value_threshold
+        # The decisions and messages are Keras' rules, shared with safepoint.keras.
+        self.policy = SavePolicy(
+            monitor=monitor,
+            mode=self.mode,
+            save_best_only=self.save_best_only,
+            save_freq=save_freq,
+            initial_value_threshold=initial_value_threshold,
+        )
         if self.manager.monitor == monitor:
             on_disk = self.manager.best()
             value = None if on_disk is None else metric_value(on_disk.metrics, monitor)
@@ -109,6 +106,15 @@ class ModelCheckpoint:
         self._epoch = 0
         self._checked_monitor = False
         self.last_saved: Checkpoint | None = None
+
+    @property
+    def best(self) -> float | None:
+        """The best monitored value so far (None before the first)."""
+        return self.policy.best
+
+    @best.setter
+    def best(self, value: float | None) -> None:
+        self.policy.best = value
 
     # -- Keras-style hooks --------------------------------------------------------------
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
@@ -188,28 +194,13 @@ class ModelCheckpoint:
         step = self.step if self._counting else epoch + 1
         name = self.manager.template.format(step=step, epoch=epoch + 1, metrics=metrics)
         path = os.path.join(self.manager.storage.root, name)
-        prefix = f"Epoch {epoch + 1}: "
-        if self.save_best_only:
-            current = metric_value(metrics, self.monitor)
-            best_str = "None" if self.best is None else f"{self.best:.5f}"
-            raw = metrics.get(self.monitor)
-            if current is None or not is_better(current, self.best, str(self.mode)):
-                shown = f"{raw:.5f}" if raw is not None and not math.isnan(raw) else str(raw)
-                self._say(f"{prefix}{self.monitor} did not improve from {best_str}")
-                self.manager.log_skip(
-                    step=step,
-                    epoch=epoch + 1,
-                    metrics=metrics,
-                    reason=f"{self.monitor}={shown} not better than {best_str}",
-                )
-                return None
-            self._say(
-                f"{prefix}{self.monitor} improved from {best_str} to {current:.5f}, "
-                f"saving model to {path}"
+        decision = self.policy.decide(epoch, metrics, path)
+        self._say(decision.message)
+        if not decision.save:
+            self.manager.log_skip(
+                step=step, epoch=epoch + 1, metrics=metrics, reason=decision.reason
             )
-            self.best = current
-        else:
-            self._say(f"{prefix}saving model to {path}")
+            return None
         state = self.state() if callable(self.state) else self.state
         started = time.perf_counter()
         ckpt = self.manager.save(state, step=step, epoch=epoch + 1, metrics=metrics)

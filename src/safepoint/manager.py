@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from . import formats, reader, runlog
+from . import formats, reader, runlog, singlefile
 from .checkpoint import Checkpoint, Verification
 from .errors import (
     CheckpointNotFoundError,
@@ -165,7 +165,11 @@ class CheckpointManager:
         relpath = f"{name}/{MANIFEST_NAME}"
         from .manifest import MAX_BYTES
 
-        data = self.storage.read_bytes(relpath, max_size=MAX_BYTES)
+        if singlefile.is_single_file(self.storage, name):
+            relpath = name
+            data = singlefile.manifest_bytes(self.storage, name)
+        else:
+            data = self.storage.read_bytes(relpath, max_size=MAX_BYTES)
         cached = self._cache.get(name)
         if cached is not None and cached[0] == data:
             return cached[1]
@@ -182,7 +186,7 @@ class CheckpointManager:
             if n != LOG_NAME
             and TMP_MARK not in n
             and not n.startswith((TRASH_PREFIX, "."))
-            and self.storage.is_dir(n)
+            and (self.storage.is_dir(n) or singlefile.is_single_file(self.storage, n))
         ]
 
     def _to_checkpoint(self, found: Manifest) -> Checkpoint:

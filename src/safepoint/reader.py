@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import checksum, formats, manifest
+from . import checksum, formats, manifest, singlefile
 from .errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -22,7 +22,9 @@ from .tree import unflatten
 
 
 def read_manifest(storage: Storage, name: str) -> Manifest:
-    """The validated manifest of checkpoint ``name``."""
+    """The validated manifest of checkpoint ``name`` (a directory or a single file)."""
+    if singlefile.is_single_file(storage, name):
+        return singlefile.read_manifest(storage, name)
     relpath = f"{name}/{manifest.NAME}"
     try:
         data = storage.read_bytes(relpath, max_size=manifest.MAX_BYTES)
@@ -46,6 +48,8 @@ def read_manifest(storage: Storage, name: str) -> Manifest:
 
 def read_state(storage: Storage, name: str, found: Manifest, *, as_numpy: bool = False) -> Any:
     """Read, verify and rebuild the state tree of a committed checkpoint."""
+    if singlefile.KEY in found.extra:
+        return singlefile.read_state(storage, name, found)
     fmt = formats.get(found.payload)
     try:
         raw = fmt.read(storage, name, found)
@@ -77,6 +81,8 @@ def read_state(storage: Storage, name: str, found: Manifest, *, as_numpy: bool =
 
 def verify(storage: Storage, name: str) -> Manifest:
     """Check a checkpoint's manifest and every payload file's size and checksum."""
+    if singlefile.is_single_file(storage, name):
+        return singlefile.verify(storage, name)
     found = read_manifest(storage, name)
     for fname, info in found.files.items():
         relpath = f"{name}/{fname}"
@@ -122,6 +128,8 @@ def load(path: str | os.PathLike[str], *, as_numpy: bool = True) -> Any:
     parent, name = os.path.split(full.rstrip(os.sep))
     check_name(name, what="checkpoint directory name")
     storage = LocalStorage(parent)
+    if singlefile.is_single_file(storage, name):
+        return singlefile.read_state(storage, name, singlefile.read_manifest(storage, name))
     if not os.path.isdir(full):
         if os.path.exists(full):
             raise refuse_pickle(full)
