@@ -509,7 +509,12 @@ class LocalStorage:
             self._fault("retention", name)
             os.rename(os.path.join(self.root, name), os.path.join(self.root, trash))
         self._fsync_dir("", "retention")
-        shutil.rmtree(os.path.join(self.root, trash), ignore_errors=True)
+        path = os.path.join(self.root, trash)
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # a single-file checkpoint (safepoint.singlefile)
 
     def cleanup_stale(self) -> list[str]:
         """Remove staging and trash directories left by a crashed writer (lock holders only)."""
@@ -517,6 +522,10 @@ class LocalStorage:
         for entry in self.list_names():
             if TMP_MARK in entry or entry.startswith(TRASH_PREFIX):
                 path = os.path.join(self.root, entry)
+                if entry.startswith(TRASH_PREFIX) and stat.S_ISREG(os.lstat(path).st_mode):
+                    os.unlink(path)  # a single-file checkpoint whose deletion was cut short
+                    removed.append(entry)
+                    continue
                 if os.path.islink(path) or not os.path.isdir(path):
                     continue
                 shutil.rmtree(path, ignore_errors=True)
