@@ -180,6 +180,15 @@ class _Flattener:
         if isinstance(obj, float):
             return encode_float(float(obj))
         if isinstance(obj, np.ndarray):
+            if isinstance(obj, np.ma.MaskedArray):
+                # Saved as its data alone it would come back a plain ndarray, every
+                # masked value silently unmasked.
+                raise ConfigError(
+                    f"Cannot save the {type(obj).__name__} at key path {_path_str(path)!r}. "
+                    "Expected a plain numpy.ndarray. Received: a masked array, whose mask "
+                    "would be lost. Save its parts instead (e.g. {'data': a.data, 'mask': "
+                    "np.ma.getmaskarray(a)}) or np.asarray(a)."
+                )
             return self.tensor(obj, path, "numpy")
         if is_torch_tensor(obj):
             return self.tensor(obj, path, "torch")
