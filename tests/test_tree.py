@@ -243,6 +243,7 @@ class _Opaque:
         (np.array([b"a"]), "model/head/fn"),
         (b"bytes", "model/head/fn"),
         (1 + 2j, "model/head/fn"),
+        (np.ma.masked_array([1.0, 2.0], mask=[0, 1]), "model/head/fn"),
     ],
     ids=[
         "lambda",
@@ -254,6 +255,7 @@ class _Opaque:
         "bytes-array",
         "bytes",
         "complex",
+        "masked-array",
     ],
 )
 def test_unsupported_leaf_is_refused_before_io(tmp_path: Path, value: Any, path: str) -> None:
