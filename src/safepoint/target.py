@@ -57,6 +57,8 @@ def _compare(target: Any, loaded: Any, path: str, problems: _Problems) -> None:
                         f"{_join(path, k)} (checkpoint {list(_shape(loaded[k]))}, "
                         f"target {list(_shape(v))})"
                     )
+        elif isinstance(current, Mapping) and isinstance(current.get("param_groups"), list):
+            _compare_param_groups(current["param_groups"], loaded, path, problems)
         return
     if isinstance(target, Mapping):
         if not isinstance(loaded, Mapping):
@@ -73,6 +75,28 @@ def _compare(target: Any, loaded: Any, path: str, problems: _Problems) -> None:
     if _is_array(target) and _is_array(loaded) and _shape(target) != _shape(loaded):
         problems.mismatched.append(
             f"{path} (checkpoint {list(_shape(loaded))}, target {list(_shape(target))})"
+        )
+
+
+def _compare_param_groups(
+    current: list[Any], loaded: Any, path: str, problems: _Problems
+) -> None:
+    """Optimizer-shaped state: the same number of groups holding as many parameters.
+
+    The optimizer itself would refuse a mismatch only when its turn comes to load,
+    after the objects before it in the state were already loaded; checking here keeps
+    a failed restore from leaving a half-restored model behind.
+    """
+    groups = loaded.get("param_groups") if isinstance(loaded, Mapping) else None
+    where = _join(path, "param_groups")
+    if not isinstance(groups, list):
+        problems.missing.append(where)
+        return
+    want = [len(g.get("params", ())) if isinstance(g, Mapping) else -1 for g in current]
+    got = [len(g.get("params", ())) if isinstance(g, Mapping) else -1 for g in groups]
+    if want != got:
+        problems.mismatched.append(
+            f"{where} (checkpoint groups of {got} parameters, target {want})"
         )
 
 
