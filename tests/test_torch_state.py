@@ -203,3 +203,23 @@ def test_arrays_and_tensors_in_state_are_copied_in_place(tmp_path: Path) -> None
     assert target["t"] is t_obj and torch.equal(t_obj, saved["t"])
     assert target["n"] == 7
     assert ckpt is not None and ckpt.state["n"] == 7
+
+
+def test_optimizer_mismatch_loads_nothing(tmp_path: Path) -> None:
+    """An optimizer with other param groups must fail before the model is touched."""
+    torch.manual_seed(0)
+    saved_model = nn.Linear(3, 2)
+    saved_opt = torch.optim.SGD(
+        [{"params": [saved_model.weight]}, {"params": [saved_model.bias]}], lr=0.1
+    )
+    torch.manual_seed(1)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with safepoint.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.save({"model": saved_model, "opt": saved_opt}, step=1)
+        with pytest.raises(safepoint.StateMismatchError) as info:
+            mgr.restore({"model": model, "opt": opt})
+    assert any("opt/param_groups" in m for m in info.value.mismatched)
+    assert_state_dicts_equal(before, model.state_dict())
+    assert opt.param_groups[0]["lr"] == 0.5

@@ -78,9 +78,7 @@ def _compare(target: Any, loaded: Any, path: str, problems: _Problems) -> None:
         )
 
 
-def _compare_param_groups(
-    current: list[Any], loaded: Any, path: str, problems: _Problems
-) -> None:
+def _compare_param_groups(current: list[Any], loaded: Any, path: str, problems: _Problems) -> None:
     """Optimizer-shaped state: the same number of groups holding as many parameters.
 
     The optimizer itself would refuse a mismatch only when its turn comes to load,
