@@ -94,7 +94,9 @@ def _body_digest(body: dict[str, Any]) -> str:
     canon = json.dumps(
         rest, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     )
-    return checksum.digest_bytes(canon.encode())
+    # surrogatepass: a str holding a lone surrogate (os.fsdecode of an undecodable file
+    # name) is valid state; the manifest file escapes it, and the digest must not choke.
+    return checksum.digest_bytes(canon.encode("utf-8", "surrogatepass"))
 
 
 def now() -> float:
