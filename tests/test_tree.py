@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -289,4 +290,11 @@ def test_cycles_and_bad_keys_are_config_errors(tmp_path: Path) -> None:
 def test_tensor_under_huge_int_key(tmp_path: Path) -> None:
     """Key paths of tensors are built from the keys; a huge int key must not break them."""
     state = {2**20000: np.arange(3), "x": {2**20000 + 1: [np.ones(2)]}}
+    assert_same(state, roundtrip(tmp_path, state))
+
+
+def test_strings_with_lone_surrogates_roundtrip(tmp_path: Path) -> None:
+    """os.fsdecode() of an undecodable file name yields lone surrogates: valid state."""
+    name = os.fsdecode(b"data-\xff.bin")
+    state = {"file": name, name: 1, "\ud800": [np.arange(2)]}
     assert_same(state, roundtrip(tmp_path, state))
