@@ -86,6 +86,8 @@ class Manifest:
 def _encode_metric(value: Any) -> Any:
     if isinstance(value, float):
         return encode_float(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 4096:
+        return {"$int": hex(value)}  # as the tree spells it: JSON cannot hold it as digits
     return value
 
 

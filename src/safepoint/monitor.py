@@ -76,7 +76,7 @@ def metric_value(metrics: dict[str, Any], monitor: str) -> float | None:
         return None
     try:
         number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond float
         return None
     return number if math.isfinite(number) else None
 

@@ -22,6 +22,8 @@ def _clean(value: Any) -> Any:
         return {str(k): _clean(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_clean(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 4096:
+        return {"$int": hex(value)}  # json.dumps refuses ints past the str digit limit
     if value is None or isinstance(value, str | int | bool):
         return value
     try:
