@@ -424,3 +424,23 @@ def test_sharding_splits_payload_files(tmp_path: Path) -> None:
     assert back is not None
     for k, v in state.items():
         assert np.array_equal(back.state[k], v)
+
+
+def test_huge_int_metrics_do_not_break_saves(tmp_path: Path) -> None:
+    """An int metric beyond float range is kept, and is simply never "best"."""
+    keep = safepoint.Keep(last=1, best=1)
+    with safepoint.CheckpointManager(tmp_path / "run", monitor="val_loss", keep=keep) as mgr:
+        mgr.save(small_state(1.0), step=1, metrics={"val_loss": 0.5})
+        mgr.save(small_state(2.0), step=2, metrics={"val_loss": 10**400, "seen": 10**5000})
+        mgr.save(small_state(3.0), step=3, metrics={"val_loss": 0.7})
+        assert [c.step for c in mgr.checkpoints()] == [1, 3]
+        best = mgr.best()
+        assert best is not None and best.step == 1
+    listed = safepoint.CheckpointManager(tmp_path / "run").checkpoints()
+    assert listed[0].metrics == {"val_loss": 0.5}
+
+
+def test_huge_int_metric_roundtrips_in_manifest(tmp_path: Path) -> None:
+    with safepoint.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.save(small_state(1.0), step=1, metrics={"seen": 10**5000 + 1})
+        assert mgr.checkpoints()[0].metrics["seen"] == 10**5000 + 1
