@@ -4,11 +4,16 @@ The seed's network (Dense 12 -> 8 -> 1, ReLU, sigmoid, Adam, binary cross-entrop
 batch size 10, a third of the data for validation) trained in PyTorch on
 scikit-learn's breast-cancer data, or on any CSV with the label in the last column
 (``--csv`` takes the seed's Pima file). A little dropout makes the random generators
-matter. Every epoch is checkpointed, keeping the best (by ``val_acc``) and the last.
+matter, and the data comes through a ``DataLoader`` shuffled by
+:class:`safepoint.torch.ResumableSampler`, so the data order matters too.
 
-``--crash-at-epoch N`` kills the process with SIGKILL half-way through epoch N. Run it
-again and it resumes from the last committed checkpoint; at the end it retrains from
+The run is checkpointed every ``--save-every`` batches (mid-epoch, by
+``safepoint.ModelCheckpoint``) and at the end of every epoch, keeping the best (by
+``val_acc``) and the last. ``--crash-at-epoch N`` kills the process with SIGKILL
+half-way through epoch N, between two checkpoints. Run it again and it resumes from
+the last committed checkpoint, in the middle of that epoch; at the end it retrains from
 scratch without any checkpointing and compares the final weights byte for byte.
+SIGTERM or Ctrl-C save a checkpoint at the next batch end and exit (``save_on_signal``).
 """
 
 from __future__ import annotations
@@ -24,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from .callback import ModelCheckpoint
 from .manager import CheckpointManager
 from .monitor import is_better, metric_value
 from .retention import Keep
-from .rng import RNGState
 
 BATCH = 10
 
@@ -79,22 +84,58 @@ def build(n_features: int, seed: int) -> tuple[Any, Any]:
     return model, torch.optim.Adam(model.parameters(), lr=1e-3)
 
 
-def train_epoch(model: Any, opt: Any, x: Any, y: Any, on_batch: Callable[[int], None]) -> float:
+def make_loader(x: Any, y: Any, seed: int) -> tuple[Any, Any]:
+    """A shuffled DataLoader whose position is part of the checkpointed state."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from .torch import ResumableSampler
+
+    dataset = TensorDataset(x, y)
+    sampler = ResumableSampler(dataset, seed=seed)
+    return sampler, DataLoader(dataset, batch_size=BATCH, sampler=sampler)
+
+
+def new_state(model: Any, opt: Any, sampler: Any) -> dict[str, Any]:
+    """Everything the loop needs to continue exactly: the progress counters included.
+
+    ``batch`` and ``loss_sum`` describe the epoch in progress, so an epoch resumed
+    half-way reports the same mean loss as an uninterrupted one.
+    """
+    from .torch import RNGState
+
+    return {
+        "model": model,
+        "optimizer": opt,
+        "sampler": sampler,
+        "rng": RNGState(),
+        "epoch": 0,
+        "batch": 0,
+        "loss_sum": 0.0,
+        "history": [],
+    }
+
+
+def train_epoch(
+    model: Any, opt: Any, loader: Any, state: dict[str, Any], on_batch: Callable[[int], None]
+) -> float:
+    """Train the epoch in progress (the rest of it, after a resume); return its mean loss."""
     import torch
 
     model.train()
     loss_fn = torch.nn.BCELoss()
-    perm = torch.randperm(len(x))
-    total = 0.0
-    for batch, start in enumerate(range(0, len(x), BATCH)):
-        idx = perm[start : start + BATCH]
+    for xb, yb in loader:
         opt.zero_grad()
-        loss = loss_fn(model(x[idx]), y[idx])
+        loss = loss_fn(model(xb), yb)
         loss.backward()
         opt.step()
-        total += loss.item() * len(idx)
-        on_batch(batch)
-    return total / len(x)
+        state["loss_sum"] += loss.item() * len(xb)
+        state["batch"] += 1
+        on_batch(state["batch"])
+    mean = state["loss_sum"] / len(loader.sampler)
+    state["history"].append(mean)
+    state["batch"], state["loss_sum"] = 0, 0.0
+    state["epoch"] += 1
+    return mean
 
 
 def evaluate(model: Any, x: Any, y: Any) -> float:
@@ -116,8 +157,10 @@ def fingerprint(model: Any) -> str:
 def reference_run(n_features: int, data: tuple[Any, ...], epochs: int, seed: int) -> str:
     """The same training, uninterrupted and without checkpoints: the oracle."""
     model, opt = build(n_features, seed)
+    sampler, loader = make_loader(data[0], data[1], seed)
+    state = new_state(model, opt, sampler)
     for _ in range(epochs):
-        train_epoch(model, opt, data[0], data[1], lambda b: None)
+        train_epoch(model, opt, loader, state, lambda b: None)
         evaluate(model, data[2], data[3])
     return fingerprint(model)
 
@@ -130,41 +173,56 @@ def run(args: argparse.Namespace) -> int:
     desc, x_tr, y_tr, x_val, y_val = load_data(args.csv, args.seed)
     n_features = x_tr.shape[1]
     model, opt = build(n_features, args.seed)
+    sampler, loader = make_loader(x_tr, y_tr, args.seed)
+    per_epoch = len(loader)
     mgr = CheckpointManager(
-        args.root, name="epoch-{epoch:03d}", monitor="val_acc", keep=Keep(last=1, best=1)
+        args.root, name="step-{step:06d}", monitor="val_acc", keep=Keep(last=1, best=1)
     )
-    state: dict[str, Any] = {"model": model, "optimizer": opt, "rng": RNGState(), "history": []}
+    state = new_state(model, opt, sampler)
+    # Mid-epoch checkpoints every N batches; its own progress is part of the state.
+    every_n = ModelCheckpoint(mgr, state=state, save_freq=args.save_every)
+    state["checkpointing"] = every_n
     print(
         f"safepoint demo: {desc}; network {n_features}-12-8-1 with dropout, Adam, "
-        f"batch {BATCH}, {args.epochs} epochs; checkpoints in {args.root} (keep best + last)"
+        f"batch {BATCH} ({per_epoch} per epoch, shuffled by a resumable sampler), "
+        f"{args.epochs} epochs; checkpoints every {args.save_every} batches and at each "
+        f"epoch end in {args.root} (keep best + last)"
     )
     ckpt = mgr.restore(state, missing_ok=True)
-    start = 0
+    resumed_at = None
     if ckpt is not None:
-        start = int(ckpt.epoch or 0)
-        print(
-            f"Resuming from {ckpt.path}: {start} of {args.epochs} epochs done, "
-            f"val_acc {ckpt.metrics.get('val_acc', float('nan')):.5f} "
-            "(model, optimizer, RNG state and history restored)"
+        resumed_at = (state["epoch"] + 1, state["batch"])
+        where = (
+            f"{state['epoch']} of {args.epochs} epochs done"
+            if state["batch"] == 0
+            else f"epoch {state['epoch'] + 1}, after batch {state['batch']} of {per_epoch}"
         )
+        print(
+            f"Resuming from {ckpt.path}: {where} (model, optimizer, data position, RNG "
+            "state and history restored)"
+        )
+    guard = mgr.save_on_signal(state)  # SIGTERM / Ctrl-C: save at the next batch end, exit
     best_ckpt = mgr.best()
     best = None if best_ckpt is None else metric_value(best_ckpt.metrics, "val_acc")
-    for epoch in range(start, args.epochs):
+    for epoch in range(state["epoch"], args.epochs):
         crash = args.crash_at_epoch == epoch + 1
+        every_n.on_epoch_begin(epoch)
 
         def on_batch(batch: int, crash: bool = crash, epoch: int = epoch) -> None:
-            if crash and batch == (len(x_tr) // BATCH) // 2:
+            if crash and batch == per_epoch // 2:
+                last = mgr.latest()
                 print(
-                    f"Epoch {epoch + 1}: simulating a crash: SIGKILL at batch {batch + 1}, "
-                    "mid-epoch",
+                    f"Epoch {epoch + 1}: simulating a crash: SIGKILL at batch {batch} of "
+                    f"{per_epoch}, mid-epoch (last checkpoint: "
+                    f"{last.name if last else 'none'})",
                     flush=True,
                 )
                 os.kill(os.getpid(), signal.SIGKILL)
+            every_n.on_batch_end(batch - 1)
 
-        loss = train_epoch(model, opt, x_tr, y_tr, on_batch)
+        loss = train_epoch(model, opt, loader, state, on_batch)
         val_acc = evaluate(model, x_val, y_val)
-        state["history"].append(loss)
-        name = f"epoch-{epoch + 1:03d}"
+        name = mgr.template.format(step=every_n.step, epoch=epoch + 1, metrics={})
         path = os.path.join(args.root, name)
         best_str = "None" if best is None else f"{best:.5f}"
         if is_better(val_acc, best, "max"):
@@ -178,8 +236,11 @@ def run(args: argparse.Namespace) -> int:
                 f"Epoch {epoch + 1}: val_acc did not improve from {best_str}, "
                 f"saving last state to {path}"
             )
-        mgr.save(state, step=epoch + 1, epoch=epoch + 1, metrics={"val_acc": val_acc, "loss": loss})
+        mgr.save(
+            state, step=every_n.step, epoch=epoch + 1, metrics={"val_acc": val_acc, "loss": loss}
+        )
         sys.stdout.flush()
+    guard.remove()
     kept = ", ".join(c.name for c in mgr.checkpoints())
     final = fingerprint(model)
     mgr.close()
@@ -187,7 +248,11 @@ def run(args: argparse.Namespace) -> int:
     print("Checking the result against an uninterrupted run without checkpoints ...")
     expected = reference_run(n_features, (x_tr, y_tr, x_val, y_val), args.epochs, args.seed)
     if final == expected:
-        how = f"resumed at epoch {start + 1}" if ckpt is not None else "ran uninterrupted"
+        how = "ran uninterrupted"
+        if resumed_at is not None:
+            how = f"resumed at epoch {resumed_at[0]}"
+            if resumed_at[1]:
+                how += f", batch {resumed_at[1] + 1}"
         print(
             f"OK: this run {how}; its final weights are bit-identical to the "
             f"uninterrupted run's (sha256 {final[:16]}...)."
@@ -210,6 +275,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help="kill this process with SIGKILL half-way through epoch N",
+    )
+    parser.add_argument(
+        "--save-every",
+        type=int,
+        default=10,
+        metavar="N",
+        help="checkpoint every N batches, mid-epoch (default 10)",
     )
     parser.add_argument(
         "--csv",
