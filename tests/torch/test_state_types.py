@@ -14,11 +14,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset  # noqa: E402
 
 import safepoint  # noqa: E402
 from safepoint.torch import ResumableSampler, RNGState  # noqa: E402
-from torch import nn  # noqa: E402
 
 
 def _bytes(t: torch.Tensor) -> bytes:

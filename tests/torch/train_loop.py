@@ -20,12 +20,12 @@ import signal
 import sys
 import time
 
+import torch
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import safepoint
-import torch
 from safepoint.torch import ResumableSampler, RNGState
-from torch import nn
 
 EPOCHS = 3
 SAMPLES = 300
