@@ -145,6 +145,24 @@ def translate(stage: str, target: str) -> Iterator[None]:
         ) from exc
 
 
+@contextlib.contextmanager
+def translate_read(target: str) -> Iterator[None]:
+    """:func:`translate` for reads, except that a missing file stays ``FileNotFoundError``.
+
+    Callers treat absence as an answer (no manifest: never committed). Any other
+    ``OSError`` (EIO, EACCES...) is a storage fault, not an absence: it becomes a
+    ``StorageError`` so a save fails rather than mistake an unreadable checkpoint for
+    a missing one.
+    """
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        with translate("read", target):
+            raise exc
+
+
 def _write_all(fd: int, buffers: Sequence[memoryview]) -> int:
     """Write every buffer with as few syscalls as possible; returns bytes written.
 
@@ -316,6 +334,9 @@ class LocalStorage:
                 errno=exc.errno,
                 stage="list",
             ) from exc
+        except OSError as exc:
+            with translate("list", self.root):
+                raise exc
 
     def is_dir(self, name: str) -> bool:
         try:
@@ -347,19 +368,25 @@ class LocalStorage:
 
     def exists(self, relpath: str) -> bool:
         try:
-            os.close(self._open(relpath, os.O_RDONLY))
+            with translate_read(self.describe(relpath)):
+                os.close(self._open(relpath, os.O_RDONLY))
             return True
         except FileNotFoundError:
             return False
 
     def size(self, relpath: str) -> int:
-        fd = self._open(relpath, os.O_RDONLY)
-        try:
-            return os.fstat(fd).st_size
-        finally:
-            os.close(fd)
+        with translate_read(self.describe(relpath)):
+            fd = self._open(relpath, os.O_RDONLY)
+            try:
+                return os.fstat(fd).st_size
+            finally:
+                os.close(fd)
 
     def read_bytes(self, relpath: str, *, max_size: int) -> bytes:
+        with translate_read(self.describe(relpath)):
+            return self._read_bytes(relpath, max_size=max_size)
+
+    def _read_bytes(self, relpath: str, *, max_size: int) -> bytes:
         fd = self._open(relpath, os.O_RDONLY)
         try:
             info = os.fstat(fd)
@@ -394,7 +421,8 @@ class LocalStorage:
             os.close(fd)
 
     def open_read(self, relpath: str) -> BinaryIO:
-        fd = self._open(relpath, os.O_RDONLY)
+        with translate_read(self.describe(relpath)):
+            fd = self._open(relpath, os.O_RDONLY)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise CorruptCheckpointError(
