@@ -16,9 +16,8 @@ import sys
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-import numpy as np
-
 import keras
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -51,6 +50,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--save-freq", default="epoch")
     parser.add_argument("--kill", default="", help="EPOCH or EPOCH:BATCH (0-based)")
+    parser.add_argument("--keras-backup", action="store_true", help="Keras' BackupAndRestore")
     args = parser.parse_args()
     torch.set_num_threads(1)
     keras.utils.set_random_seed(7)
@@ -66,8 +66,9 @@ def main() -> None:
     )
     model.compile(loss="binary_crossentropy", optimizer="adam", metrics=["accuracy"])
     freq = args.save_freq if args.save_freq == "epoch" else int(args.save_freq)
+    backup = keras.callbacks.BackupAndRestore if args.keras_backup else BackupAndRestore
     callbacks = [
-        BackupAndRestore(os.path.join(args.workdir, "backup"), save_freq=freq),
+        backup(os.path.join(args.workdir, "backup"), save_freq=freq),
         ModelCheckpoint(
             os.path.join(args.workdir, "best.weights.h5"),
             monitor="val_loss",

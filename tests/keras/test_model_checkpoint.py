@@ -6,11 +6,11 @@ import os
 import re
 import warnings
 
+import keras
 import numpy as np
 import pytest
 from seed_data import pima
 
-import keras
 import safepoint
 from safepoint.keras import ModelCheckpoint
 

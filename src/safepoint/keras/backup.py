@@ -230,9 +230,10 @@ class BackupAndRestore(keras.callbacks.Callback):
         if manager is None:
             return
         if self.delete_checkpoint:
+            manager.storage.lock()
             for ckpt in manager.checkpoints():
                 manager.storage.remove(ckpt.name)
-        manager.close()
+        manager.close()  # releases the lock
         if self.delete_checkpoint:
             log = os.path.join(self.backup_dir, LOG_NAME)
             if os.path.exists(log):
@@ -263,4 +264,9 @@ class BackupAndRestore(keras.callbacks.Callback):
                 "logs": metrics,
             },
         }
-        self._manager.save(tree, step=self._step, epoch=epoch, metrics=metrics)
+        try:
+            self._manager.save(tree, step=self._step, epoch=epoch, metrics=metrics)
+        finally:
+            # Held for the save only: a fit that dies of an exception gets no callback,
+            # and a retry in the same process must be able to take the lock again.
+            self._manager.storage.unlock()

@@ -116,6 +116,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
         self._current_epoch = 0
         self._batches_done = 0
         self._checked = False
+        self._cleaned = False
 
     # -- Keras attributes -----------------------------------------------------------------
     @property
@@ -146,9 +147,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
             self._save(epoch, None, logs)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-        if self._manager is not None:
-            self._manager.close()  # releases the directory's writer lock
-            self._manager = None
+        self._manager = None
 
     # -- state, for BackupAndRestore -------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -228,15 +227,25 @@ class ModelCheckpoint(keras.callbacks.Callback):
         if not decision.save:
             manager.log_skip(step=step, epoch=epoch + 1, metrics=values, reason=decision.reason)
             return
-        singlefile.save(
-            manager,
-            name,
-            files.writer(self.model, self.layout),
-            step=step,
-            epoch=epoch + 1,
-            metrics=values,
-            layout=self.layout,
-        )
+        # The directory's writer lock is held for the save only: Keras has no hook for a
+        # fit that dies of an exception, and a lock kept past it would refuse the next
+        # fit in the same process (a notebook's retry).
+        manager.storage.lock()
+        try:
+            if not self._cleaned:
+                singlefile.cleanup_stale(manager.storage.root)
+                self._cleaned = True
+            singlefile.save(
+                manager,
+                name,
+                files.writer(self.model, self.layout),
+                step=step,
+                epoch=epoch + 1,
+                metrics=values,
+                layout=self.layout,
+            )
+        finally:
+            manager.storage.unlock()
         if self.verbose > 0:
             io_utils.print_msg(f"\nEpoch {epoch + 1}: finished saving model to {shown}")
 
@@ -249,7 +258,5 @@ class ModelCheckpoint(keras.callbacks.Callback):
                 mode=self._mode() if best else "auto",
                 keep=self.keep,
             )
-            manager.storage.lock()
-            singlefile.cleanup_stale(manager.storage.root)
             self._manager = manager
         return self._manager
