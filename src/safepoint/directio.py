@@ -16,7 +16,6 @@ tensor is then a view into that buffer, so the bytes are copied once, from the d
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
 import queue
@@ -51,17 +50,12 @@ def chunk_size(total: int) -> int:
 
 
 def aligned(nbytes: int) -> mmap.mmap:
-    """A page-aligned anonymous buffer, asking for transparent huge pages.
+    """A page-aligned anonymous buffer.
 
-    Huge pages cut the number of page faults when the buffer is first touched by
-    512x; the kernel ignores the hint where they are disabled.
+    No transparent-huge-page hint: on these machines (THP defrag on madvise) touching
+    1 GiB of MADV_HUGEPAGE memory took 1.35 s against 0.73 s without it.
     """
-    buf = mmap.mmap(-1, max(nbytes, 1))
-    advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if advice is not None and nbytes >= (2 << 20):
-        with contextlib.suppress(OSError):
-            buf.madvise(advice)
-    return buf
+    return mmap.mmap(-1, max(nbytes, 1))
 
 
 class _Pool:
@@ -259,6 +253,75 @@ class _Reads:
                 self.errors.append(exc)
             finally:
                 self.done[index].set()
+
+
+#: ``madvise(MADV_POPULATE_READ)`` (Linux 5.14): fault a whole range in with one call.
+_POPULATE_READ = 22
+
+
+def _populate(mapping: mmap.mmap, begin: int, end: int) -> None:
+    start = begin - begin % mmap.PAGESIZE
+    try:
+        mapping.madvise(_POPULATE_READ, start, end - start)
+    except OSError:  # an older kernel: touch one byte per page instead
+        pages = np.frombuffer(mapping, dtype=np.uint8, count=end - begin, offset=begin)
+        int(pages[:: mmap.PAGESIZE].sum())
+
+
+def map_image(fd: int, size: int, *, threads: int = 4) -> tuple[np.ndarray, str]:
+    """Map the file ``fd`` privately, fault it in with a few threads, hash it in order.
+
+    The fastest way measured here to get a whole file into memory with its checksum
+    (``bench/README.md``): the page cache fills from several readahead streams at
+    once, no anonymous memory is touched, and the returned array is a copy-on-write
+    view of the file, writable without changing it. The bytes hashed are the bytes
+    returned. A file truncated by another process while mapped raises SIGBUS on
+    access, as with any mapped file.
+    """
+    if size == 0:
+        return np.empty(0, dtype=np.uint8), Hasher().hexdigest()
+    mapping = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    starts = list(range(0, size, _READ_CHUNK))
+    done = [threading.Event() for _ in starts]
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    cursor = iter(range(len(starts)))
+
+    def work() -> None:
+        while True:
+            with lock:
+                index = next(cursor, None)
+            if index is None or errors:
+                return
+            try:
+                begin = starts[index]
+                _populate(mapping, begin, min(begin + _READ_CHUNK, size))
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                done[index].set()
+
+    workers = [
+        threading.Thread(target=work, name="safepoint-read", daemon=True)
+        for _ in range(max(1, min(threads, len(starts))))
+    ]
+    for worker in workers:
+        worker.start()
+    hasher = Hasher()
+    view = memoryview(mapping)
+    try:
+        for index, begin in enumerate(starts):
+            done[index].wait()
+            if errors:
+                break
+            hasher.update(view[begin : min(begin + _READ_CHUNK, size)])
+    finally:
+        for worker in workers:
+            worker.join()
+        view.release()
+    if errors:
+        raise errors[0]
+    return np.frombuffer(mapping, dtype=np.uint8), hasher.hexdigest()
 
 
 def read_image(fd: int, size: int, *, threads: int = 4) -> tuple[np.ndarray, str]:

@@ -35,10 +35,12 @@ from .manifest import NAME as MANIFEST_NAME
 from .manifest import Manifest, now
 from .monitor import metric_value, resolve_mode
 from .retention import Keep, rank_best
+from .snapshot import Staging, default_cap
 from .storage import LOG_NAME, TMP_MARK, TRASH_PREFIX, LocalStorage, Storage
 from .target import restore_into
 from .template import NameTemplate
-from .tree import flatten
+from .tree import TensorLeaf, flatten
+from .worker import SaveWorker
 
 if TYPE_CHECKING:
     from .preemption import SaveOnSignal
@@ -99,6 +101,7 @@ class CheckpointManager:
         keep: Keep | None = None,
         format: str = "safetensors",
         async_save: bool = False,
+        max_staging_bytes: int | None = None,
         shard_bytes: int = formats.SHARD_BYTES,
     ) -> None:
         if isinstance(root, str | os.PathLike):
@@ -126,12 +129,22 @@ class CheckpointManager:
             )
         self.keep = keep
         self.format = formats.get(format)
-        if async_save:
+        if not isinstance(async_save, bool):
+            raise ConfigError(f"async_save must be True or False. Received: {async_save!r}.")
+        self.async_save = async_save
+        if max_staging_bytes is None:
+            max_staging_bytes = default_cap()
+        if (
+            isinstance(max_staging_bytes, bool)
+            or not isinstance(max_staging_bytes, int)
+            or max_staging_bytes < 0
+        ):
             raise ConfigError(
-                "async_save=True is not available in this version. Expected async_save=False. "
-                "Received: async_save=True. Use synchronous saves for now."
+                "max_staging_bytes must be a non-negative int or None (half the physical "
+                f"memory). Received: max_staging_bytes={max_staging_bytes!r}."
             )
-        self.async_save = False
+        self._staging = Staging(max_staging_bytes)
+        self._worker = SaveWorker(str(self.storage.root))
         if isinstance(shard_bytes, bool) or not isinstance(shard_bytes, int) or shard_bytes < 1:
             raise ConfigError(f"shard_bytes must be a positive int. Received: {shard_bytes!r}.")
         self.shard_bytes = shard_bytes
@@ -151,14 +164,24 @@ class CheckpointManager:
         return f"CheckpointManager({self.storage.root!r}, name={self.template.template!r})"
 
     def wait(self) -> None:
-        """Block until pending saves are committed (saves are synchronous: returns at once)."""
+        """Block until the async save in flight is committed; re-raise its error if it failed.
+
+        Returns at once when nothing is in flight (always, for synchronous managers).
+        """
+        self._worker.wait()
 
     def close(self) -> None:
-        """Wait for pending saves and release the writer lock."""
+        """Wait for the save in flight, release the staging memory and the writer lock.
+
+        A background failure is raised here after the lock is released.
+        """
         if not self._closed:
-            self.wait()
-            self.storage.unlock()
             self._closed = True
+            try:
+                self.wait()
+            finally:
+                self._staging.release()
+                self.storage.unlock()
 
     # -- listing -----------------------------------------------------------------------
     def _manifest(self, name: str) -> Manifest:
@@ -208,7 +231,12 @@ class CheckpointManager:
                 found = self._manifest(name)
             except FileNotFoundError:
                 continue  # no manifest: never committed
-            except (*_UNREADABLE, StorageError) as exc:
+            except StorageError:
+                # The disk failed to read it (EIO...): it may well be committed, so a
+                # listing without it is wrong. A save would take a seq that is not the
+                # largest, and restore('latest') would quietly resume an older one.
+                raise
+            except _UNREADABLE as exc:
                 if name not in self._warned:
                     self._warned.add(name)
                     log.warning("safepoint: not listing %s: %s", name, exc)
@@ -241,9 +269,19 @@ class CheckpointManager:
 
         Arguments and the state are validated before any I/O. On any failure nothing
         new is listed and every earlier checkpoint is intact.
+
+        With ``async_save=True`` the call first waits for the previous save to commit
+        (raising its error if it failed), copies the state's tensors into the reused
+        staging memory, starts writing in the background and returns: the returned
+        checkpoint is committed once ``wait()`` returns. Changing the model after the
+        call never changes what is saved. A state larger than ``max_staging_bytes`` is
+        saved synchronously instead (logged once).
         """
         if self._closed:
             raise ConfigError("This CheckpointManager is closed. Create a new one to save.")
+        waited = self._worker.wait()  # at most one save in flight; raises its error
+        if waited > 0.001:
+            log.info("safepoint: save() waited %.3f s for the previous async save", waited)
         step = _int_arg("step", step)
         epoch = _int_arg("epoch", epoch)
         metrics = _metrics_arg(metrics)
@@ -259,6 +297,48 @@ class CheckpointManager:
         seq = max((c.seq for c in existing), default=0) + 1
         step = seq if step is None else step
         name = self.template.format(step=step, epoch=epoch, metrics=metrics)
+        created = now()
+        if self.async_save:
+            snap = self._staging.capture(leaves)
+            if snap is not None:
+                self._worker.submit(
+                    name,
+                    lambda: self._persist(
+                        name, seq, step, epoch, metrics, tree, snap, created, waited=waited
+                    ),
+                )
+                return Checkpoint(
+                    name=name,
+                    path=os.path.join(self.storage.root, name),
+                    step=step,
+                    epoch=epoch,
+                    metrics=dict(metrics),
+                    created=created,
+                    seq=seq,
+                )
+            if "staging" not in self._warned:
+                self._warned.add("staging")
+                log.warning(
+                    "safepoint: the state's tensors need more than max_staging_bytes=%d; "
+                    "saving synchronously. Raise max_staging_bytes to save in the background.",
+                    self._staging.max_bytes,
+                )
+        return self._persist(name, seq, step, epoch, metrics, tree, leaves, created)
+
+    def _persist(
+        self,
+        name: str,
+        seq: int,
+        step: int,
+        epoch: int | None,
+        metrics: dict[str, Any],
+        tree: Any,
+        leaves: list[TensorLeaf],
+        created: float,
+        *,
+        waited: float | None = None,
+    ) -> Checkpoint:
+        """Write, commit, log and apply retention: the same protocol sync or async."""
         started = time.perf_counter()
         staged = self.storage.stage(name)
         try:
@@ -270,7 +350,7 @@ class CheckpointManager:
                 seq=seq,
                 step=step,
                 epoch=epoch,
-                created=now(),
+                created=created,
                 metrics=metrics,
                 tree=tree,
                 tensors={leaf.key: {**leaf.entry(), **locations[leaf.key]} for leaf in leaves},
@@ -297,6 +377,7 @@ class CheckpointManager:
             metrics=metrics,
             bytes=manifest.nbytes(),
             seconds=round(seconds, 6),
+            **({} if waited is None else {"background": True, "waited": round(waited, 6)}),
         )
         self._apply_retention()
         return ckpt
