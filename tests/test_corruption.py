@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import safepoint
-from conftest import read_manifest, write_manifest
+from safepoint_testing import read_manifest, write_manifest
 
 Damage = Callable[[Path], None]
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 import safepoint
-from conftest import listing
 from safepoint import storage as storage_module
 from safepoint.storage import TMP_MARK, TRASH_PREFIX, LocalStorage
+from safepoint_testing import listing
 
 STAGES = ["stage", "open", "write", "fsync", "manifest", "dir-fsync", "rename", "retention"]
 

@@ -23,7 +23,7 @@ import pytest
 import xxhash
 
 import safepoint
-from conftest import read_manifest, write_manifest
+from safepoint_testing import read_manifest, write_manifest
 
 PAYLOAD = "model-00000.safetensors"
 

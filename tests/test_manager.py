@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import safepoint
-from conftest import listing
 from safepoint.storage import TMP_MARK
+from safepoint_testing import listing
 
 
 def small_state(value: float) -> dict[str, object]:
@@ -382,7 +382,7 @@ def test_hdf5_format_roundtrip(tmp_path: Path) -> None:
         back = mgr.restore()
         assert mgr.verify()[0].ok
     assert back is not None
-    from conftest import assert_same
+    from safepoint_testing import assert_same
 
     assert_same(state, back.state)
     files = sorted(p.name for p in Path(ckpt.path).iterdir())

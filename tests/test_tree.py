@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import safepoint
-from conftest import assert_same, listing, tensor_bytes
 from safepoint import dtypes
+from safepoint_testing import assert_same, listing, tensor_bytes
 
 _counter = itertools.count()
 
