@@ -268,7 +268,9 @@ def _populate(mapping: mmap.mmap, begin: int, end: int) -> None:
         int(pages[:: mmap.PAGESIZE].sum())
 
 
-def map_image(fd: int, size: int, *, threads: int = 4) -> tuple[np.ndarray, str]:
+def map_image(
+    fd: int, size: int, *, threads: int = 4, lazy: bool = False
+) -> tuple[np.ndarray, str | None]:
     """Map the file ``fd`` privately, fault it in with a few threads, hash it in order.
 
     The fastest way measured here to get a whole file into memory with its checksum
@@ -277,10 +279,15 @@ def map_image(fd: int, size: int, *, threads: int = 4) -> tuple[np.ndarray, str]
     view of the file, writable without changing it. The bytes hashed are the bytes
     returned. A file truncated by another process while mapped raises SIGBUS on
     access, as with any mapped file.
+
+    ``lazy=True`` maps and returns at once, reading nothing and hashing nothing (the
+    digest is None): pages are read from the file when first touched.
     """
     if size == 0:
         return np.empty(0, dtype=np.uint8), Hasher().hexdigest()
     mapping = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    if lazy:
+        return np.frombuffer(mapping, dtype=np.uint8), None
     starts = list(range(0, size, _READ_CHUNK))
     done = [threading.Event() for _ in starts]
     errors: list[BaseException] = []

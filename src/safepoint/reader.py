@@ -46,13 +46,21 @@ def read_manifest(storage: Storage, name: str) -> Manifest:
     return manifest.parse(data, where=f"{name}/{manifest.NAME}")
 
 
-def read_state(storage: Storage, name: str, found: Manifest, *, as_numpy: bool = False) -> Any:
-    """Read, verify and rebuild the state tree of a committed checkpoint."""
+def read_state(
+    storage: Storage, name: str, found: Manifest, *, as_numpy: bool = False, lazy: bool = False
+) -> Any:
+    """Read, verify and rebuild the state tree of a committed checkpoint.
+
+    ``lazy`` (safetensors payloads): map the files and skip reading and checksumming.
+    """
     if singlefile.KEY in found.extra:
         return singlefile.read_state(storage, name, found)
     fmt = formats.get(found.payload)
     try:
-        raw = fmt.read(storage, name, found)
+        if lazy and found.payload == "safetensors":
+            raw = fmt.read(storage, name, found, lazy=True)  # type: ignore[call-arg]
+        else:
+            raw = fmt.read(storage, name, found)
     except FileNotFoundError as exc:
         # A payload the manifest lists is gone: the checkpoint is damaged, and
         # restore("latest") must be able to skip it like any other corruption.
@@ -118,11 +126,17 @@ def refuse_pickle(path: str) -> IncompatibleCheckpointError:
     )
 
 
-def load(path: str | os.PathLike[str], *, as_numpy: bool = True) -> Any:
+def load(path: str | os.PathLike[str], *, as_numpy: bool = True, mmap: bool = False) -> Any:
     """Read one checkpoint directory as a plain tree (numpy arrays + JSON values).
 
     ``as_numpy=False`` returns torch tensors where torch tensors were saved. Every
     payload checksum is verified; nothing is ever unpickled.
+
+    ``mmap=True`` returns at once with arrays that are copy-on-write views of the
+    mapped payload files: only the bytes that are touched are ever read, which suits
+    inspecting a few tensors of a large checkpoint. The price: tensor bytes are not
+    checksummed (headers, sizes and offsets still are validated); run
+    ``CheckpointManager.verify()`` or load without ``mmap`` when that matters.
     """
     full = os.path.abspath(os.fspath(path))
     parent, name = os.path.split(full.rstrip(os.sep))
@@ -135,4 +149,4 @@ def load(path: str | os.PathLike[str], *, as_numpy: bool = True) -> Any:
             raise refuse_pickle(full)
         raise CheckpointNotFoundError(f"No checkpoint at {full}. Expected a directory.")
     found = read_manifest(storage, name)
-    return read_state(storage, name, found, as_numpy=as_numpy)
+    return read_state(storage, name, found, as_numpy=as_numpy, lazy=mmap)

@@ -1,0 +1,256 @@
+"""How long checkpointing blocks a training loop: safepoint sync/async vs DCP vs torch.save.
+
+A loop of fixed-cost steps (float32 matrix multiplies on 2 threads, plus an in-place
+update of a slice of the state so that snapshots are really needed) checkpoints a
+~1 GiB state every ``--every`` steps. Modes, alternating in rotating order each rep:
+
+* ``none``: no checkpoint (the reference time);
+* ``safepoint-sync``: ``CheckpointManager.save`` (fsync'd, committed on return);
+* ``safepoint-async``: ``CheckpointManager(async_save=True).save`` (snapshot, return);
+* ``dcp-async``: ``torch.distributed.checkpoint.async_save`` (thread mode, one process,
+  no process group: ``no_dist=True``), waiting for the previous future first;
+* ``torch-thread``: clone the state, ``torch.save`` + fsync it in a thread.
+
+Reported per mode: the stall per checkpoint (time the loop spent inside the save call,
+waiting for the previous save included; the first save of each rep is left out of the
+median because it allocates the reused buffers), the total time of the loop and the
+end-to-end overhead against ``none``. The machine's memcpy (copying the state into
+already-touched memory) is measured in the same run.
+
+    python bench/async_stall.py                  # ~1 GiB, 5 reps
+    python bench/async_stall.py --mib 128 --reps 1 --steps 20 --every 5   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import safepoint
+
+
+def make_state(mib: int, count: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    per = max(256, (mib << 20) // 4 // count)
+    return {
+        f"layer{i:03d}": torch.empty(per // 256, 256).uniform_(generator=gen) for i in range(count)
+    }
+
+
+class Step:
+    """A fixed-cost training step: matmuls sized to ``ms`` milliseconds on 2 threads."""
+
+    def __init__(self, ms: float) -> None:
+        self.a = torch.randn(512, 512)
+        self.b = torch.randn(512, 512)
+        t = time.perf_counter()
+        for _ in range(20):
+            self.a @ self.b
+        per = (time.perf_counter() - t) / 20
+        self.reps = max(1, round(ms / 1e3 / per))
+
+    def __call__(self, state: dict[str, torch.Tensor], i: int) -> None:
+        for _ in range(self.reps):
+            self.a @ self.b
+        layer = list(state.values())[i % len(state)]
+        layer[:1].add_(1.0)  # training mutates the state between checkpoints
+
+
+class Mode:
+    name = ""
+
+    def start(self, root: str) -> None: ...
+
+    def save(self, state: dict[str, torch.Tensor], step: int) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class NoCheckpoint(Mode):
+    name = "no checkpointing"
+
+
+class SafepointSync(Mode):
+    name = "safepoint sync"
+
+    def start(self, root: str) -> None:
+        self.mgr = safepoint.CheckpointManager(root, keep=safepoint.Keep(last=1))
+
+    def save(self, state: dict[str, torch.Tensor], step: int) -> None:
+        self.mgr.save({"model": state}, step=step)
+
+    def finish(self) -> None:
+        self.mgr.close()
+
+
+class SafepointAsync(SafepointSync):
+    name = "safepoint async"
+
+    def start(self, root: str) -> None:
+        self.mgr = safepoint.CheckpointManager(root, keep=safepoint.Keep(last=1), async_save=True)
+
+
+class DCPAsync(Mode):
+    name = "DCP async_save (thread)"
+
+    def start(self, root: str) -> None:
+        self.root = root
+        self.future: Any = None
+
+    def save(self, state: dict[str, torch.Tensor], step: int) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        if self.future is not None:
+            self.future.result()
+        self.future = dcp.async_save(
+            dict(state), checkpoint_id=os.path.join(self.root, f"step-{step}"), no_dist=True
+        )
+
+    def finish(self) -> None:
+        if self.future is not None:
+            self.future.result()
+
+
+class TorchThread(Mode):
+    name = "torch.save in a thread (clone first)"
+
+    def start(self, root: str) -> None:
+        self.root = root
+        self.thread: threading.Thread | None = None
+
+    def save(self, state: dict[str, torch.Tensor], step: int) -> None:
+        if self.thread is not None:
+            self.thread.join()
+        copy = {k: v.clone() for k, v in state.items()}
+        path = os.path.join(self.root, f"step-{step}.pt")
+
+        def write() -> None:
+            with open(path, "wb") as f:
+                torch.save(copy, f)
+                f.flush()
+                os.fsync(f.fileno())
+
+        self.thread = threading.Thread(target=write)
+        self.thread.start()
+
+    def finish(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+
+
+MODES: dict[str, Callable[[], Mode]] = {
+    "none": NoCheckpoint,
+    "safepoint-sync": SafepointSync,
+    "safepoint-async": SafepointAsync,
+    "dcp-async": DCPAsync,
+    "torch-thread": TorchThread,
+}
+
+
+def run(
+    mode: Mode, state: dict[str, torch.Tensor], step: Step, args: argparse.Namespace
+) -> tuple[float, list[float]]:
+    root = os.path.join(args.dir, "run")
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    mode.start(root)
+    stalls = []
+    started = time.perf_counter()
+    for i in range(1, args.steps + 1):
+        step(state, i)
+        if isinstance(mode, NoCheckpoint) or i % args.every:
+            continue
+        t = time.perf_counter()
+        mode.save(state, i)
+        stalls.append(time.perf_counter() - t)
+    mode.finish()  # the last save is durable before the loop counts as done
+    total = time.perf_counter() - started
+    shutil.rmtree(root, ignore_errors=True)
+    return total, stalls
+
+
+def memcpy(state: dict[str, torch.Tensor]) -> float:
+    dst = {k: torch.empty_like(v) for k, v in state.items()}
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for k, v in dst.items():
+            v.copy_(state[k])
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mib", type=int, default=1024)
+    ap.add_argument("--count", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--every", type=int, default=20)
+    ap.add_argument("--step-ms", type=float, default=100.0)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--dir", default="/tmp/safepoint-bench")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    warnings.filterwarnings("ignore")  # DCP's notes about single-process use
+    os.makedirs(args.dir, exist_ok=True)
+    state = make_state(args.mib, args.count)
+    size = sum(v.numel() * v.element_size() for v in state.values())
+    step = Step(args.step_ms)
+    keys = args.modes.split(",")
+    totals: dict[str, list[float]] = {k: [] for k in keys}
+    stalls: dict[str, list[float]] = {k: [] for k in keys}
+    firsts: dict[str, list[float]] = {k: [] for k in keys}
+    copy_s = memcpy(state)
+    for rep in range(args.reps):
+        order = keys[rep % len(keys) :] + keys[: rep % len(keys)]
+        for key in order:
+            total, s = run(MODES[key](), state, step, args)
+            totals[key].append(total)
+            if s:
+                firsts[key].append(s[0])
+                stalls[key].extend(s[1:])
+            print(
+                f"  rep {rep + 1} {key}: {total:.2f} s, stalls {[round(x, 3) for x in s]}",
+                file=sys.stderr,
+                flush=True,
+            )
+    copy_s = min(copy_s, memcpy(state))
+    base = statistics.median(totals["none"]) if "none" in totals else None
+    sync = statistics.median(stalls["safepoint-sync"]) if stalls.get("safepoint-sync") else None
+    print(
+        f"# async_stall: {size / (1 << 20):.0f} MiB in {len(state)} tensors, "
+        f"{args.steps} steps of ~{args.step_ms:.0f} ms, a checkpoint every {args.every} steps, "
+        f"{args.reps} reps, {os.cpu_count()} CPUs, torch {torch.__version__}\n"
+    )
+    print(f"memcpy of the state into touched memory: {copy_s * 1e3:.0f} ms\n")
+    print(
+        "| mode | stall per checkpoint (median) | first save | vs memcpy | vs sync save "
+        "| loop total | end-to-end overhead |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for key in keys:
+        total = statistics.median(totals[key])
+        over = f"{100 * (total - base) / base:+.1f}%" if base else "-"
+        if stalls[key]:
+            st = statistics.median(stalls[key])
+            first = statistics.median(firsts[key])
+            vs_sync = f"{100 * st / sync:.1f}%" if sync else "-"
+            cols = f"{st * 1e3:.0f} ms | {first * 1e3:.0f} ms | {st / copy_s:.2f}x | {vs_sync}"
+        else:
+            cols = "- | - | - | -"
+        print(f"| {MODES[key].name} | {cols} | {total:.2f} s | {over} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""The payload I/O paths: O_DIRECT and its buffered fallback, mapped and lazy reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+import safepoint
+from safepoint import directio, storage
+
+
+def state() -> dict[str, object]:
+    rng = np.random.default_rng(0)
+    return {
+        "big": rng.standard_normal(3 << 18).astype(np.float32),  # 3 MiB: several chunks
+        "odd": rng.integers(0, 255, size=4097, dtype=np.uint8),  # leaves an unaligned tail
+        "empty": np.zeros((0, 5), dtype=np.float64),
+        "scalar": np.float16(1.5),
+    }
+
+
+def roundtrip(root: Path) -> None:
+    saved = state()
+    with safepoint.CheckpointManager(root) as mgr:
+        ckpt = mgr.save(saved, step=1)
+        assert all(v.ok for v in mgr.verify())
+        loaded = mgr.restore()
+    assert loaded is not None
+    for key, value in saved.items():
+        np.testing.assert_array_equal(loaded.state[key], value)
+    with safe_open(str(Path(ckpt.path) / "model-00000.safetensors"), "np") as f:
+        np.testing.assert_array_equal(f.get_tensor("big"), saved["big"])
+        np.testing.assert_array_equal(f.get_tensor("odd"), saved["odd"])
+
+
+def test_direct_path_roundtrips(tmp_path: Path) -> None:
+    roundtrip(tmp_path)
+
+
+def test_buffered_fallback_where_o_direct_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(storage, "_enable_direct", lambda fd: False)
+    roundtrip(tmp_path)
+
+
+def test_read_fallback_where_files_cannot_be_mapped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError(19, "No such device (mmap refused)")
+
+    monkeypatch.setattr(directio, "map_image", refuse)
+    roundtrip(tmp_path)
+
+
+def test_chunk_size_keeps_writer_memory_small() -> None:
+    assert directio.chunk_size(0) == directio.MIN_CHUNK
+    assert directio.chunk_size(1 << 30) == directio.MAX_CHUNK
+    for total in (1 << 20, 64 << 20, 256 << 20, 1 << 30):
+        assert directio.DEPTH * directio.chunk_size(total) <= max(total // 20, 3 << 20)
+
+
+def test_lazy_load_maps_without_reading(tmp_path: Path) -> None:
+    saved = state()
+    with safepoint.CheckpointManager(tmp_path) as mgr:
+        ckpt = mgr.save(saved, step=1)
+    lazy = safepoint.load(ckpt.path, mmap=True)
+    np.testing.assert_array_equal(lazy["big"], saved["big"])
+    lazy["big"][0] = 42.0  # copy-on-write: the file is unchanged
+    again = safepoint.load(ckpt.path)
+    np.testing.assert_array_equal(again["big"], saved["big"])
