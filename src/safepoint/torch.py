@@ -23,6 +23,7 @@ import logging
 import sys
 import weakref
 from collections.abc import Iterator, Sized
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -121,8 +122,8 @@ def _sampler_parts(loader: DataLoader) -> dict[str, Any]:
         seen.add(id(obj))
         if stateful.view(obj) is not None:
             parts[role] = obj
-        elif isinstance(getattr(obj, "generator", None), torch.Generator):
-            parts[role] = obj.generator  # RandomSampler(generator=...)
+        elif isinstance(generator := getattr(obj, "generator", None), torch.Generator):
+            parts[role] = generator  # RandomSampler(generator=...)
     return parts
 
 
@@ -176,7 +177,7 @@ def _find_loader_iterator() -> Any:
     """
     if _BaseDataLoaderIter is None:
         return None
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     for _ in range(8):
         if frame is None:
             return None
