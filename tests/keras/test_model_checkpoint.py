@@ -286,3 +286,51 @@ def test_import_safepoint_does_not_import_keras():
     code = "import sys, safepoint; print('keras' in sys.modules, 'h5py' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def in_entry_data(path, pos: int) -> bool:
+    """Whether byte ``pos`` of zip ``path`` is inside an entry's stored data."""
+    import struct
+    import zipfile
+
+    raw = path.read_bytes()
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26 :][:4])
+            start = info.header_offset + 30 + name_len + extra_len
+            if start <= pos < start + info.compress_size:
+                return True
+    return False
+
+
+@pytest.mark.parametrize("filename", ["w.hdf5", "w.weights.h5", "w.keras"])
+def test_every_flipped_byte_is_caught_before_hdf5_parses_it(xy, tmp_path, filename):
+    weights_only = filename.endswith(".weights.h5")
+    fit(build(), xy, ModelCheckpoint(tmp_path / filename, save_weights_only=weights_only), epochs=1)
+    path = tmp_path / filename
+    original = path.read_bytes()
+    assert [v.ok for v in safepoint.CheckpointManager(tmp_path).verify()] == [True]
+    positions = range(0, len(original), max(1, len(original) // 60))
+    if filename.endswith(".keras"):
+        # A zip's checksums cover what Keras reads: every entry's bytes (its own
+        # directory records, such as timestamps, are not part of the model).
+        positions = [p for p in range(len(original)) if in_entry_data(path, p)][::97]
+    assert len(positions) > 30
+    for pos in positions:
+        damaged = bytearray(original)
+        damaged[pos] ^= 0x10
+        path.write_bytes(bytes(damaged))
+        (result,) = safepoint.CheckpointManager(tmp_path).verify()
+        assert not result.ok, f"a flip at byte {pos} of {len(original)} went unnoticed"
+    path.write_bytes(original)
+    assert [v.ok for v in safepoint.CheckpointManager(tmp_path).verify()] == [True]
+
+
+def test_files_keras_wrote_itself_are_not_listed(xy, tmp_path):
+    model = build()
+    fit(model, xy, ModelCheckpoint(tmp_path / "ours.weights.h5", save_weights_only=True), epochs=1)
+    model.save_weights(tmp_path / "theirs.weights.h5")
+    model.save(tmp_path / "theirs.keras")
+    assert [c.name for c in safepoint.CheckpointManager(tmp_path).checkpoints()] == [
+        "ours.weights.h5"
+    ]

@@ -1,0 +1,310 @@
+"""Manifests embedded in the files frameworks read: HDF5 and ``.keras`` zips.
+
+:mod:`safepoint.singlefile` commits such files; this module seals a written file
+(puts safepoint's manifest inside it), reads the manifest back, checks the file
+against it, and reads its weights without pickle.
+
+HDF5 (``.h5``, ``.hdf5``, ``.weights.h5``): the manifest is the root attribute
+``safepoint_manifest`` (a uint8 array). A manifest cannot hold the checksum of the
+file that contains it, so the checksum covers the whole file with the attribute's
+bytes counted as zeros: the attribute is first created with a random placeholder of
+the final length, the placeholder is found in the file (once, or the seal fails),
+the file is hashed with that region zeroed, and the manifest (with the digest, the
+region's offset and the file size) is written over the placeholder in place. HDF5
+stores a compact attribute's value verbatim and, in the files Keras writes (object
+header version 1), without a metadata checksum, so the file stays valid; the seal
+reads the attribute back through h5py to prove it. Reading and verifying need no
+HDF5 at all: the manifest's JSON is found by its fixed opening bytes, and the file's
+checksum is checked before h5py parses anything, so a damaged or hostile file never
+reaches the HDF5 library. Every byte of the file is covered.
+
+Zip (``.keras``): the manifest is the entry ``safepoint-manifest.json`` and records
+every other entry's size and checksum: all that Keras reads. The zip's own directory
+records (timestamps, offsets) are checked only by ``zipfile`` as it reads.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+import secrets
+import zipfile
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from . import checksum, manifest
+from .errors import CorruptCheckpointError, SafepointError
+from .manifest import Manifest
+
+ATTR = "safepoint_manifest"
+ZIP_ENTRY = "safepoint-manifest.json"
+WEIGHTS_ENTRY = "model.weights.h5"
+KEY = "single_file"
+_MAX_DEPTH = 64
+_NUMERIC = "biufcS"
+_CHUNK = 8 << 20
+_BIG = 10**15  # wider than any offset or size a seal records
+_PREFIX = b'{\n "format": "safepoint"'  # how Manifest.to_bytes() begins
+
+
+def corrupt(name: str, why: str, *, expected: Any = None, actual: Any = None) -> Exception:
+    return CorruptCheckpointError(
+        f"Checkpoint file {name} is invalid: {why}. Expected {expected!r}. Received: "
+        f"{actual!r}. It was damaged after it was written; restore another checkpoint "
+        "(restore('latest') skips it).",
+        file=name,
+        expected=expected,
+        actual=actual,
+    )
+
+
+def _open_h5(source: Any, name: str, mode: str = "r") -> Any:
+    import h5py
+
+    try:
+        return h5py.File(source, mode)
+    except (OSError, ValueError) as exc:
+        raise corrupt(name, "not a readable HDF5 file", actual=str(exc)[:120]) from None
+
+
+def _open_zip(path: str, name: str) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise corrupt(name, "not a readable zip file", actual=str(exc)[:120]) from None
+
+
+# ---------------------------------------------------------------------------- HDF5
+def _digest_zeroed(view: Any, offset: int, length: int) -> str:
+    """xxh3 of ``view`` with ``[offset, offset + length)`` counted as zero bytes."""
+    hasher = checksum.Hasher()
+    hasher.update(view[:offset])
+    hasher.update(bytes(length))
+    hasher.update(view[offset + length :])
+    return hasher.hexdigest()
+
+
+def _seal_h5(path: str, name: str, body: Manifest, extra: dict[str, Any]) -> tuple[Manifest, bytes]:
+    probe = replace(body, extra={KEY: {**extra, "digest": "0" * 16, "size": _BIG,
+                                       "offset": _BIG, "length": _BIG}})  # fmt: skip
+    length = len(probe.to_bytes()) + 16
+    marker = secrets.token_bytes(32)
+    placeholder = (marker * (length // 32 + 1))[:length]
+    with _open_h5(path, name, "r+") as h5:
+        h5.attrs.create(ATTR, np.frombuffer(placeholder, dtype=np.uint8))
+    with open(path, "r+b") as f:
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            offset = view.find(placeholder)
+            if offset < 0 or view.find(marker, offset + length) >= 0:
+                raise SafepointError(f"Could not locate the manifest attribute in {name}.")
+            record = {**extra, "size": len(view), "offset": offset, "length": length}
+            record["digest"] = _digest_zeroed(memoryview(view), offset, length)
+        sealed = replace(body, extra={KEY: record})
+        data = sealed.to_bytes()
+        padded = data + b" " * (length - len(data))
+        # Durability comes from the caller's fsync of the whole file.
+        os.pwrite(f.fileno(), padded, offset)
+    if read_h5_manifest(path, name) != padded or not data.startswith(_PREFIX):
+        raise SafepointError(f"HDF5 did not store the manifest of {name} verbatim; not sealed.")
+    return sealed, data
+
+
+def _find_h5_manifest(view: Any, name: str) -> tuple[int, bytes]:
+    """Offset and bytes of the sealed manifest, found without parsing any HDF5.
+
+    A sealed attribute holds the manifest's JSON, which always begins with
+    ``_PREFIX`` and ends with the first unindented closing brace.
+    """
+    start = view.find(_PREFIX)
+    if start < 0:
+        raise FileNotFoundError(f"{name} has no embedded safepoint manifest")
+    end = view.find(b"\n}\n", start)
+    if end < 0 or end + 3 - start > manifest.MAX_BYTES:
+        raise corrupt(name, "the embedded manifest has no end", expected="a JSON object")
+    return start, bytes(view[start : end + 3])
+
+
+def read_h5_manifest(path: str, name: str) -> bytes:
+    """The attribute's bytes as h5py reads them (``FileNotFoundError`` when absent)."""
+    with _open_h5(path, name) as h5:
+        if ATTR not in h5.attrs:
+            raise FileNotFoundError(f"{path} has no embedded safepoint manifest")
+        value = np.asarray(h5.attrs[ATTR])
+    if value.dtype != np.uint8 or value.ndim != 1 or value.size > manifest.MAX_BYTES:
+        raise corrupt(name, "embedded manifest malformed", actual=str(value.dtype))
+    return value.tobytes()
+
+
+def _mapped(path: str) -> Any:
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return b""
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _check_h5(path: str, name: str, record: dict[str, Any]) -> None:
+    """Checksum the raw bytes; HDF5 parses nothing of a file that fails this."""
+    offset, length, size = (int(record.get(k, -1)) for k in ("offset", "length", "size"))
+    view = _mapped(path)
+    try:
+        checksum.check_size(name, expected=size, actual=len(view))
+        if not 0 <= offset <= offset + length <= size or size == 0:
+            raise corrupt(name, "manifest region outside the file", actual=(offset, length))
+        if _find_h5_manifest(view, name)[0] != offset:
+            raise corrupt(name, "the manifest is not where it was sealed", expected=offset)
+        digest = _digest_zeroed(memoryview(view), offset, length)
+    finally:
+        if isinstance(view, mmap.mmap):
+            view.close()
+    checksum.check(name, expected=str(record.get("digest")), actual=digest)
+
+
+def _walk(group: Any, name: str, prefix: str = "", depth: int = 0) -> Iterator[tuple[str, Any]]:
+    """Every object below ``group`` as ``(path, object)``, sorted, links refused."""
+    import h5py
+
+    if depth > _MAX_DEPTH:
+        raise corrupt(name, "HDF5 groups nest too deep", expected=f"<= {_MAX_DEPTH} levels")
+    for key in sorted(group.keys()):
+        path = f"{prefix}{key}"
+        if not isinstance(group.get(key, getlink=True), h5py.HardLink):
+            raise corrupt(name, f"{path!r} is a soft or external link", expected="hard links")
+        obj = group[key]
+        yield path, obj
+        if isinstance(obj, h5py.Group):
+            yield from _walk(obj, name, f"{path}/", depth + 1)
+
+
+def _h5_arrays(h5: Any, name: str, budget: int) -> dict[str, Any]:
+    """Every dataset as a nested dict of numpy arrays, refusing anything unsafe.
+
+    ``budget`` bounds the bytes allocated (a dataset cannot hold more than the file),
+    checked before each dataset is read.
+    """
+    import h5py
+
+    out: dict[str, Any] = {}
+    total = 0
+    for path, dset in _walk(h5, name):
+        if not isinstance(dset, h5py.Dataset):
+            continue
+        if dset.dtype.kind not in _NUMERIC or dset.dtype.fields:
+            raise corrupt(name, f"dataset {path!r} is not numeric", actual=str(dset.dtype))
+        if dset.external is not None or dset.is_virtual:
+            raise corrupt(name, f"dataset {path!r} uses external or virtual storage")
+        total += int(np.prod(dset.shape, dtype=np.int64)) * dset.dtype.itemsize
+        if total > budget:
+            raise corrupt(name, "datasets declare more bytes than the file", expected=budget)
+        data = np.empty(dset.shape, dtype=dset.dtype)
+        if data.size:
+            dset.read_direct(data)
+        node = out
+        *parents, leaf = path.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = data[()] if data.shape == () else data
+    return out
+
+
+# ---------------------------------------------------------------------------- zip
+def _zip_entries(z: zipfile.ZipFile, name: str, recorded: dict[str, Any] | None) -> dict[str, Any]:
+    """Each entry's size and digest (ours excluded), bounded by ``recorded`` sizes."""
+    out: dict[str, Any] = {}
+    for info in z.infolist():
+        if info.filename == ZIP_ENTRY:
+            continue
+        limit = None
+        if recorded is not None:
+            if info.filename not in recorded:
+                raise corrupt(name, f"unexpected zip entry {info.filename!r}")
+            limit = int(recorded[info.filename]["size"])
+        hasher = checksum.Hasher()
+        size = 0
+        try:
+            with z.open(info) as f:
+                while chunk := f.read(_CHUNK):
+                    size += len(chunk)
+                    if limit is not None and size > limit:
+                        raise corrupt(name, f"zip entry {info.filename!r} grew", expected=limit)
+                    hasher.update(chunk)
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise corrupt(
+                name, f"zip entry {info.filename!r} is unreadable", actual=str(exc)
+            ) from None
+        out[info.filename] = {"size": size, checksum.ALGORITHM: hasher.hexdigest()}
+    if recorded is not None:
+        missing = sorted(set(recorded) - set(out))
+        if missing:
+            raise corrupt(name, "zip entries are missing", expected=missing, actual=sorted(out))
+        for entry, info in recorded.items():
+            where = f"{name}:{entry}"
+            checksum.check_size(where, expected=int(info["size"]), actual=out[entry]["size"])
+            checksum.check(
+                where, expected=info[checksum.ALGORITHM], actual=out[entry][checksum.ALGORITHM]
+            )
+    return out
+
+
+# ---------------------------------------------------------------------------- entry points
+def seal(path: str, kind: str, name: str, body: Manifest, layout: str) -> tuple[Manifest, bytes]:
+    """Embed ``body`` (given its record) in the written file at ``path``.
+
+    Returns the sealed manifest and its bytes, as :func:`manifest_bytes` reads them.
+    """
+    extra = {"container": kind, "layout": layout}
+    if kind == "hdf5":
+        return _seal_h5(path, name, body, extra)
+    with zipfile.ZipFile(path, "a") as z:
+        sealed = replace(body, extra={KEY: {**extra, "entries": _zip_entries(z, name, None)}})
+        data = sealed.to_bytes()
+        z.writestr(ZIP_ENTRY, data)
+    return sealed, data
+
+
+def manifest_bytes(path: str, kind: str, name: str) -> bytes:
+    """The embedded manifest's bytes; ``FileNotFoundError`` when the file has none."""
+    if kind == "hdf5":
+        view = _mapped(path)
+        try:
+            return _find_h5_manifest(view, name)[1]
+        finally:
+            if isinstance(view, mmap.mmap):
+                view.close()
+    with _open_zip(path, name) as z:
+        try:
+            entry = z.getinfo(ZIP_ENTRY)
+        except KeyError:
+            raise FileNotFoundError(f"{path} has no embedded safepoint manifest") from None
+        if entry.file_size > manifest.MAX_BYTES:
+            raise corrupt(name, "embedded manifest too large", actual=entry.file_size)
+        try:
+            return z.read(entry)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise corrupt(name, "embedded manifest unreadable", actual=str(exc)) from None
+
+
+def check(path: str, name: str, record: dict[str, Any]) -> None:
+    """Verify the file at ``path`` against its manifest's record."""
+    if record["container"] == "hdf5":
+        _check_h5(path, name, record)
+        return
+    with _open_zip(path, name) as z:
+        _zip_entries(z, name, record.get("entries", {}))
+
+
+def arrays(path: str, name: str, record: dict[str, Any]) -> dict[str, Any]:
+    """Verify the file, then read its weights as a nested dict of numpy arrays."""
+    check(path, name, record)
+    if record["container"] == "hdf5":
+        with _open_h5(path, name) as h5:
+            return _h5_arrays(h5, name, os.path.getsize(path))
+    with _open_zip(path, name) as z:
+        if WEIGHTS_ENTRY not in z.namelist():
+            return {}
+        data = z.read(WEIGHTS_ENTRY)  # size and checksum verified above
+    with _open_h5(io.BytesIO(data), name) as h5:
+        return _h5_arrays(h5, name, len(data))
