@@ -61,7 +61,12 @@ class HDF5Format:
                         dset = h5.create_dataset(dset_name, shape=shape, dtype=np_dtype)
                         if data.size:
                             dset.write_direct(data.view(np_dtype).reshape(shape))
-                        dset.attrs["key"] = leaf.key
+                        # A label for people browsing the file (the manifest maps keys to
+                        # datasets); HDF5 strings must be valid UTF-8, and a key may hold a
+                        # lone surrogate (os.fsdecode of an undecodable name).
+                        dset.attrs["key"] = leaf.key.encode("utf-8", "surrogatepass").decode(
+                            "utf-8", "replace"
+                        )
                         locations[leaf.key] = {"file": fname, "name": dset_name}
                 fd = os.open(path, os.O_RDONLY)
                 try:
