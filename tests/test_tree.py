@@ -28,11 +28,11 @@ _counter = itertools.count()
 NUMPY_DTYPES = [np.dtype(d.numpy) for d in dtypes.BY_NAME.values() if d.numpy is not None]
 
 
-def roundtrip(tmp_path: Path, state: Any, **save: Any) -> Any:
+def roundtrip(tmp_path: Path, state: Any, *, format: str = "safetensors") -> Any:
     """Save ``state`` in a fresh root and return what a restore gives back."""
     root = tmp_path / f"r{next(_counter)}"
-    with safepoint.CheckpointManager(root) as mgr:
-        mgr.save(state, step=1, **save)
+    with safepoint.CheckpointManager(root, format=format) as mgr:
+        mgr.save(state, step=1)
         ckpt = mgr.restore()
     assert ckpt is not None
     return ckpt.state
@@ -298,3 +298,20 @@ def test_strings_with_lone_surrogates_roundtrip(tmp_path: Path) -> None:
     name = os.fsdecode(b"data-\xff.bin")
     state = {"file": name, name: 1, "\ud800": [np.arange(2)]}
     assert_same(state, roundtrip(tmp_path, state))
+
+
+@complex32_warning
+def test_every_dtype_and_odd_key_roundtrips_in_hdf5(tmp_path: Path) -> None:
+    """The HDF5 payload holds the same leaves as safetensors, byte for byte."""
+    pytest.importorskip("h5py")
+    torch = pytest.importorskip("torch")
+    state: dict[Any, Any] = {os.fsdecode(b"key-\xff"): np.arange(3), 2**20000: [1.5]}
+    for i, dtype in enumerate(NUMPY_DTYPES):
+        raw = np.random.default_rng(i).integers(0, 256, 6 * dtype.itemsize, dtype=np.uint8)
+        arr = (raw.view(dtype) if dtype != np.bool_ else raw.astype(bool)[:6]).reshape(2, 3)
+        state[f"np-{dtype}"] = {"a": arr, "T": arr.T, "e": arr[:0], "s": arr[0, 0]}
+    for i, name in enumerate(TORCH_DTYPE_NAMES):
+        if hasattr(torch, name):
+            t = _random_tensor(torch, name, (2, 3), i)
+            state[f"torch-{name}"] = {"t": t, "T": t.t(), "e": t[:0], "z": t[0, 0]}
+    assert_same(state, roundtrip(tmp_path, state, format="hdf5"))
