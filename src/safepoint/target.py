@@ -103,7 +103,8 @@ def _load(target: Any, loaded: Any, path: str, strict: bool) -> Any:
     if stateful is not None:
         try:
             if not strict and _accepts_strict(stateful):
-                stateful.load_state_dict(loaded, strict=False)  # type: ignore[call-arg]
+                fitting = _fitting(stateful.state_dict(), loaded)
+                stateful.load_state_dict(fitting, strict=False)  # type: ignore[call-arg]
             else:
                 stateful.load_state_dict(loaded)
         except StateMismatchError:
@@ -135,6 +136,26 @@ def _load(target: Any, loaded: Any, path: str, strict: bool) -> Any:
             return target
         return loaded
     return loaded
+
+
+def _fitting(current: Any, loaded: Any) -> Any:
+    """For ``strict=False``: ``loaded`` without the arrays whose shapes do not fit.
+
+    ``load_state_dict(strict=False)`` forgives missing and unexpected keys but still
+    refuses a shape mismatch, which would make "load what matches" load nothing.
+    """
+    if not isinstance(current, Mapping) or not isinstance(loaded, Mapping):
+        return loaded
+    return {
+        k: v
+        for k, v in loaded.items()
+        if not (
+            k in current
+            and _is_array(v)
+            and _is_array(current[k])
+            and _shape(v) != _shape(current[k])
+        )
+    }
 
 
 def _accepts_strict(obj: Any) -> bool:
