@@ -223,3 +223,20 @@ def test_optimizer_mismatch_loads_nothing(tmp_path: Path) -> None:
     assert any("opt/param_groups" in m for m in info.value.mismatched)
     assert_state_dicts_equal(before, model.state_dict())
     assert opt.param_groups[0]["lr"] == 0.5
+
+
+def test_strict_false_skips_mismatched_shapes(tmp_path: Path) -> None:
+    """A changed head (fine-tuning) must not stop the matching layers from loading."""
+    torch.manual_seed(0)
+    saved = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+    torch.manual_seed(1)
+    target = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    head = target[1].weight.detach().clone()
+    with safepoint.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.save({"model": saved}, step=1)
+        with pytest.raises(safepoint.StateMismatchError):
+            mgr.restore({"model": target})
+        mgr.restore({"model": target}, strict=False)
+    assert torch.equal(target[0].weight, saved[0].weight)
+    assert torch.equal(target[0].bias, saved[0].bias)
+    assert torch.equal(target[1].weight, head)
