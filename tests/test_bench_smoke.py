@@ -1,0 +1,44 @@
+"""The benchmarks still run (tiny sizes, one repetition); their timings are not checked."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def run(script: str, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_save_load_runs(tmp_path: Path) -> None:
+    out = run(
+        "save_load.py",
+        *("--reps", "1", "--large-mib", "4", "--large-count", "4"),
+        *("--small-mib", "1", "--small-count", "20", "--dir", str(tmp_path)),
+        "--no-memory",
+    )
+    assert "| safepoint |" in out and "| torch.save |" in out
+
+
+def test_async_stall_runs(tmp_path: Path) -> None:
+    out = run(
+        "async_stall.py",
+        *("--mib", "4", "--count", "4", "--reps", "1", "--steps", "4", "--every", "2"),
+        *("--step-ms", "2", "--dir", str(tmp_path)),
+    )
+    assert "| safepoint async |" in out and "| DCP async_save (thread) |" in out
