@@ -196,7 +196,11 @@ def _from_body(body: dict[str, Any], where: str) -> Manifest:
     metrics = body.get("metrics")
     if not isinstance(metrics, dict):
         raise _fail(where, "metrics must be an object", metrics)
-    metrics = unflatten(metrics, lambda key: _fail(where, "metrics hold no tensors", key))
+
+    def no_tensor(key: str) -> Any:
+        raise _fail(where, "metrics hold no tensors", key)
+
+    metrics = unflatten(metrics, no_tensor)
     files = body.get("files")
     if not isinstance(files, dict):
         raise _fail(where, "files must be an object", files)
