@@ -207,6 +207,7 @@ def _set_size(value: Any) -> Callable[[dict], None]:
         lambda b: b.update(tree={"w": {"$stateful": "os.system", "state": 1, "x": 2}}),
         lambda b: b.update(files=[]),
         lambda b: b["files"][PAYLOAD].update(xxh3_64="short"),
+        lambda b: b.update(metrics={"val_loss": {"$tensor": "w"}}),
     ],
     ids=[
         "size-negative",
@@ -228,6 +229,7 @@ def _set_size(value: Any) -> Callable[[dict], None]:
         "bad-stateful",
         "files-list",
         "digest",
+        "tensor-in-metrics",
     ],
 )
 def test_tampered_signed_manifest_is_corrupt(
@@ -237,6 +239,7 @@ def test_tampered_signed_manifest_is_corrupt(
     tamper(ckpt, edit)
     with pytest.raises(safepoint.CorruptCheckpointError):
         restore_by_name(ckpt)
+    assert safepoint.CheckpointManager(ckpt.parent).checkpoints() == []  # never listed
 
 
 def test_nan_size_in_manifest_text(tmp_path: Path) -> None:
