@@ -72,6 +72,19 @@ def _compare(target: Any, loaded: Any, path: str, problems: _Problems) -> None:
             else:
                 _compare(v, loaded[k], _join(path, k), problems)
         return
+    if isinstance(target, list | tuple):
+        # Objects in a list ([generator, discriminator]) are restored in place like
+        # those in a dict; a list of plain values may change length (a loss history).
+        same = isinstance(loaded, list | tuple) and len(loaded) == len(target)
+        if same:
+            for i, (v, w) in enumerate(zip(target, loaded, strict=True)):
+                _compare(v, w, _join(path, i), problems)
+        elif any(view(v) is not None or _is_array(v) for v in target):
+            got = f"{len(loaded)} items" if isinstance(loaded, list | tuple) else "no list"
+            problems.mismatched.append(
+                f"{path or '<root>'} (checkpoint holds {got}, target {len(target)} items)"
+            )
+        return
     if _is_array(target) and _is_array(loaded) and _shape(target) != _shape(loaded):
         problems.mismatched.append(
             f"{path} (checkpoint {list(_shape(loaded))}, target {list(_shape(target))})"
@@ -122,6 +135,19 @@ def _load(target: Any, loaded: Any, path: str, strict: bool) -> Any:
             if k in loaded:
                 target[k] = _load(target[k], loaded[k], _join(path, k), strict)
         return target
+    if (
+        isinstance(target, list | tuple)
+        and isinstance(loaded, list | tuple)
+        and len(target) == len(loaded)
+    ):
+        items = [
+            _load(v, w, _join(path, i), strict)
+            for i, (v, w) in enumerate(zip(target, loaded, strict=True))
+        ]
+        if isinstance(target, list):
+            target[:] = items
+            return target
+        return tuple(items)
     if isinstance(target, np.ndarray) and isinstance(loaded, np.ndarray):
         if target.shape == loaded.shape and target.dtype == loaded.dtype and target.flags.writeable:
             np.copyto(target, loaded)
