@@ -15,7 +15,10 @@ when it is installed, and every save a ``ModelCheckpoint`` makes afterwards) and
 time between safe points, and warns when their sum exceeds the scheduler's
 ``grace_period``: the kill would then come before the commit.
 
-One guard per process: signal handlers are process-wide.
+DataLoader worker processes inherit the handler and ignore these signals: a scheduler
+signals the whole process group, and a worker killed by it would make torch raise in
+the main process before it reaches the safe point. One guard per process: signal
+handlers are process-wide.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import collections
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -43,6 +47,12 @@ log = logging.getLogger("safepoint")
 DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 _active: SaveOnSignal | None = None
+
+
+def _in_data_worker() -> bool:
+    """True in a torch DataLoader worker process (torch is consulted only if imported)."""
+    data = sys.modules.get("torch.utils.data")
+    return data is not None and data.get_worker_info() is not None
 
 
 def active() -> SaveOnSignal | None:
@@ -170,8 +180,13 @@ class SaveOnSignal:
     # -- signals -------------------------------------------------------------------------
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if os.getpid() != self._pid:
-            # A forked child (a DataLoader worker) inherited the handler: it must still die
-            # the way its parent expects when it is terminated.
+            if _in_data_worker():
+                # A scheduler signals the whole process group. A DataLoader worker that
+                # died of it would make torch raise in the main process in the middle of
+                # a step, before the safe point; the main process saves, then shuts its
+                # workers down (and they exit by themselves if it is gone).
+                return
+            # Any other forked child keeps the default behaviour: it dies.
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return

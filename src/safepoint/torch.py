@@ -11,6 +11,8 @@ checkpoints ``{"model": ..., "optimizer": ..., "sampler": ..., "rng": ...}``:
 * :class:`ResumableSampler` records the data position, so that a run killed in the
   middle of an epoch continues with exactly the samples the uninterrupted run would
   have seen next, without reading the skipped ones through the dataset.
+* DataLoader workers forked while ``save_on_signal`` is active ignore its signals, so
+  a signal to the whole job reaches the safe point instead of killing a worker.
 
 Modules, optimizers, LR schedulers, ``GradScaler`` and anything else with
 ``state_dict``/``load_state_dict`` (torchdata's ``StatefulDataLoader`` included) need
@@ -20,6 +22,7 @@ nothing from here: the core saves them as they are.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import weakref
 from collections.abc import Iterator, Sized
@@ -30,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from . import rng, stateful
+from . import preemption, rng, stateful
 from .errors import ConfigError, StateMismatchError
 
 try:  # private: used only to see how many batches the loop consumed (see ResumableSampler)
@@ -165,6 +168,38 @@ class LoaderState:
 
 stateful.register(torch.Generator, GeneratorState)
 stateful.register(DataLoader, LoaderState)
+
+
+def _patch_worker_signals() -> None:
+    """Let DataLoader workers outlive a preemption signal sent to the process group.
+
+    Batch schedulers signal every process of a job. Torch gives each worker a SIGTERM
+    handler that kills it unless the signal comes from its parent, and the main process
+    then raises "DataLoader worker is killed by signal" in the middle of a step: the
+    save at the next safe point (``save_on_signal``) would never happen. So, in a worker
+    forked while a guard is installed, the guard's signals are ignored; the main
+    process saves, exits, and its workers stop with it (torch's watchdog).
+    """
+    try:
+        from torch.utils.data._utils import signal_handling
+    except ImportError:  # pragma: no cover - torch moved it; workers keep torch's handlers
+        return
+    original = signal_handling._set_worker_signal_handlers
+    if getattr(original, "_safepoint", False):
+        return
+
+    def set_worker_signal_handlers(*args: Any) -> None:
+        original(*args)
+        guard = preemption.active()
+        if guard is not None:
+            for sig in guard.signals:
+                signal.signal(sig, signal.SIG_IGN)
+
+    set_worker_signal_handlers._safepoint = True  # type: ignore[attr-defined]
+    signal_handling._set_worker_signal_handlers = set_worker_signal_handlers
+
+
+_patch_worker_signals()
 
 
 def _find_loader_iterator() -> Any:

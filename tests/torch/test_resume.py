@@ -8,6 +8,7 @@ loss sequence must be identical bit for bit.
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -105,17 +106,21 @@ def test_resume_with_another_num_workers_is_exact(tmp_path, oracle):
 
 
 def test_sigterm_mid_epoch_commits_a_checkpoint_and_the_resume_is_exact(tmp_path, oracle):
+    """A scheduler signals the whole process group: DataLoader workers included."""
     root, out = tmp_path / "root", tmp_path / "out"
+    # --sleep: slow enough to be signalled mid-epoch.
+    command = [sys.executable, LOOP, "--root", str(root), "--out", str(out), "--workers", "2"]
     proc = subprocess.Popen(
-        [sys.executable, LOOP, "--root", str(root), "--out", str(out), "--sleep", "0.05"],
+        [*command, "--sleep", "0.05"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its own process group, as under a batch scheduler
     )
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.strip() == "step 23":  # mid-epoch 2, between two scheduled saves
-            proc.send_signal(signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGTERM)
             break
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
