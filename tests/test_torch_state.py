@@ -240,3 +240,34 @@ def test_strict_false_skips_mismatched_shapes(tmp_path: Path) -> None:
     assert torch.equal(target[0].weight, saved[0].weight)
     assert torch.equal(target[0].bias, saved[0].bias)
     assert torch.equal(target[1].weight, head)
+
+
+def test_objects_in_lists_and_tuples_restore_in_place(tmp_path: Path) -> None:
+    """A GAN keeps [generator, discriminator]: both must be restored, in place."""
+    torch.manual_seed(0)
+    saved = {"models": [nn.Linear(2, 2), nn.Linear(2, 3)], "pair": (nn.Linear(1, 1), 5)}
+    torch.manual_seed(1)
+    models = [nn.Linear(2, 2), nn.Linear(2, 3)]
+    pair_module = nn.Linear(1, 1)
+    target = {"models": list(models), "pair": (pair_module, 0), "history": [1.0]}
+    models_list = target["models"]
+    with safepoint.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.save({**saved, "history": [0.5, 0.4]}, step=1)
+        mgr.restore(target)
+    assert target["models"] is models_list
+    for live, want in zip(models, saved["models"], strict=True):
+        assert torch.equal(live.weight, want.weight) and torch.equal(live.bias, want.bias)
+    assert target["pair"][0] is pair_module and target["pair"][1] == 5
+    assert torch.equal(pair_module.weight, saved["pair"][0].weight)
+    assert target["history"] == [0.5, 0.4]  # plain lists may change length
+
+
+def test_list_of_modules_with_other_length_is_a_mismatch(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    models = [nn.Linear(2, 2)]
+    before = models[0].weight.detach().clone()
+    with safepoint.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.save({"models": [nn.Linear(2, 2), nn.Linear(2, 2)]}, step=1)
+        with pytest.raises(safepoint.StateMismatchError, match="models"):
+            mgr.restore({"models": models})
+    assert torch.equal(models[0].weight, before)
