@@ -179,3 +179,24 @@ def test_import_safepoint_does_not_import_torch():
     code = "import sys, safepoint; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+@pytest.mark.filterwarnings("ignore:'set_vital' is deprecated:UserWarning")
+def test_torchdata_stateful_dataloader_works_as_it_is(tmp_path):
+    """Objects with their own state_dict protocol need no adapter (skipped without it)."""
+    stateful_dataloader = pytest.importorskip("torchdata.stateful_dataloader")
+
+    def make() -> object:
+        return stateful_dataloader.StatefulDataLoader(list(range(40)), batch_size=4, shuffle=True)
+
+    torch.manual_seed(0)
+    reference = [b.tolist() for b in make()]
+    torch.manual_seed(0)
+    loader = make()
+    it = iter(loader)
+    head = [next(it).tolist() for _ in range(3)]
+    mgr = safepoint.CheckpointManager(tmp_path)
+    mgr.save({"loader": loader, "rng": RNGState()}, step=1)
+    resumed = make()
+    mgr.restore({"loader": resumed, "rng": RNGState()})
+    assert head + [b.tolist() for b in resumed] == reference
