@@ -19,8 +19,10 @@ from safepoint_testing import read_manifest, write_manifest
 # Property tests save real checkpoints, so an example costs milliseconds of disk I/O:
 # no deadline (a shared 2-core machine stalls at random), and a function-scoped
 # ``tmp_path`` is fine because each example works in its own fresh sub-directory.
+# No example database: tests write nothing to the working directory (.hypothesis/).
 settings.register_profile(
     "safepoint",
+    database=None,
     deadline=None,
     max_examples=40,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
