@@ -105,3 +105,32 @@ def test_storage_error_is_a_real_oserror() -> None:
 
 def test_version_is_a_string() -> None:
     assert isinstance(safepoint.__version__, str) and safepoint.__version__[0].isdigit()
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+def test_numpy_load_of_a_dtype_numpy_cannot_spell_says_how(tmp_path):
+    """complex32 has no numpy (or ml_dtypes) type: the error must point to torch tensors."""
+    torch = pytest.importorskip("torch")
+    mgr = safepoint.CheckpointManager(tmp_path / "run")
+    ckpt = mgr.save({"c": torch.zeros(3, dtype=torch.complex32)}, step=1)
+    with pytest.raises(safepoint.IncompatibleCheckpointError, match="as_numpy=False"):
+        safepoint.load(ckpt.path)
+    assert safepoint.load(ckpt.path, as_numpy=False)["c"].dtype == torch.complex32
+
+
+def test_retention_failure_message_says_the_new_checkpoint_is_committed(tmp_path):
+    import errno
+
+    from safepoint.storage import LocalStorage
+
+    class FailingDelete(LocalStorage):
+        def _fault(self, stage: str, target: str) -> None:
+            if stage == "retention":
+                raise OSError(errno.EIO, "injected")
+
+    mgr = safepoint.CheckpointManager(FailingDelete(tmp_path / "run"), keep=safepoint.Keep(last=1))
+    mgr.save({"x": 1}, step=1)
+    with pytest.raises(safepoint.StorageError, match="new checkpoint was committed") as exc:
+        mgr.save({"x": 2}, step=2)
+    assert exc.value.stage == "retention"
+    assert mgr.latest().step == 2

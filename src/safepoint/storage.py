@@ -136,10 +136,15 @@ def translate(stage: str, target: str) -> Iterator[None]:
             errno.EPERM: "Check the root's permissions",
             errno.EIO: "The device reported an I/O error; check it before trusting it again",
         }.get(exc.errno or 0, "Check that the root exists and is writable")
+        outcome = (
+            "the new checkpoint was committed and nothing was deleted by mistake; retention "
+            "runs again after the next save"
+            if stage == "retention"
+            else "checkpoints committed before this one are intact"
+        )
         raise StorageError(
             f"Checkpoint storage failed at stage {stage!r} on {target}: "
-            f"[Errno {exc.errno}] {exc.strerror or exc}. {hint}; checkpoints committed "
-            "before this one are intact.",
+            f"[Errno {exc.errno}] {exc.strerror or exc}. {hint}; {outcome}.",
             errno=exc.errno,
             stage=stage,
         ) from exc

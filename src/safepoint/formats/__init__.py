@@ -114,14 +114,18 @@ def _numpy_dtype(dt: dtypes.DType) -> np.dtype:
         return np.dtype(dt.numpy)
     try:
         import ml_dtypes
-
-        return np.dtype(getattr(ml_dtypes, dt.name))
-    except (ImportError, AttributeError):
+    except ImportError:
         raise IncompatibleCheckpointError(
             f"numpy has no {dt.name} dtype. Expected a dtype numpy can hold. Received: "
-            f"dtype={dt.name}. Load with as_numpy=False to get torch tensors, or install "
-            "ml_dtypes."
+            f"dtype={dt.name}. Install ml_dtypes, or load with as_numpy=False to get torch "
+            "tensors."
         ) from None
+    if not hasattr(ml_dtypes, dt.name):
+        raise IncompatibleCheckpointError(
+            f"Neither numpy nor ml_dtypes has a {dt.name} dtype. Expected a dtype numpy can "
+            f"hold. Received: dtype={dt.name}. Load with as_numpy=False to get torch tensors."
+        )
+    return np.dtype(getattr(ml_dtypes, dt.name))
 
 
 def expect(cond: bool, file: str, why: str, *, expected: Any = None, actual: Any = None) -> None:
