@@ -487,10 +487,20 @@ class CheckpointManager:
                 "Pass missing_ok=True to start fresh when there is none."
             )
         errors: list[str] = []
-        for name in candidates:
+        tried: set[str] = set()
+        while candidates:
+            name = candidates.pop(0)
+            tried.add(name)
             try:
                 found = reader.read_manifest(self.storage, name)
                 loaded = reader.read_state(self.storage, name, found)
+            except CheckpointNotFoundError:
+                if checkpoint != "latest":
+                    raise
+                # The writer's retention deleted it after this reader listed the root:
+                # newer checkpoints exist, so list again instead of giving up.
+                candidates = [n for n in self._resolve(checkpoint) if n not in tried]
+                continue
             except _UNREADABLE as exc:
                 if checkpoint != "latest":
                     raise
@@ -522,6 +532,8 @@ class CheckpointManager:
             try:
                 reader.verify(self.storage, name)
                 results.append(Verification(name))
+            except CheckpointNotFoundError:
+                continue  # deleted (by the writer's retention) since it was listed
             except FileNotFoundError:
                 results.append(
                     Verification(

@@ -62,6 +62,7 @@ def read_state(
         else:
             raw = fmt.read(storage, name, found)
     except FileNotFoundError as exc:
+        _raise_if_deleted(storage, name)
         # A payload the manifest lists is gone: the checkpoint is damaged, and
         # restore("latest") must be able to skip it like any other corruption.
         fname = os.path.basename(str(exc.filename or "")) or "a payload file"
@@ -87,6 +88,21 @@ def read_state(
     return unflatten(found.tree, tensor)
 
 
+def _raise_if_deleted(storage: Storage, name: str) -> None:
+    """A payload is missing: if the manifest went too, the checkpoint was deleted.
+
+    The writer's retention may remove a checkpoint that a reader in another process
+    listed a moment before; that is not damage, and the caller (restore('latest'))
+    must look again rather than report corruption.
+    """
+    if not storage.exists(f"{name}/{manifest.NAME}"):
+        raise CheckpointNotFoundError(
+            f"Checkpoint {name!r} in {storage.root} was deleted while it was being read "
+            "(by the writer's retention). Expected it to stay until read. List the root "
+            "again: newer checkpoints exist."
+        )
+
+
 def verify(storage: Storage, name: str) -> Manifest:
     """Check a checkpoint's manifest and every payload file's size and checksum."""
     if singlefile.is_single_file(storage, name):
@@ -97,6 +113,7 @@ def verify(storage: Storage, name: str) -> Manifest:
         try:
             f = storage.open_read(relpath)
         except FileNotFoundError:
+            _raise_if_deleted(storage, name)
             raise CorruptCheckpointError(
                 f"{relpath} is listed in the manifest but missing. Expected {info['size']} "
                 "bytes. Received: no file. Restore an older checkpoint.",
