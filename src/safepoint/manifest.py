@@ -252,7 +252,7 @@ def _from_body(body: dict[str, Any], where: str) -> Manifest:
 def _check_tensor(key: Any, entry: Any, files: dict[str, Any], where: str) -> None:
     if not isinstance(entry, dict):
         raise _fail(where, "tensor entries must be objects", entry)
-    if entry.get("file") not in files:
+    if not isinstance(entry.get("file"), str) or entry["file"] not in files:
         raise _fail(where, f"tensor {key!r} lives in an unlisted file", entry.get("file"))
     if not isinstance(entry.get("name"), str):
         raise _fail(where, f"tensor {key!r} needs a name inside its file", entry.get("name"))
