@@ -97,7 +97,9 @@ class HDF5Format:
                     with h5py.File(f, "r") as h5:
                         for key, entry in wanted:
                             out[key] = _read_dataset(h5, relpath, entry)
-                except (OSError, KeyError, ValueError, TypeError) as exc:
+                # h5py reports damaged metadata (a bad checksum, a corrupt B-tree) as
+                # RuntimeError as well as OSError/KeyError/ValueError.
+                except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
                     expect(False, relpath, "HDF5 structure is unreadable", actual=str(exc)[:120])
         return out
 
