@@ -20,6 +20,7 @@ one that gets a fault injected).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import mmap
 import os
@@ -327,12 +328,35 @@ INJECTABLE = tuple(
 )
 
 
+@functools.cache
 def strace_skip_reason() -> str | None:
     if STRACE is None:
         return "strace is not installed (apt-get install strace; CI installs it)"
     if not IS_ROOT:
         return "strace fault injection into a forked child needs root (ptrace) here"
+    if not _can_attach():
+        return "strace cannot attach to a running process here (ptrace is restricted)"
     return None
+
+
+def _can_attach() -> bool:
+    """Whether strace can attach to a process (containers may forbid ptrace)."""
+    sleeper = subprocess.Popen(["sleep", "30"])
+    tracer = subprocess.Popen(
+        [STRACE or "strace", "-qq", "-o", os.devnull, "-e", "trace=none", "-p", str(sleeper.pid)],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and tracer.poll() is None:
+            if _tracer_pid(sleeper.pid) > 0:
+                return True
+            time.sleep(0.01)
+        return False
+    finally:
+        for proc in (tracer, sleeper):
+            proc.kill()
+            proc.wait()
 
 
 @dataclass
