@@ -311,7 +311,7 @@ def _decode(node: Any, tensor: Callable[[str], Any], depth: int) -> Any:
         return tensor(value)
     if tag == "$tuple" and isinstance(value, list):
         return tuple(_decode(v, tensor, depth + 1) for v in value)
-    if tag == "$float" and value in _SPECIAL_FLOATS:
+    if tag == "$float" and isinstance(value, str) and value in _SPECIAL_FLOATS:
         return _SPECIAL_FLOATS[value]
     if tag == "$int" and isinstance(value, str) and len(value) <= _BIG_INT_BITS * 64:
         try:
