@@ -527,6 +527,7 @@ class LocalStorage:
             raise
         if replaced is not None:  # the old checkpoint, now out of the listing
             self.discard(replaced)
+
     def discard(self, staged: str) -> None:
         shutil.rmtree(os.path.join(self.root, staged), ignore_errors=True)
 
