@@ -29,6 +29,7 @@ import os
 import re
 import secrets
 import stat
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -117,9 +118,7 @@ def read_manifest(storage: Storage, name: str) -> Manifest:
     kind = container(name)
     where = f"{name}[{embedded.ATTR if kind == 'hdf5' else embedded.ZIP_ENTRY}]"
     found = manifest.parse(data, where=where)
-    record = found.extra.get(KEY)
-    if not isinstance(record, dict) or record.get("container") != kind:
-        raise embedded.corrupt(name, "the manifest describes another kind of file", actual=record)
+    embedded.check_record(name, found.extra.get(KEY), kind)
     return found
 
 
@@ -144,6 +143,61 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
+def _stage(storage: Storage, name: str, write: Callable[[str], None]) -> str:
+    """Write the file under a hidden staging name in the same directory; return its path.
+
+    ``write`` must create the file at the path it is given (the name keeps the final
+    suffix, as framework savers check suffixes).
+    """
+    fault = getattr(storage, "_fault", lambda stage, target: None)
+    staged = os.path.join(storage.root, f".sp{TMP_MARK}{secrets.token_hex(4)}{suffix(name)}")
+    try:
+        with translate("write", staged):
+            os.makedirs(storage.root, exist_ok=True)
+            fault("write", name)
+            write(staged)
+    except BaseException:
+        _discard(staged)
+        raise
+    return staged
+
+
+def _discard(staged: str) -> None:
+    if os.path.lexists(staged):
+        os.unlink(staged)
+
+
+def _finish(storage: Storage, staged: str, body: Manifest, layout: str) -> Manifest:
+    """Seal the staged file, make it durable and rename it over its final name."""
+    fault = getattr(storage, "_fault", lambda stage, target: None)
+    name = body.name
+    final = os.path.join(storage.root, name)
+    kind = container(name)
+    assert kind is not None
+    try:
+        with translate("manifest", staged):
+            fault("manifest", name)
+            sealed, data = embedded.seal(staged, kind, name, body, layout)
+        # The bytes must be durable before the name points at them, and the directory
+        # entry durable before the commit is reported: a power loss afterwards must
+        # find the new file, and one before it the old file.
+        with translate("fsync", staged):
+            fault("fsync", name)
+            _fsync(staged)
+        with translate("rename", final):
+            fault("rename", name)
+            os.replace(staged, final)
+        with translate("dir-fsync", storage.root):
+            fault("dir-fsync", name)
+            _fsync(storage.root)
+    except BaseException:
+        _discard(staged)
+        raise
+    # The next listing reads this file's manifest from memory, not from the file.
+    _seen[_identity(final)] = data
+    return sealed
+
+
 def commit(
     storage: Storage,
     name: str,
@@ -155,20 +209,18 @@ def commit(
     metrics: dict[str, Any],
     layout: str,
 ) -> Manifest:
-    """Write checkpoint file ``name`` with ``write(staged_path)`` and commit it atomically.
+    """Write checkpoint file ``name`` with ``write(staged_path)`` and commit it atomically."""
+    body = _body(name, seq=seq, step=step, epoch=epoch, metrics=metrics)
+    return _finish(storage, _stage(storage, name, write), body, layout)
 
-    ``write`` must create the file at the path it is given (a hidden name in the same
-    directory, with the final suffix, as framework savers check suffixes).
-    """
+
+def _body(
+    name: str, *, seq: int, step: int | None, epoch: int | None, metrics: dict[str, Any]
+) -> Manifest:
     check_name(name)
-    kind = container(name)
-    if kind is None:
+    if container(name) is None:
         raise ValueError(f"{name!r} has no single-file suffix")
-    fault = getattr(storage, "_fault", lambda stage, target: None)
-    root = storage.root
-    staged = os.path.join(root, f".sp{TMP_MARK}{secrets.token_hex(4)}{suffix(name)}")
-    final = os.path.join(root, name)
-    body = Manifest(
+    return Manifest(
         name=name,
         seq=seq,
         step=step,
@@ -180,33 +232,61 @@ def commit(
         files={},
         payload="hdf5",
     )
-    try:
-        with translate("write", staged):
-            os.makedirs(root, exist_ok=True)
-            fault("write", name)
-            write(staged)
-        with translate("manifest", staged):
-            fault("manifest", name)
-            sealed, data = embedded.seal(staged, kind, name, body, layout)
-        # The bytes must be durable before the name points at them, and the directory
-        # entry durable before the save returns: a power loss after a returned save
-        # must find the new file, and one before it the old file.
-        with translate("fsync", staged):
-            fault("fsync", name)
-            _fsync(staged)
-        with translate("rename", final):
-            fault("rename", name)
-            os.replace(staged, final)
-        with translate("dir-fsync", root):
-            fault("dir-fsync", name)
-            _fsync(root)
-    except BaseException:
-        if os.path.lexists(staged):
-            os.unlink(staged)
-        raise
-    # The next listing reads this file's manifest from memory, not from the file.
-    _seen[_identity(final)] = data
-    return sealed
+
+
+def begin(
+    manager: Any,
+    name: str,
+    write: Callable[[str], None],
+    *,
+    step: int | None,
+    epoch: int | None,
+    metrics: dict[str, Any],
+    layout: str,
+) -> Callable[[], Checkpoint]:
+    """Write checkpoint file ``name`` into ``manager``'s root; return what commits it.
+
+    The file is written (the model captured) before this returns; the returned
+    function seals, fsyncs and renames it, logs the save and applies retention. It may
+    run on another thread (:class:`Committer`) so training goes on meanwhile. The
+    caller holds the root's writer lock from before ``begin`` until the commit is done.
+    The ``seq`` continues the manager's listing, so files and checkpoint directories in
+    one root share one order, and ``Keep`` prunes both alike.
+    """
+    from .manager import _metrics_arg
+
+    storage = manager.storage
+    metrics = _metrics_arg(metrics)
+    seq = max((c.seq for c in manager.checkpoints()), default=0) + 1
+    body = _body(name, seq=seq, step=step, epoch=epoch, metrics=metrics)
+    started = time.perf_counter()
+    staged = _stage(storage, name, write)
+
+    def finish() -> Checkpoint:
+        found = _finish(storage, staged, body, layout)
+        runlog.record(
+            storage,
+            "save",
+            name=name,
+            seq=seq,
+            step=step,
+            epoch=epoch,
+            metrics=metrics,
+            bytes=int(found.extra[KEY].get("size", 0)),
+            seconds=round(time.perf_counter() - started, 6),
+        )
+        manager._apply_retention()
+        return Checkpoint(
+            name=name,
+            path=os.path.join(storage.root, name),
+            step=step,
+            epoch=epoch,
+            metrics=dict(found.metrics),
+            created=found.created,
+            seq=seq,
+        )
+
+    return finish
 
 
 def save(
@@ -219,43 +299,45 @@ def save(
     metrics: dict[str, Any],
     layout: str,
 ) -> Checkpoint:
-    """Commit a checkpoint file through ``manager``: ordered, logged, retention applied.
+    """Write and commit checkpoint file ``name`` through ``manager`` (see :func:`begin`)."""
+    manager.storage.lock()
+    return begin(manager, name, write, step=step, epoch=epoch, metrics=metrics, layout=layout)()
 
-    The file's ``seq`` continues the manager's listing, so files and checkpoint
-    directories in one root share one order, and ``Keep`` prunes both alike.
+
+class Committer:
+    """Runs one commit at a time on a background thread; errors surface on ``wait()``.
+
+    Durability is not weakened: the file is renamed into place only after its bytes
+    are fsynced, and ``wait()`` (called before the next save and at the end of
+    training) re-raises a commit that failed. What moves off the training thread is
+    the sealing and the fsyncs.
     """
-    from .manager import _metrics_arg
 
-    storage = manager.storage
-    metrics = _metrics_arg(metrics)
-    storage.lock()
-    seq = max((c.seq for c in manager.checkpoints()), default=0) + 1
-    started = time.perf_counter()
-    found = commit(
-        storage, name, write, seq=seq, step=step, epoch=epoch, metrics=metrics, layout=layout
-    )
-    size = os.path.getsize(os.path.join(storage.root, name))
-    runlog.record(
-        storage,
-        "save",
-        name=name,
-        seq=seq,
-        step=step,
-        epoch=epoch,
-        metrics=metrics,
-        bytes=size,
-        seconds=round(time.perf_counter() - started, 6),
-    )
-    manager._apply_retention()
-    return Checkpoint(
-        name=name,
-        path=os.path.join(storage.root, name),
-        step=step,
-        epoch=epoch,
-        metrics=dict(found.metrics),
-        created=found.created,
-        seq=seq,
-    )
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, commit: Callable[[], object]) -> None:
+        """Wait for the previous commit (raising its error), then start ``commit``."""
+        self.wait()
+
+        def run() -> None:
+            try:
+                commit()
+            except BaseException as exc:  # re-raised on the training thread by wait()
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name="safepoint-commit")
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Block until the commit in flight is done; re-raise its error if it failed."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
 def cleanup_stale(directory: str) -> list[str]:

@@ -117,6 +117,8 @@ class ModelCheckpoint(keras.callbacks.Callback):
         self._batches_done = 0
         self._checked = False
         self._cleaned = False
+        self._committer = singlefile.Committer()
+        self._skips: list[dict[str, Any]] = []
 
     # -- Keras attributes -----------------------------------------------------------------
     @property
@@ -137,7 +139,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._batches_done += 1
-        if self.policy.count_batch(batch):
+        if self.save_freq != "epoch" and self.policy.count_batch(batch):
             self._save(self._current_epoch, batch, logs)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
@@ -147,7 +149,12 @@ class ModelCheckpoint(keras.callbacks.Callback):
             self._save(epoch, None, logs)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-        self._manager = None
+        manager, self._manager = self._manager, None
+        self._committer.wait()  # fit() returns with every file committed
+        skips, self._skips = self._skips, []
+        if manager is not None:
+            for skip in skips:
+                manager.log_skip(**skip)
 
     # -- state, for BackupAndRestore -------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -203,6 +210,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
         return str(found)
 
     def _save(self, epoch: int, batch: int | None, logs: dict[str, Any] | None) -> None:
+        self._committer.wait()  # the previous save's commit, and its error if it failed
         values = names.numeric(logs)
         if not self._checked:
             self._check_logs(epoch, values, batch=batch)
@@ -225,9 +233,13 @@ class ModelCheckpoint(keras.callbacks.Callback):
         manager = self._open_manager()
         step = epoch + 1 if batch is None else self._batches_done
         if not decision.save:
-            manager.log_skip(step=step, epoch=epoch + 1, metrics=values, reason=decision.reason)
+            # Logged with the next commit, off the training thread (the log is informational).
+            self._skips.append(
+                {"step": step, "epoch": epoch + 1, "metrics": values, "reason": decision.reason}
+            )
             return
-        # The directory's writer lock is held for the save only: Keras has no hook for a
+        skips, self._skips = self._skips, []
+        # The directory's writer lock is held for one save only: Keras has no hook for a
         # fit that dies of an exception, and a lock kept past it would refuse the next
         # fit in the same process (a notebook's retry).
         manager.storage.lock()
@@ -235,7 +247,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
             if not self._cleaned:
                 singlefile.cleanup_stale(manager.storage.root)
                 self._cleaned = True
-            singlefile.save(
+            finish = singlefile.begin(
                 manager,
                 name,
                 files.writer(self.model, self.layout),
@@ -244,8 +256,21 @@ class ModelCheckpoint(keras.callbacks.Callback):
                 metrics=values,
                 layout=self.layout,
             )
-        finally:
+        except BaseException:
             manager.storage.unlock()
+            raise
+
+        def commit() -> None:
+            try:
+                for skip in skips:
+                    manager.log_skip(**skip)
+                finish()
+            finally:
+                manager.storage.unlock()
+
+        # The model is in the staged file now; sealing, fsyncs and the rename overlap
+        # the next training steps. The next save and the end of fit() wait for them.
+        self._committer.submit(commit)
         if self.verbose > 0:
             io_utils.print_msg(f"\nEpoch {epoch + 1}: finished saving model to {shown}")
 
