@@ -411,6 +411,7 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/safepoint-bench", help="on the disk to measure")
     ap.add_argument("--cases", default="large,small")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--methods", default=",".join(METHODS), help="a subset, raw first")
     ap.add_argument("--child-memory", help=argparse.SUPPRESS)
     ap.add_argument("--child-mib", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-count", type=int, help=argparse.SUPPRESS)
@@ -420,6 +421,8 @@ def main() -> None:
         child_memory(args.child_memory, args.child_mib, args.child_count, args.dir)
         return
     os.makedirs(args.dir, exist_ok=True)
+    for key in [k for k in METHODS if k not in args.methods.split(",")]:
+        del METHODS[key]
     cases = {
         "large": (args.large_mib, args.large_count),
         "small": (args.small_mib, args.small_count),
