@@ -32,6 +32,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from . import embedded, manifest, runlog
@@ -257,13 +258,19 @@ def begin(
 
     storage = manager.storage
     metrics = _metrics_arg(metrics)
-    seq = max((c.seq for c in manager.checkpoints()), default=0) + 1
-    body = _body(name, seq=seq, step=step, epoch=epoch, metrics=metrics)
+    body = _body(name, seq=0, step=step, epoch=epoch, metrics=metrics)
     started = time.perf_counter()
     staged = _stage(storage, name, write)
 
     def finish() -> Checkpoint:
-        found = _finish(storage, staged, body, layout)
+        # Listing the root (for seq) is part of the commit, off the training thread;
+        # the writer lock is still held, so no other save can come in between.
+        try:
+            seq = max((c.seq for c in manager.checkpoints()), default=0) + 1
+        except BaseException:
+            _discard(staged)
+            raise
+        found = _finish(storage, staged, replace(body, seq=seq), layout)
         runlog.record(
             storage,
             "save",
