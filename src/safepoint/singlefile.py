@@ -38,7 +38,7 @@ from typing import Any
 from . import embedded, manifest, runlog
 from .checkpoint import Checkpoint
 from .embedded import KEY
-from .errors import IncompleteCheckpointError, StorageError
+from .errors import IncompleteCheckpointError, SafepointError, StorageError
 from .manifest import Manifest
 from .storage import TMP_MARK, Storage, check_name, translate
 
@@ -64,16 +64,26 @@ def suffix(name: str) -> str:
 
 
 def is_single_file(storage: Storage, name: str) -> bool:
-    """True when ``name`` in ``storage`` is a regular file with a single-file suffix."""
+    """True when ``name`` is a file safepoint committed (or one that claims to be).
+
+    Files of the same suffixes written by anything else (a ``model.save`` beside the
+    checkpoints) are not checkpoints: listing, verifying and retention ignore them.
+    A file whose embedded manifest is damaged still counts, so that it is reported.
+    """
     if container(name) is None:
         return False
     path = storage.local_path(name)
     if path is None:
         return False
     try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except OSError:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+        manifest_bytes(storage, name)
+    except OSError:  # no embedded manifest (FileNotFoundError), or unreadable
         return False
+    except SafepointError:
+        return True
+    return True
 
 
 def _path(storage: Storage, name: str) -> str:

@@ -340,6 +340,6 @@ def test_files_keras_wrote_itself_are_not_listed(xy, tmp_path):
     fit(model, xy, ModelCheckpoint(tmp_path / "ours.weights.h5", save_weights_only=True), epochs=1)
     model.save_weights(tmp_path / "theirs.weights.h5")
     model.save(tmp_path / "theirs.keras")
-    assert [c.name for c in safepoint.CheckpointManager(tmp_path).checkpoints()] == [
-        "ours.weights.h5"
-    ]
+    mgr = safepoint.CheckpointManager(tmp_path)
+    assert [c.name for c in mgr.checkpoints()] == ["ours.weights.h5"]
+    assert [(v.name, v.ok) for v in mgr.verify()] == [("ours.weights.h5", True)]
