@@ -11,7 +11,7 @@ import signal
 import time
 
 import pytest
-from faultkit import digest, expected_digest, fork, make_state, saver_loop
+from faultkit import digest, expected_digest, fork, make_state, read_until, saver_loop
 
 import safepoint
 
@@ -95,9 +95,15 @@ def test_reader_racing_a_writer_never_sees_a_partial_checkpoint(tmp_path, keep_l
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+        report = read_until(r).decode()
         os.close(r)
-    print(f"\n[{keep_last=}] {reads} full restores raced a writer; {gone} lost a race to retention")
-    assert reads >= 5
+    saves = report.count("done ")
+    print(
+        f"\n[{keep_last=}] {reads} full restores raced {saves} saves; "
+        f"{gone} lost a race to retention"
+    )
+    assert "error" not in report, report[-2000:]
+    assert reads >= 5 and saves >= 5
 
 
 class DeletedWhileRead(safepoint.storage.LocalStorage):
