@@ -47,7 +47,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
     mgr = CheckpointManager(args.root, monitor=args.monitor, mode=args.mode)
     ckpts = mgr.checkpoints()
     best = mgr.best() if args.monitor else None
-    sizes = {c.name: mgr._manifest(c.name).nbytes() for c in ckpts}
+    # A Keras single-file checkpoint is its own payload; a directory's payload is the
+    # sum of the files its manifest lists.
+    sizes = {
+        c.name: os.path.getsize(c.path)
+        if os.path.isfile(c.path)
+        else mgr._manifest(c.name).nbytes()
+        for c in ckpts
+    }
     if args.json:
         print(
             json.dumps(

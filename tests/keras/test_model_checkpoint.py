@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -343,3 +344,13 @@ def test_files_keras_wrote_itself_are_not_listed(xy, tmp_path):
     mgr = safepoint.CheckpointManager(tmp_path)
     assert [c.name for c in mgr.checkpoints()] == ["ours.weights.h5"]
     assert [(v.name, v.ok) for v in mgr.verify()] == [("ours.weights.h5", True)]
+
+
+def test_safepoint_ls_reports_the_size_of_single_file_checkpoints(xy, tmp_path, capsys):
+    from safepoint.cli import main
+
+    fit(build(), xy, ModelCheckpoint(tmp_path / "w.weights.h5", save_weights_only=True), epochs=1)
+    assert main(["ls", str(tmp_path), "--json"]) == 0
+    (item,) = json.loads(capsys.readouterr().out)
+    assert item["name"] == "w.weights.h5"
+    assert item["bytes"] == os.path.getsize(tmp_path / "w.weights.h5") > 0
