@@ -221,6 +221,22 @@ class Safepoint:
         return safepoint.load(path, as_numpy=False)["model"]
 
 
+class SafepointBuffered(Safepoint):
+    """safepoint with O_DIRECT refused, as on a file system without it (the fallback)."""
+
+    name = "safepoint, buffered fallback"
+
+    def save(self, state: dict[str, torch.Tensor], d: str) -> str:
+        from safepoint import storage
+
+        enable = storage._enable_direct
+        storage._enable_direct = lambda fd: False
+        try:
+            return super().save(state, d)
+        finally:
+            storage._enable_direct = enable
+
+
 class TorchSave:
     name = "torch.save"
 
@@ -257,6 +273,7 @@ METHODS: dict[str, Callable[[], Any]] = {
     "raw": Raw,
     "raw-direct": RawDirect,
     "safepoint": Safepoint,
+    "safepoint-buffered": SafepointBuffered,
     "torch": TorchSave,
     "safetensors": SaveFile,
 }
