@@ -25,6 +25,7 @@ anything is read.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -40,7 +41,7 @@ from .checkpoint import Checkpoint
 from .embedded import KEY
 from .errors import IncompleteCheckpointError, SafepointError, StorageError
 from .manifest import Manifest
-from .storage import TMP_MARK, Storage, check_name, translate
+from .storage import TMP_MARK, TRASH_PREFIX, Storage, check_name, translate
 
 SUFFIXES = (".weights.h5", ".keras", ".hdf5", ".h5")
 _STAGED = re.compile(r"^\.sp\.tmp-[0-9a-f]{8}(\.keras|\.weights\.h5|\.hdf5|\.h5)$")
@@ -173,8 +174,8 @@ def _stage(storage: Storage, name: str, write: Callable[[str], None]) -> str:
     return staged
 
 
-def _discard(staged: str) -> None:
-    if os.path.lexists(staged):
+def _discard(staged: str | None) -> None:
+    if staged is not None and os.path.lexists(staged):
         os.unlink(staged)
 
 
@@ -195,12 +196,35 @@ def _finish(storage: Storage, staged: str, body: Manifest, layout: str) -> Manif
         with translate("fsync", staged):
             fault("fsync", name)
             _fsync(staged)
+        # The file this one replaces keeps a second, hidden name until the new one is
+        # durable, so a failed directory fsync can put it back: a save that raises must
+        # leave the previous checkpoint, not a new file that could vanish on power loss.
+        # (A crash leaves the trash link for ``LocalStorage.cleanup_stale``.)
+        kept: str | None = None
         with translate("rename", final):
             fault("rename", name)
-            os.replace(staged, final)
-        with translate("dir-fsync", storage.root):
-            fault("dir-fsync", name)
-            _fsync(storage.root)
+            if os.path.lexists(final):
+                kept = os.path.join(storage.root, f"{TRASH_PREFIX}{name}-{secrets.token_hex(4)}")
+                os.link(final, kept, follow_symlinks=False)
+            try:
+                os.replace(staged, final)
+            except BaseException:
+                _discard(kept)
+                raise
+        try:
+            with translate("dir-fsync", storage.root):
+                fault("dir-fsync", name)
+                _fsync(storage.root)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                if kept is not None:
+                    os.replace(kept, final)
+                else:
+                    os.unlink(final)
+            raise
+        if kept is not None:  # the old file, now out of the listing
+            with contextlib.suppress(OSError):
+                os.unlink(kept)
     except BaseException:
         _discard(staged)
         raise

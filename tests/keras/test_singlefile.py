@@ -1,0 +1,64 @@
+"""Single-file checkpoints (``safepoint.singlefile``): commit faults, listing, tools."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import keras
+import pytest
+
+import safepoint
+from safepoint import singlefile
+from safepoint.keras import files
+from safepoint.storage import LocalStorage
+
+
+class FaultyStorage(LocalStorage):
+    """Raises EIO once at ``stage`` when armed (as in tests/test_faults.py)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.stage_to_fail: str | None = None
+
+    def _fault(self, stage: str, target: str) -> None:
+        if stage == self.stage_to_fail:
+            self.stage_to_fail = None
+            raise OSError(errno.EIO, "Input/output error (injected)")
+
+
+def build(seed: int = 7) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(4), keras.layers.Dense(1, activation="sigmoid")]
+    )
+
+
+def save(mgr: safepoint.CheckpointManager, model: keras.Model, name: str, step: int):
+    layout = files.WEIGHTS
+    write = files.writer(model, layout)
+    return singlefile.save(mgr, name, write, step=step, epoch=step, metrics={}, layout=layout)
+
+
+@pytest.mark.parametrize("existed", [True, False])
+def test_a_failed_directory_fsync_keeps_the_old_file(tmp_path, existed):
+    storage = FaultyStorage(tmp_path)
+    mgr = safepoint.CheckpointManager(storage)
+    path = tmp_path / "w.weights.h5"
+    if existed:
+        save(mgr, build(1), "w.weights.h5", 1)
+        before = path.read_bytes()
+    storage.stage_to_fail = "dir-fsync"
+    with pytest.raises(safepoint.StorageError, match="intact") as info:
+        save(mgr, build(2), "w.weights.h5", 2)
+    assert info.value.stage == "dir-fsync"
+    if existed:
+        assert path.read_bytes() == before
+        assert [c.step for c in mgr.checkpoints()] == [1]
+    else:
+        assert not path.exists() and mgr.checkpoints() == []
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+    save(mgr, build(3), "w.weights.h5", 3)  # the next save works
+    assert [c.step for c in mgr.checkpoints()] == [3]
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
