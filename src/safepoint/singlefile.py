@@ -41,7 +41,14 @@ from .checkpoint import Checkpoint
 from .embedded import KEY
 from .errors import IncompleteCheckpointError, SafepointError, StorageError
 from .manifest import Manifest
-from .storage import TMP_MARK, TRASH_PREFIX, Storage, check_name, translate
+from .storage import (
+    TMP_MARK,
+    TRASH_PREFIX,
+    Storage,
+    check_name,
+    component_problem,
+    translate,
+)
 
 SUFFIXES = (".weights.h5", ".keras", ".hdf5", ".h5")
 _STAGED = re.compile(r"^\.sp\.tmp-[0-9a-f]{8}(\.keras|\.weights\.h5|\.hdf5|\.h5)$")
@@ -71,8 +78,8 @@ def is_single_file(storage: Storage, name: str) -> bool:
     checkpoints) are not checkpoints: listing, verifying and retention ignore them.
     A file whose embedded manifest is damaged still counts, so that it is reported.
     """
-    if container(name) is None:
-        return False
+    if container(name) is None or component_problem(name) is not None:
+        return False  # e.g. a stray "C:\\x\\model.h5": not a name safepoint writes
     path = storage.local_path(name)
     if path is None:
         return False

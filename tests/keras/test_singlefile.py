@@ -62,3 +62,14 @@ def test_a_failed_directory_fsync_keeps_the_old_file(tmp_path, existed):
     save(mgr, build(3), "w.weights.h5", 3)  # the next save works
     assert [c.step for c in mgr.checkpoints()] == [3]
     assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+
+
+def test_a_stray_file_with_an_unsafe_name_is_not_a_checkpoint(tmp_path):
+    mgr = safepoint.CheckpointManager(tmp_path)
+    save(mgr, build(1), "w.weights.h5", 1)
+    (tmp_path / "C:\\x\\model.h5").write_bytes(b"someone else's file")
+    (tmp_path / ".hidden.h5").write_bytes(b"another one")
+    assert [c.name for c in mgr.checkpoints()] == ["w.weights.h5"]
+    assert mgr.restore().name == "w.weights.h5"
+    save(mgr, build(2), "v.weights.h5", 2)
+    assert [c.name for c in mgr.checkpoints()] == ["w.weights.h5", "v.weights.h5"]
