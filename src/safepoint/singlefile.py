@@ -26,6 +26,7 @@ anything is read.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import secrets
@@ -49,6 +50,8 @@ from .storage import (
     component_problem,
     translate,
 )
+
+log = logging.getLogger("safepoint")
 
 SUFFIXES = (".weights.h5", ".keras", ".hdf5", ".h5")
 _STAGED = re.compile(r"^\.sp\.tmp-[0-9a-f]{8}(\.keras|\.weights\.h5|\.hdf5|\.h5)$")
@@ -312,17 +315,20 @@ def begin(
             _discard(staged)
             raise
         found = _finish(storage, staged, replace(body, seq=seq), layout)
-        runlog.record(
-            storage,
-            "save",
-            name=name,
-            seq=seq,
-            step=step,
-            epoch=epoch,
-            metrics=metrics,
-            bytes=int(found.extra[KEY].get("size", 0)),
-            seconds=round(time.perf_counter() - started, 6),
-        )
+        try:  # best effort: a committed save is never reported as failed for its log line
+            runlog.record(
+                storage,
+                "save",
+                name=name,
+                seq=seq,
+                step=step,
+                epoch=epoch,
+                metrics=metrics,
+                bytes=int(found.extra[KEY].get("size", 0)),
+                seconds=round(time.perf_counter() - started, 6),
+            )
+        except SafepointError as exc:
+            log.warning("safepoint: could not write the run log (save): %s", exc)
         manager._apply_retention()
         return Checkpoint(
             name=name,

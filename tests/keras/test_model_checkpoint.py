@@ -354,3 +354,30 @@ def test_safepoint_ls_reports_the_size_of_single_file_checkpoints(xy, tmp_path, 
     (item,) = json.loads(capsys.readouterr().out)
     assert item["name"] == "w.weights.h5"
     assert item["bytes"] == os.path.getsize(tmp_path / "w.weights.h5") > 0
+
+
+# ----------------------------------------------------------------------- run log, best
+def drive(cb: ModelCheckpoint, model: keras.Model, losses: list[float]) -> None:
+    """Run the callback's hooks by hand with chosen ``loss`` values, one per epoch."""
+    cb.set_model(model)
+    cb.on_train_begin()
+    for epoch, loss in enumerate(losses):
+        cb.on_epoch_begin(epoch)
+        cb.on_epoch_end(epoch, {"loss": loss})
+    cb.on_train_end()
+
+
+def test_a_run_log_failure_never_fails_or_blocks_a_save(tmp_path, monkeypatch, caplog):
+    from safepoint import runlog
+
+    def broken(*args, **kwargs):
+        raise safepoint.StorageError("the log is gone (injected)", stage="log")
+
+    monkeypatch.setattr(runlog, "record", broken)
+    cb = ModelCheckpoint(tmp_path / "w.weights.h5", monitor="loss", save_best_only=True,
+                         save_weights_only=True)  # fmt: skip
+    drive(cb, build(), [0.5, 0.6, 0.4])  # save, skip, save (the skip is logged with it)
+    assert sorted(os.listdir(tmp_path)) == ["w.weights.h5"]  # no staging file left
+    (ckpt,) = safepoint.CheckpointManager(tmp_path).checkpoints()
+    assert ckpt.epoch == 3 and ckpt.metrics["loss"] == 0.4
+    assert "could not write the run log" in caplog.text

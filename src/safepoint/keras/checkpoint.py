@@ -19,6 +19,7 @@ Where it differs from Keras 3.15, on purpose:
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from typing import Any
@@ -27,7 +28,7 @@ import keras
 from keras.src.utils import io_utils
 
 from .. import singlefile
-from ..errors import ConfigError
+from ..errors import ConfigError, SafepointError
 from ..manager import CheckpointManager
 from ..monitor import MODES, resolve_mode
 from ..policy import SavePolicy, check_save_freq
@@ -35,6 +36,8 @@ from ..retention import Keep
 from ..storage import check_name
 from ..template import NameTemplate
 from . import files, names
+
+log = logging.getLogger("safepoint")
 
 
 def _direction(model: Any, monitor: str) -> str | None:
@@ -48,6 +51,16 @@ def _direction(model: Any, monitor: str) -> str | None:
         if getattr(metric, "name", None) == base and direction in ("up", "down"):
             return "max" if direction == "up" else "min"
     return None
+
+
+def _log_skips(manager: CheckpointManager, skips: list[dict[str, Any]]) -> None:
+    """Record skipped saves in the run log, best effort (the log is informational)."""
+    for skip in skips:
+        try:
+            manager.log_skip(**skip)
+        except SafepointError as exc:
+            log.warning("safepoint: could not write the run log (skip): %s", exc)
+            return
 
 
 class ModelCheckpoint(keras.callbacks.Callback):
@@ -153,8 +166,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
         self._committer.wait()  # fit() returns with every file committed
         skips, self._skips = self._skips, []
         if manager is not None:
-            for skip in skips:
-                manager.log_skip(**skip)
+            _log_skips(manager, skips)
 
     # -- state, for BackupAndRestore -------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -262,11 +274,12 @@ class ModelCheckpoint(keras.callbacks.Callback):
 
         def commit() -> None:
             try:
-                for skip in skips:
-                    manager.log_skip(**skip)
                 finish()
             finally:
                 manager.storage.unlock()
+            # Only after the commit: the log is informational, and a failure to write
+            # it must never fail (or leave uncommitted) a save.
+            _log_skips(manager, skips)
 
         # The model is in the staged file now; sealing, fsyncs and the rename overlap
         # the next training steps. The next save and the end of fit() wait for them.
