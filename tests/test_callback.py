@@ -94,3 +94,42 @@ def test_bad_arguments_are_config_errors(tmp_path):
     cb, _, _ = _callback(tmp_path / "b", monitor="val_loss", save_best_only=True)
     with pytest.raises(safepoint.ConfigError, match="val_loss"):
         cb.on_epoch_end(0, {"loss": 0.5})
+
+
+def test_a_failed_save_does_not_become_the_best(tmp_path, monkeypatch):
+    cb, _, messages = _callback(tmp_path, monitor="val_loss", save_best_only=True)
+    cb.on_epoch_end(0, {"val_loss": 0.5})
+    real = cb.manager.save
+
+    def failing(*args, **kwargs):
+        raise safepoint.StorageError("the disk failed (injected)", stage="fsync")
+
+    monkeypatch.setattr(cb.manager, "save", failing)
+    with pytest.raises(safepoint.StorageError):
+        cb.on_epoch_end(1, {"val_loss": 0.3})
+    monkeypatch.setattr(cb.manager, "save", real)
+    assert cb.best == 0.5
+    cb.on_epoch_end(2, {"val_loss": 0.4})  # the best model so far: it must be saved
+    assert [c.step for c in cb.manager.checkpoints()] == [1, 3]
+    assert messages[-1].startswith("Epoch 3: val_loss improved from 0.50000 to 0.40000")
+
+
+def test_a_failed_async_save_does_not_become_the_best(tmp_path, monkeypatch):
+    mgr = safepoint.CheckpointManager(tmp_path, async_save=True)
+    cb = safepoint.ModelCheckpoint(mgr, state={"w": 0}, monitor="val_loss", save_best_only=True)
+    cb.on_epoch_end(0, {"val_loss": 0.5})
+    mgr.wait()
+
+    def failing(staged, name):
+        raise safepoint.StorageError("the disk failed (injected)", stage="rename")
+
+    monkeypatch.setattr(mgr.storage, "commit", failing)
+    cb.on_epoch_end(1, {"val_loss": 0.3})  # fails in the background
+    with pytest.raises(safepoint.StorageError, match="injected"):
+        cb.on_epoch_end(2, {"val_loss": 0.4})
+    monkeypatch.undo()
+    assert cb.best == 0.5
+    cb.on_epoch_end(2, {"val_loss": 0.4})
+    mgr.wait()
+    assert [c.step for c in mgr.checkpoints()] == [1, 3]
+    mgr.close()

@@ -106,6 +106,7 @@ class ModelCheckpoint:
         self._epoch = 0
         self._checked_monitor = False
         self.last_saved: Checkpoint | None = None
+        self._unconfirmed: float | None = None
 
     @property
     def best(self) -> float | None:
@@ -190,6 +191,7 @@ class ModelCheckpoint:
     def _maybe_save(
         self, epoch: int, logs: Mapping[str, Any] | None, *, batch: int | None
     ) -> Checkpoint | None:
+        self._confirm()
         metrics = _numeric_logs(logs)
         step = self.step if self._counting else epoch + 1
         name = self.manager.template.format(step=step, epoch=epoch + 1, metrics=metrics)
@@ -205,5 +207,21 @@ class ModelCheckpoint:
         started = time.perf_counter()
         ckpt = self.manager.save(state, step=step, epoch=epoch + 1, metrics=metrics)
         preemption.record_save(time.perf_counter() - started)  # for its grace-period check
+        if self.manager.async_save:
+            self._unconfirmed = decision.value  # accepted once the background commit is
+        else:
+            self.policy.accept(decision.value)
         self.last_saved = ckpt
         return ckpt
+
+    def _confirm(self) -> None:
+        """Accept the best value of an async save once it has committed.
+
+        Waiting here costs nothing extra: the manager's next save would wait for it
+        anyway, and a decision against a value no checkpoint holds could skip the best
+        model. A failed background save raises here, its value never accepted.
+        """
+        value, self._unconfirmed = self._unconfirmed, None
+        if value is not None:
+            self.manager.wait()
+            self.policy.accept(value)

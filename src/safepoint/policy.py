@@ -39,11 +39,16 @@ def check_save_freq(save_freq: object, *, arg: str = "save_freq") -> None:
 
 @dataclass
 class Decision:
-    """What the policy decided: save or not, and the verbose line that says so."""
+    """What the policy decided: save or not, and the verbose line that says so.
+
+    ``value`` is the improved monitored value of a best-only save: pass it to
+    :meth:`SavePolicy.accept` once the save has committed.
+    """
 
     save: bool
     message: str
     reason: str = ""
+    value: float | None = None
 
 
 class SavePolicy:
@@ -96,8 +101,11 @@ class SavePolicy:
         return False
 
     def decide(self, epoch: int, logs: Mapping[str, Any] | None, path: str) -> Decision:
-        """Whether to save after 0-based ``epoch`` given ``logs``; updates ``best``.
+        """Whether to save after 0-based ``epoch`` given ``logs``.
 
+        ``best`` is not changed here: the caller calls :meth:`accept` only after the
+        save committed, so a save that fails (now or in the background) never leaves
+        ``best`` at a value no checkpoint holds, which would skip the next best epochs.
         A missing, NaN or non-numeric monitored value never counts as an improvement
         (Keras would save anyway with a warning; silently keeping a worse model is
         what best-only must never do).
@@ -120,12 +128,18 @@ class SavePolicy:
                 f"{prefix}{self.label} did not improve from {best_str}",
                 f"{self.label}={shown} not better than {best_str}",
             )
-        self.best = current
         return Decision(
             True,
             f"{prefix}{self.label} improved from {best_str} to {current:.5f}, "
             f"saving model to {path}",
+            value=current,
         )
+
+    def accept(self, value: float | None) -> None:
+        """Record ``value`` (a :attr:`Decision.value`) as the best, its save committed."""
+        mode = self.mode
+        if value is not None and mode is not None and is_better(value, self.best, mode):
+            self.best = value
 
     def state_dict(self) -> dict[str, Any]:
         """The best value and batch counter, for exact resumes."""

@@ -381,3 +381,32 @@ def test_a_run_log_failure_never_fails_or_blocks_a_save(tmp_path, monkeypatch, c
     (ckpt,) = safepoint.CheckpointManager(tmp_path).checkpoints()
     assert ckpt.epoch == 3 and ckpt.metrics["loss"] == 0.4
     assert "could not write the run log" in caplog.text
+
+
+def test_a_failed_background_commit_does_not_become_the_best(tmp_path, monkeypatch):
+    from safepoint import singlefile
+
+    real = singlefile._finish
+    calls = []
+
+    def fail_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise safepoint.StorageError("the disk failed (injected)", stage="fsync")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(singlefile, "_finish", fail_second)
+    cb = ModelCheckpoint(tmp_path / "w.weights.h5", monitor="loss", save_best_only=True,
+                         save_weights_only=True)  # fmt: skip
+    model = build()
+    cb.set_model(model)
+    cb.on_train_begin()
+    cb.on_epoch_end(0, {"loss": 0.5})
+    cb.on_epoch_end(1, {"loss": 0.3})  # its commit fails in the background
+    with pytest.raises(safepoint.StorageError, match="injected"):
+        cb.on_epoch_end(2, {"loss": 0.4})
+    assert cb.best == 0.5  # what the file on disk holds
+    cb.on_epoch_end(2, {"loss": 0.4})  # better than the file on disk: saved
+    cb.on_train_end()
+    (ckpt,) = safepoint.CheckpointManager(tmp_path).checkpoints()
+    assert ckpt.metrics["loss"] == 0.4

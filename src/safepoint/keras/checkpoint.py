@@ -277,6 +277,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
                 finish()
             finally:
                 manager.storage.unlock()
+            self.policy.accept(decision.value)  # committed: now it is the best on disk
             # Only after the commit: the log is informational, and a failure to write
             # it must never fail (or leave uncommitted) a save.
             _log_skips(manager, skips)
