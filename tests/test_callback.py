@@ -133,3 +133,22 @@ def test_a_failed_async_save_does_not_become_the_best(tmp_path, monkeypatch):
     mgr.wait()
     assert [c.step for c in mgr.checkpoints()] == [1, 3]
     mgr.close()
+
+
+def test_a_resumed_run_finds_the_best_on_disk_with_a_manager_without_monitor(tmp_path):
+    first = safepoint.ModelCheckpoint(
+        safepoint.CheckpointManager(tmp_path), state={"w": 0}, monitor="val_loss",
+        save_best_only=True,
+    )  # fmt: skip
+    first.on_epoch_end(0, {"val_loss": 0.3})
+    first.on_epoch_end(1, {"val_loss": 0.2})
+    first.manager.close()
+    messages: list[str] = []
+    again = safepoint.ModelCheckpoint(
+        safepoint.CheckpointManager(tmp_path), state={"w": 1}, monitor="val_loss",
+        save_best_only=True, verbose=1, print_fn=messages.append,
+    )  # fmt: skip
+    assert again.best == 0.2
+    assert again.on_epoch_end(2, {"val_loss": 0.25}) is None
+    assert messages == ["Epoch 3: val_loss did not improve from 0.20000"]
+    assert [c.step for c in again.manager.checkpoints()] == [1, 2]

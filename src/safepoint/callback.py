@@ -25,7 +25,7 @@ from .errors import ConfigError
 from .manager import CheckpointManager
 from .monitor import is_better, metric_value, resolve_mode
 from .policy import SavePolicy, check_save_freq
-from .retention import Keep
+from .retention import Keep, rank_best
 
 State = Mapping[str, Any] | Callable[[], Any]
 
@@ -92,11 +92,12 @@ class ModelCheckpoint:
             save_freq=save_freq,
             initial_value_threshold=initial_value_threshold,
         )
-        if self.manager.monitor == monitor:
-            on_disk = self.manager.best()
-            value = None if on_disk is None else metric_value(on_disk.metrics, monitor)
-            if value is not None and is_better(value, self.best, str(self.mode)):
-                self.best = value
+        # The best on disk by this callback's monitor, whatever the manager ranks by (a
+        # manager made without monitor= still holds the metrics of every checkpoint).
+        ranked = rank_best(self.manager.checkpoints(), monitor=monitor, mode=self.mode)
+        value = metric_value(ranked[0].metrics, monitor) if ranked else None
+        if value is not None and is_better(value, self.best, str(self.mode)):
+            self.best = value
         latest = self.manager.latest()
         # Continue the global step of the run on disk, so a resumed run never reuses a
         # name; a restored callback state (load_state_dict) overrides this.
