@@ -52,7 +52,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     sizes = {
         c.name: os.path.getsize(c.path)
         if os.path.isfile(c.path)
-        else mgr._manifest(c.name).nbytes()
+        else mgr.catalog.manifest(c.name).nbytes()
         for c in ckpts
     }
     if args.json:

@@ -17,70 +17,33 @@ import logging
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from . import formats, reader, runlog, singlefile
+from . import formats, runlog
+from .catalog import Catalog
 from .checkpoint import Checkpoint, Verification
 from .errors import (
     CheckpointNotFoundError,
     ConfigError,
-    CorruptCheckpointError,
-    IncompatibleCheckpointError,
-    IncompleteCheckpointError,
     SafepointError,
-    StorageError,
 )
-from .manifest import NAME as MANIFEST_NAME
 from .manifest import Manifest, now
 from .monitor import metric_value, resolve_mode
 from .retention import Keep, rank_best
 from .snapshot import Staging, default_cap
-from .storage import LOG_NAME, TMP_MARK, TRASH_PREFIX, LocalStorage, Storage
+from .storage import LocalStorage, Storage
 from .target import restore_into
 from .template import NameTemplate
 from .tree import TensorLeaf, flatten
 from .worker import SaveWorker
+from .writer import int_arg, metrics_arg, write_checkpoint
+
+_metrics_arg = metrics_arg  # kept for adapters that import it from here
 
 if TYPE_CHECKING:
     from .preemption import SaveOnSignal
 
 log = logging.getLogger("safepoint")
-
-_UNREADABLE = (CorruptCheckpointError, IncompatibleCheckpointError, IncompleteCheckpointError)
-
-
-def _int_arg(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if hasattr(value, "__index__") and not isinstance(value, bool):
-        value = int(value.__index__())
-        if value >= 0:
-            return value
-    raise ConfigError(
-        f"Invalid {name}. Expected a non-negative int or None. Received: {name}={value!r}."
-    )
-
-
-def _metrics_arg(metrics: Any) -> dict[str, Any]:
-    if metrics is None:
-        return {}
-    if not isinstance(metrics, dict):
-        raise ConfigError(f"metrics must be a dict of name -> number. Received: {metrics!r}.")
-    out: dict[str, Any] = {}
-    for k, v in metrics.items():
-        if not isinstance(k, str):
-            raise ConfigError(f"Metric names must be str. Received: {k!r}.")
-        if v is None or isinstance(v, bool | int | float | str):
-            out[k] = v
-            continue
-        try:
-            out[k] = float(v)  # numpy scalars, 0-d tensors
-        except (TypeError, ValueError):
-            raise ConfigError(
-                f"Metric {k!r} must be a number. Received: {type(v).__name__} {v!r}."
-            ) from None
-    return out
 
 
 class CheckpointManager:
@@ -148,7 +111,7 @@ class CheckpointManager:
         if isinstance(shard_bytes, bool) or not isinstance(shard_bytes, int) or shard_bytes < 1:
             raise ConfigError(f"shard_bytes must be a positive int. Received: {shard_bytes!r}.")
         self.shard_bytes = shard_bytes
-        self._cache: dict[str, tuple[bytes, Manifest]] = {}
+        self.catalog = Catalog(self.storage)
         self._warned: set[str] = set()
         self._closed = False
         self._cleaned = False
@@ -184,67 +147,9 @@ class CheckpointManager:
                 self.storage.unlock()
 
     # -- listing -----------------------------------------------------------------------
-    def _manifest(self, name: str) -> Manifest:
-        relpath = f"{name}/{MANIFEST_NAME}"
-        from .manifest import MAX_BYTES
-
-        if singlefile.is_single_file(self.storage, name):
-            relpath = name
-            data = singlefile.manifest_bytes(self.storage, name)
-        else:
-            data = self.storage.read_bytes(relpath, max_size=MAX_BYTES)
-        cached = self._cache.get(name)
-        if cached is not None and cached[0] == data:
-            return cached[1]
-        from .manifest import parse
-
-        found = parse(data, where=relpath)
-        self._cache[name] = (data, found)
-        return found
-
-    def _entries(self) -> list[str]:
-        return [
-            n
-            for n in self.storage.list_names()
-            if n != LOG_NAME
-            and TMP_MARK not in n
-            and not n.startswith((TRASH_PREFIX, "."))
-            and (self.storage.is_dir(n) or singlefile.is_single_file(self.storage, n))
-        ]
-
-    def _to_checkpoint(self, found: Manifest) -> Checkpoint:
-        return Checkpoint(
-            name=found.name if found.name else "",
-            path=os.path.join(self.storage.root, found.name),
-            step=found.step,
-            epoch=found.epoch,
-            metrics=dict(found.metrics),
-            created=found.created,
-            seq=found.seq,
-        )
-
     def checkpoints(self) -> list[Checkpoint]:
         """Committed checkpoints, oldest first (by the manifest's ``seq``)."""
-        out = []
-        for name in self._entries():
-            try:
-                found = self._manifest(name)
-            except FileNotFoundError:
-                continue  # no manifest: never committed
-            except StorageError:
-                # The disk failed to read it (EIO...): it may well be committed, so a
-                # listing without it is wrong. A save would take a seq that is not the
-                # largest, and restore('latest') would quietly resume an older one.
-                raise
-            except _UNREADABLE as exc:
-                if name not in self._warned:
-                    self._warned.add(name)
-                    log.warning("safepoint: not listing %s: %s", name, exc)
-                continue
-            ckpt = self._to_checkpoint(found)
-            out.append(replace(ckpt, name=name, path=os.path.join(self.storage.root, name)))
-        out.sort(key=lambda c: (c.seq, c.name))
-        return out
+        return self.catalog.checkpoints()
 
     def latest(self) -> Checkpoint | None:
         """The newest committed checkpoint, or None."""
@@ -282,9 +187,9 @@ class CheckpointManager:
         waited = self._worker.wait()  # at most one save in flight; raises its error
         if waited > 0.001:
             log.info("safepoint: save() waited %.3f s for the previous async save", waited)
-        step = _int_arg("step", step)
-        epoch = _int_arg("epoch", epoch)
-        metrics = _metrics_arg(metrics)
+        step = int_arg("step", step)
+        epoch = int_arg("epoch", epoch)
+        metrics = metrics_arg(metrics)
         tree, leaves = flatten(state)
         if step is not None:
             self.template.format(step=step, epoch=epoch, metrics=metrics)  # fail before I/O
@@ -340,35 +245,24 @@ class CheckpointManager:
     ) -> Checkpoint:
         """Write, commit, log and apply retention: the same protocol sync or async."""
         started = time.perf_counter()
-        staged = self.storage.stage(name)
-        try:
-            files, locations = self.format.write(
-                self.storage, staged, leaves, shard_bytes=self.shard_bytes
-            )
-            manifest = Manifest(
-                name=name,
-                seq=seq,
-                step=step,
-                epoch=epoch,
-                created=created,
-                metrics=metrics,
-                tree=tree,
-                tensors={leaf.key: {**leaf.entry(), **locations[leaf.key]} for leaf in leaves},
-                files=files,
-                payload=self.format.name,
-            )
-            self.storage.write_file(
-                f"{staged}/{MANIFEST_NAME}", manifest.to_bytes(), stage="manifest"
-            )
-            self.storage.commit(staged, name)
-        except BaseException:
-            self.storage.discard(staged)
-            raise
+        draft = Manifest(
+            name=name,
+            seq=seq,
+            step=step,
+            epoch=epoch,
+            created=created,
+            metrics=metrics,
+            tree=tree,
+            tensors={},
+            files={},
+        )
+        manifest = write_checkpoint(
+            self.storage, self.format, draft, leaves, shard_bytes=self.shard_bytes
+        )
         seconds = time.perf_counter() - started
-        ckpt = replace(self._to_checkpoint(manifest), name=name)
-        self._cache.pop(name, None)
-        runlog.record(
-            self.storage,
+        ckpt = self.catalog.to_checkpoint(manifest, name)
+        self.catalog.forget(name)
+        self._log(
             "save",
             name=name,
             seq=seq,
@@ -382,6 +276,14 @@ class CheckpointManager:
         self._apply_retention()
         return ckpt
 
+    def _log(self, event: str, **fields: Any) -> None:
+        """Append to the run log, best effort: the log is informational, and a committed
+        checkpoint must never be reported as failed because its log line was not written."""
+        try:
+            runlog.record(self.storage, event, **fields)
+        except SafepointError as exc:
+            log.warning("safepoint: could not write the run log (%s): %s", event, exc)
+
     def log_skip(
         self,
         *,
@@ -391,12 +293,11 @@ class CheckpointManager:
         reason: str = "",
     ) -> None:
         """Record in the run log that a checkpoint was considered and not saved."""
-        runlog.record(
-            self.storage,
+        self._log(
             "skip",
             step=step,
             epoch=epoch,
-            metrics=_metrics_arg(metrics),
+            metrics=metrics_arg(metrics),
             reason=reason,
         )
 
@@ -409,9 +310,8 @@ class CheckpointManager:
             if ckpt.name in keep:
                 continue
             self.storage.remove(ckpt.name)
-            self._cache.pop(ckpt.name, None)
-            runlog.record(
-                self.storage,
+            self.catalog.forget(ckpt.name)
+            self._log(
                 "delete",
                 name=ckpt.name,
                 seq=ckpt.seq,
@@ -421,48 +321,6 @@ class CheckpointManager:
             )
 
     # -- restoring ---------------------------------------------------------------------
-    def _has_manifest(self, name: str) -> bool:
-        try:
-            return self.storage.exists(f"{name}/{MANIFEST_NAME}")
-        except SafepointError:
-            return True  # there, but refused (a link): a damaged checkpoint
-        except OSError:
-            return False
-
-    def _resolve(self, checkpoint: str | int) -> list[str]:
-        """Candidate names for ``checkpoint``, best candidate first."""
-        if checkpoint == "latest":
-            listed = [c.name for c in reversed(self.checkpoints())]
-            # A directory whose manifest exists but does not parse (damaged, or written
-            # by a newer safepoint) is not listed, yet the root is not empty: try it
-            # last so restore() reports it rather than claim there is nothing to resume.
-            broken = [n for n in self._entries() if n not in listed and self._has_manifest(n)]
-            return listed + broken
-        if checkpoint == "best":
-            if self.monitor is None:
-                raise ConfigError(
-                    "restore(checkpoint='best') needs a monitor. Received: monitor=None. "
-                    "Create the manager with monitor='val_loss' (or the metric you track)."
-                )
-            best = self.best()
-            return [best.name] if best else []
-        if isinstance(checkpoint, int) and not isinstance(checkpoint, bool):
-            matches = [c.name for c in reversed(self.checkpoints()) if c.step == checkpoint]
-            if not matches:
-                raise CheckpointNotFoundError(
-                    f"No committed checkpoint with step={checkpoint} in {self.storage.root}. "
-                    f"Expected one of {[c.step for c in self.checkpoints()]}."
-                )
-            return matches[:1]
-        if isinstance(checkpoint, str):
-            from .storage import check_name
-
-            return [check_name(checkpoint)]
-        raise ConfigError(
-            "checkpoint must be 'latest', 'best', a checkpoint name or a step number. "
-            f"Received: checkpoint={checkpoint!r}."
-        )
-
     def restore(
         self,
         state: Any = None,
@@ -477,75 +335,24 @@ class CheckpointManager:
         it skips and why. A mismatch between checkpoint and ``state`` is never a reason to
         fall back: it raises ``StateMismatchError`` before anything is loaded.
         """
-        candidates = self._resolve(checkpoint)
-        if not candidates:
+        if checkpoint == "best" and self.monitor is None:
+            raise ConfigError(
+                "restore(checkpoint='best') needs a monitor. Received: monitor=None. "
+                "Create the manager with monitor='val_loss' (or the metric you track)."
+            )
+        try:
+            ckpt = self.catalog.load(checkpoint, best=self.best)
+        except CheckpointNotFoundError:
             if missing_ok:
                 return None
-            raise CheckpointNotFoundError(
-                f"No committed checkpoint in {self.storage.root} to restore "
-                f"(checkpoint={checkpoint!r}). Expected at least one save before restoring. "
-                "Pass missing_ok=True to start fresh when there is none."
-            )
-        errors: list[str] = []
-        tried: set[str] = set()
-        while candidates:
-            name = candidates.pop(0)
-            tried.add(name)
-            try:
-                found = reader.read_manifest(self.storage, name)
-                loaded = reader.read_state(self.storage, name, found)
-            except CheckpointNotFoundError:
-                if checkpoint != "latest":
-                    raise
-                # The writer's retention deleted it after this reader listed the root:
-                # newer checkpoints exist, so list again instead of giving up.
-                candidates = [n for n in self._resolve(checkpoint) if n not in tried]
-                continue
-            except _UNREADABLE as exc:
-                if checkpoint != "latest":
-                    raise
-                log.warning("safepoint: skipping %s while restoring latest: %s", name, exc)
-                errors.append(f"{name}: {exc}")
-                continue
-            if state is not None:
-                restore_into(state, loaded, strict=strict)
-            if errors:
-                log.warning(
-                    "safepoint: restored %s after skipping %d newer checkpoint(s)",
-                    name,
-                    len(errors),
-                )
-            ckpt = replace(
-                self._to_checkpoint(found), name=name, path=os.path.join(self.storage.root, name)
-            )
-            return replace(ckpt, state=loaded)
-        raise CorruptCheckpointError(
-            f"No checkpoint in {self.storage.root} verifies; tried {len(errors)}: "
-            + " | ".join(errors)
-            + ". Restore from a backup or start a new run."
-        )
+            raise
+        if state is not None:
+            restore_into(state, ckpt.state, strict=strict)
+        return ckpt
 
     def verify(self) -> list[Verification]:
-        """Check every checkpoint directory's manifest, sizes and checksums."""
-        results = []
-        for name in self._entries():
-            try:
-                reader.verify(self.storage, name)
-                results.append(Verification(name))
-            except CheckpointNotFoundError:
-                continue  # deleted (by the writer's retention) since it was listed
-            except FileNotFoundError:
-                results.append(
-                    Verification(
-                        name,
-                        IncompleteCheckpointError(
-                            f"{name} has no manifest: it was never committed."
-                        ),
-                    )
-                )
-            except SafepointError as exc:
-                results.append(Verification(name, exc))
-        return results
+        """Check every checkpoint's manifest, sizes and checksums."""
+        return self.catalog.verify()
 
     def metric(self, ckpt: Checkpoint) -> float | None:
         """The monitored metric of ``ckpt`` as a finite float (None if absent or NaN)."""

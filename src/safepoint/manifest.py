@@ -119,7 +119,7 @@ def _fail(where: str, why: str, received: Any = None) -> CorruptCheckpointError:
     )
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
@@ -147,7 +147,7 @@ def parse(data: bytes, *, where: str) -> Manifest:
     try:
         body = json.loads(
             data.decode("utf-8"),
-            object_pairs_hook=_no_duplicates,
+            object_pairs_hook=no_duplicates,
             parse_constant=_reject_constant,
         )
     except RecursionError:

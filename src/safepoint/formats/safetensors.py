@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from .. import checksum, directio, dtypes
-from ..manifest import Manifest
-from ..storage import Storage
+from ..errors import ConfigError
+from ..manifest import Manifest, no_duplicates
+from ..storage import Storage, translate_read
 from ..tree import TensorLeaf
 from . import Files, Locations, expect, shards
 
@@ -83,13 +84,14 @@ class SafetensorsFormat:
             for leaf in leaves:
                 buf = leaf.buffer()
                 if buf.nbytes != leaf.nbytes:
-                    raise RuntimeError(f"tensor {leaf.key} changed size while being saved")
+                    raise _changed(leaf.key, leaf.nbytes, buf.nbytes)
                 stream.write(buf)
         except BaseException:
             stream.abort()
             raise
         size, digest = stream.close()
-        assert size == total, (size, total)
+        if size != total:
+            raise _changed(relpath, total, size)
         return size, digest
 
     def read(
@@ -127,7 +129,8 @@ class SafetensorsFormat:
                 try:
                     image, digest = directio.map_image(f.fileno(), actual_size, lazy=lazy)
                 except (OSError, ValueError):  # a file system that cannot map files
-                    image, digest = directio.read_image(f.fileno(), actual_size)
+                    with translate_read(relpath):
+                        image, digest = directio.read_image(f.fileno(), actual_size)
                     lazy = False
             except EOFError as exc:
                 expect(False, relpath, "file ended early", expected=actual_size, actual=str(exc))
@@ -180,7 +183,7 @@ class _Entries(list[tuple[str, tuple[int, int]]]):
 def parse_header(raw: bytes, relpath: str, *, data_len: int) -> _Entries:
     """Validate a safetensors header; return ``(name, (begin, end))`` sorted by offset."""
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique)
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         expect(
             False, relpath, "header is not valid JSON", expected="JSON object", actual=str(exc)[:80]
@@ -256,16 +259,9 @@ def parse_header(raw: bytes, relpath: str, *, data_len: int) -> _Entries:
     return entries
 
 
-def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
-def _read_exact(f: Any, n: int, relpath: str) -> bytes:
-    data = f.read(n)
-    expect(len(data) == n, relpath, "file ended early", expected=n, actual=len(data))
-    return bytes(data)
+def _changed(what: str, expected: int, actual: int) -> ConfigError:
+    return ConfigError(
+        f"The state changed while it was being saved: {what} holds {actual} bytes. Expected "
+        f"{expected}. Received: a tensor resized or replaced during save(). Do not modify the "
+        "state from another thread until save() returns."
+    )

@@ -1,0 +1,84 @@
+"""Writing one checkpoint directory: validated arguments, payload, manifest, commit.
+
+The same sequence serves ``CheckpointManager.save`` (sync or in the background) and
+``safepoint convert``: stage inside the root, write the payload files, write the
+manifest last, commit by rename (:meth:`Storage.commit` makes it durable). On any
+failure the staging directory is removed and nothing new is listed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from .errors import ConfigError
+from .formats import PayloadFormat
+from .manifest import NAME as MANIFEST_NAME
+from .manifest import Manifest
+from .storage import Storage
+from .tree import TensorLeaf
+
+
+def int_arg(name: str, value: Any) -> int | None:
+    """A non-negative int (numpy ints accepted) or None; ``ConfigError`` otherwise."""
+    if value is None:
+        return None
+    if hasattr(value, "__index__") and not isinstance(value, bool):
+        value = int(value.__index__())
+        if value >= 0:
+            return value
+    raise ConfigError(
+        f"Invalid {name}. Expected a non-negative int or None. Received: {name}={value!r}."
+    )
+
+
+def metrics_arg(metrics: Any) -> dict[str, Any]:
+    """Metrics as a dict of str -> JSON scalar (numpy scalars and 0-d tensors as float)."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, dict):
+        raise ConfigError(
+            f"metrics must be a dict of name -> number. Received: metrics={metrics!r}."
+        )
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if not isinstance(k, str):
+            raise ConfigError(f"Metric names must be str. Received: {k!r}. Use str keys.")
+        if v is None or isinstance(v, bool | int | float | str):
+            out[k] = v
+            continue
+        try:
+            out[k] = float(v)  # numpy scalars, 0-d tensors
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"Metric {k!r} must be a number. Received: {type(v).__name__} {v!r}. Log "
+                "numbers only, or convert the value with float()."
+            ) from None
+    return out
+
+
+def write_checkpoint(
+    storage: Storage,
+    fmt: PayloadFormat,
+    draft: Manifest,
+    leaves: Sequence[TensorLeaf],
+    *,
+    shard_bytes: int,
+) -> Manifest:
+    """Commit ``draft`` (a manifest without files) with the payload of ``leaves``."""
+    staged = storage.stage(draft.name)
+    try:
+        files, locations = fmt.write(storage, staged, leaves, shard_bytes=shard_bytes)
+        manifest = replace(
+            draft,
+            files=files,
+            tensors={leaf.key: {**leaf.entry(), **locations[leaf.key]} for leaf in leaves},
+            payload=fmt.name,
+        )
+        storage.write_file(f"{staged}/{MANIFEST_NAME}", manifest.to_bytes(), stage="manifest")
+        storage.commit(staged, draft.name)
+    except BaseException:
+        storage.discard(staged)
+        raise
+    return manifest
