@@ -152,3 +152,14 @@ def test_a_resumed_run_finds_the_best_on_disk_with_a_manager_without_monitor(tmp
     assert again.on_epoch_end(2, {"val_loss": 0.25}) is None
     assert messages == ["Epoch 3: val_loss did not improve from 0.20000"]
     assert [c.step for c in again.manager.checkpoints()] == [1, 2]
+
+
+def test_batches_are_counted_once_by_the_policy(tmp_path):
+    cb, _, _ = _callback(tmp_path, save_freq=4)
+    for batch in range(6):
+        cb.on_batch_end(batch)
+    assert cb.policy.state_dict()["batches_since_save"] == 2
+    assert cb.state_dict()["batches_since_save"] == 2
+    cb.load_state_dict({**cb.state_dict(), "batches_since_save": 3})
+    assert cb.policy.state_dict()["batches_since_save"] == 3
+    assert cb.on_batch_end(6) is not None  # the fourth batch since the last save

@@ -103,7 +103,6 @@ class ModelCheckpoint:
         # name; a restored callback state (load_state_dict) overrides this.
         self.step = latest.step if latest is not None and latest.step else 0
         self._counting = False
-        self._batches_since_save = 0
         self._epoch = 0
         self._checked_monitor = False
         self.last_saved: Checkpoint | None = None
@@ -131,11 +130,8 @@ class ModelCheckpoint:
         self.step += 1
         self._counting = True
         saved = None
-        if self.save_freq != "epoch":
-            self._batches_since_save += 1
-            if self._batches_since_save >= int(self.save_freq):
-                self._batches_since_save = 0
-                saved = self._maybe_save(self._epoch, logs, batch=batch)
+        if self.policy.count_batch(None):  # one call, one batch; never with save_freq="epoch"
+            saved = self._maybe_save(self._epoch, logs, batch=batch)
         guard = preemption.active()
         if guard is not None:
             metrics = _numeric_logs(logs) if guard.pending else None
@@ -174,7 +170,7 @@ class ModelCheckpoint:
         """The callback's own progress, for exact mid-epoch resumes."""
         return {
             "step": self.step,
-            "batches_since_save": self._batches_since_save,
+            "batches_since_save": self.policy.state_dict()["batches_since_save"],
             "epoch": self._epoch,
             "counting": self._counting,
         }
@@ -182,7 +178,8 @@ class ModelCheckpoint:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.step = int(state["step"])
         self._counting = bool(state.get("counting", self._counting))
-        self._batches_since_save = int(state["batches_since_save"])
+        counted = int(state["batches_since_save"])
+        self.policy.load_state_dict({**self.policy.state_dict(), "batches_since_save": counted})
         self._epoch = int(state["epoch"])
 
     def _say(self, text: str) -> None:

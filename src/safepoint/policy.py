@@ -80,21 +80,25 @@ class SavePolicy:
         self._batches_since_save = 0
         self._last_batch: int | None = None
 
-    def count_batch(self, batch: int) -> bool:
+    def count_batch(self, batch: int | None) -> bool:
         """Count the batches done up to ``batch`` (0-based); True when a save is due.
 
         Keras' counting: ``batch`` may jump by ``steps_per_execution`` and restarts at 0
         each epoch, so the number of new batches is the difference to the last index
-        seen, or ``batch + 1`` after a restart.
+        seen, or ``batch + 1`` after a restart. ``batch=None`` counts exactly one batch
+        (a plain training loop calls once per batch).
         """
         if self.save_freq == "epoch":
             return False
-        if self._last_batch is None or batch <= self._last_batch:
+        if batch is None:
+            added = 1
+        elif self._last_batch is None or batch <= self._last_batch:
             added = batch + 1
         else:
             added = batch - self._last_batch
         self._batches_since_save += added
-        self._last_batch = batch
+        if batch is not None:
+            self._last_batch = batch
         if self._batches_since_save >= int(self.save_freq):
             self._batches_since_save = 0
             return True
