@@ -31,7 +31,6 @@ import os
 import re
 import secrets
 import stat
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -293,8 +292,9 @@ def begin(
 
     The file is written (the model captured) before this returns; the returned
     function seals, fsyncs and renames it, logs the save and applies retention. It may
-    run on another thread (:class:`Committer`) so training goes on meanwhile. The
-    caller holds the root's writer lock from before ``begin`` until the commit is done.
+    run on another thread (a :class:`~safepoint.worker.SaveWorker`) so training goes on
+    meanwhile. The caller holds the root's writer lock from before ``begin`` until the
+    commit is done.
     The ``seq`` continues the manager's listing, so files and checkpoint directories in
     one root share one order, and ``Keep`` prunes both alike.
     """
@@ -356,42 +356,6 @@ def save(
     """Write and commit checkpoint file ``name`` through ``manager`` (see :func:`begin`)."""
     manager.storage.lock()
     return begin(manager, name, write, step=step, epoch=epoch, metrics=metrics, layout=layout)()
-
-
-class Committer:
-    """Runs one commit at a time on a background thread; errors surface on ``wait()``.
-
-    Durability is not weakened: the file is renamed into place only after its bytes
-    are fsynced, and ``wait()`` (called before the next save and at the end of
-    training) re-raises a commit that failed. What moves off the training thread is
-    the sealing and the fsyncs.
-    """
-
-    def __init__(self) -> None:
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def submit(self, commit: Callable[[], object]) -> None:
-        """Wait for the previous commit (raising its error), then start ``commit``."""
-        self.wait()
-
-        def run() -> None:
-            try:
-                commit()
-            except BaseException as exc:  # re-raised on the training thread by wait()
-                self._error = exc
-
-        self._thread = threading.Thread(target=run, name="safepoint-commit")
-        self._thread.start()
-
-    def wait(self) -> None:
-        """Block until the commit in flight is done; re-raise its error if it failed."""
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join()
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
 
 
 def cleanup_stale(directory: str) -> list[str]:

@@ -410,3 +410,19 @@ def test_a_failed_background_commit_does_not_become_the_best(tmp_path, monkeypat
     cb.on_train_end()
     (ckpt,) = safepoint.CheckpointManager(tmp_path).checkpoints()
     assert ckpt.metrics["loss"] == 0.4
+
+
+def test_a_failed_commit_nobody_waited_for_is_reported_at_exit(tmp_path, monkeypatch, capsys):
+    from safepoint import singlefile, worker
+
+    def failing(*args, **kwargs):
+        raise safepoint.StorageError("the disk failed (injected)", stage="fsync")
+
+    monkeypatch.setattr(singlefile, "_finish", failing)
+    cb = ModelCheckpoint(tmp_path / "w.weights.h5", save_weights_only=True)
+    cb.set_model(build())
+    cb.on_train_begin()
+    cb.on_epoch_end(0, {"loss": 0.5})  # fit() then dies: on_train_end never runs
+    worker._report_all()  # what the interpreter runs at exit
+    err = capsys.readouterr().err
+    assert "'w.weights.h5'" in err and "was NOT committed" in err and "injected" in err

@@ -35,6 +35,7 @@ from ..policy import SavePolicy, check_save_freq
 from ..retention import Keep
 from ..storage import check_name
 from ..template import NameTemplate
+from ..worker import SaveWorker
 from . import files, names
 
 log = logging.getLogger("safepoint")
@@ -130,7 +131,9 @@ class ModelCheckpoint(keras.callbacks.Callback):
         self._batches_done = 0
         self._checked = False
         self._cleaned = False
-        self._committer = singlefile.Committer()
+        # The manager's worker: one commit in flight, its error raised by wait(), and
+        # reported at exit when fit() died before on_train_end collected it.
+        self._committer = SaveWorker(os.path.abspath(self.directory or os.curdir))
         self._skips: list[dict[str, Any]] = []
 
     # -- Keras attributes -----------------------------------------------------------------
@@ -284,7 +287,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
 
         # The model is in the staged file now; sealing, fsyncs and the rename overlap
         # the next training steps. The next save and the end of fit() wait for them.
-        self._committer.submit(commit)
+        self._committer.submit(name, commit)
         if self.verbose > 0:
             io_utils.print_msg(f"\nEpoch {epoch + 1}: finished saving model to {shown}")
 
