@@ -12,7 +12,7 @@ directory has. The commit protocol is the directory one, for one file:
 3. commit: ``rename`` over the final name, then ``fsync`` the directory.
 
 A kill at any moment leaves the old file or the new one, never a truncated one, plus
-at worst a hidden staging file that :func:`cleanup_stale` removes.
+at worst a hidden staging file that ``LocalStorage.cleanup_stale`` removes.
 
 How the manifest sits inside each kind of file, and what its checksums cover, is
 :mod:`safepoint.embedded`'s business.
@@ -358,22 +358,10 @@ def save(
     return begin(manager, name, write, step=step, epoch=epoch, metrics=metrics, layout=layout)()
 
 
-def cleanup_stale(directory: str) -> list[str]:
-    """Remove staging files that a killed writer left in ``directory``; return their names.
+def is_staged(entry: str) -> bool:
+    """True for a staging file name this module creates (``.sp.tmp-<8 hex><suffix>``).
 
-    Only names this module creates (``.sp.tmp-<8 hex><suffix>``) are touched, so a
-    user's own files in the same directory are never at risk. Call it holding the
-    directory's writer lock.
+    :meth:`safepoint.storage.LocalStorage.cleanup_stale` removes such files, and only
+    such names, so a user's own files in the same directory are never at risk.
     """
-    removed: list[str] = []
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return removed
-    for entry in names:
-        if _STAGED.match(entry):
-            path = os.path.join(directory, entry)
-            if stat.S_ISREG(os.lstat(path).st_mode):
-                os.unlink(path)
-                removed.append(entry)
-    return removed
+    return _STAGED.match(entry) is not None

@@ -551,13 +551,23 @@ class LocalStorage:
                 os.unlink(path)  # a single-file checkpoint (safepoint.singlefile)
 
     def cleanup_stale(self) -> list[str]:
-        """Remove staging and trash directories left by a crashed writer (lock holders only)."""
+        """Remove staging and trash entries left by a crashed writer (lock holders only).
+
+        Directories of checkpoints, and the files of single-file checkpoints
+        (:mod:`safepoint.singlefile`): only names safepoint itself creates are touched.
+        """
+        from .singlefile import is_staged
+
         removed = []
         for entry in self.list_names():
             if TMP_MARK in entry or entry.startswith(TRASH_PREFIX):
                 path = os.path.join(self.root, entry)
-                if entry.startswith(TRASH_PREFIX) and stat.S_ISREG(os.lstat(path).st_mode):
-                    os.unlink(path)  # a single-file checkpoint whose deletion was cut short
+                if stat.S_ISREG(os.lstat(path).st_mode) and (
+                    entry.startswith(TRASH_PREFIX) or is_staged(entry)
+                ):
+                    # a single-file checkpoint whose deletion (or commit) was cut short,
+                    # or one staged by a killed writer
+                    os.unlink(path)
                     removed.append(entry)
                     continue
                 if os.path.islink(path) or not os.path.isdir(path):

@@ -73,3 +73,23 @@ def test_a_stray_file_with_an_unsafe_name_is_not_a_checkpoint(tmp_path):
     assert mgr.restore().name == "w.weights.h5"
     save(mgr, build(2), "v.weights.h5", 2)
     assert [c.name for c in mgr.checkpoints()] == ["w.weights.h5", "v.weights.h5"]
+
+
+@pytest.mark.parametrize("how", ["save", "gc"])
+def test_staging_files_of_a_killed_writer_are_cleaned_by_the_manager_and_gc(tmp_path, how):
+    from safepoint.cli import main
+
+    mgr = safepoint.CheckpointManager(tmp_path)
+    save(mgr, build(1), "w.weights.h5", 1)
+    mgr.close()
+    stale = [tmp_path / ".sp.tmp-0123abcd.weights.h5", tmp_path / ".sp.tmp-89abcdef.keras"]
+    for path in stale:
+        path.write_bytes(b"half a file")
+    mine = tmp_path / "notes.tmp-0123abcd.hdf5"
+    mine.write_bytes(b"a user's file")
+    if how == "gc":
+        assert main(["gc", str(tmp_path)]) == 0
+    else:
+        safepoint.CheckpointManager(tmp_path).save({"x": 1}, step=2)
+    assert not any(path.exists() for path in stale)
+    assert mine.exists() and (tmp_path / "w.weights.h5").exists()

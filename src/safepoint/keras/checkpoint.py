@@ -260,7 +260,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
         manager.storage.lock()
         try:
             if not self._cleaned:
-                singlefile.cleanup_stale(manager.storage.root)
+                manager.storage.cleanup_stale()
                 self._cleaned = True
             finish = singlefile.begin(
                 manager,
