@@ -201,7 +201,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .conversion import convert
 
     src = os.path.abspath(args.checkpoint).rstrip(os.sep)
-    out = args.out or f"{src}-{args.to}"
+    # By default the copy goes to the current directory, not into the run's root, where
+    # it would become one more (and the newest) checkpoint of the run.
+    out = args.out or os.path.join(os.getcwd(), f"{os.path.basename(src)}-{args.to}")
     print(f"converted {src} -> {convert(src, out, to=args.to)} ({args.to})")
     return 0
 
@@ -272,7 +274,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--out",
         default=None,
-        help="new checkpoint directory (default: CHECKPOINT-FORMAT beside it)",
+        help="new checkpoint directory (default: ./NAME-FORMAT in the current directory)",
     )
     s.set_defaults(fn=cmd_convert)
     s = sub.add_parser("plot", help="draw the run's metrics (from its log) into an SVG file")

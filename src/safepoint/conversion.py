@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from typing import Any
 
-from . import formats, manifest
+from . import dtypes, formats
+from .catalog import Catalog
 from .errors import ConfigError
 from .reader import read_manifest, refuse_pickle
 from .storage import LocalStorage, check_name
 from .tree import TensorLeaf
+from .writer import write_checkpoint
 
 
 def convert(src: str, dst: str, *, to: str) -> str:
@@ -56,23 +59,18 @@ def convert(src: str, dst: str, *, to: str) -> str:
     ]
     fmt = formats.get(to)
     out = LocalStorage(dst_root)
-    staged = out.stage(dst_name)
+    # The output may land in a live run's root: take its writer lock (so its cleanup
+    # cannot remove our staging directory) and give the copy the next seq there, so
+    # two listed checkpoints never share one.
+    out.lock()
     try:
-        files, locations = fmt.write(out, staged, leaves, shard_bytes=formats.SHARD_BYTES)
-        tensors = {
-            key: {**{k: v for k, v in entry.items() if k not in ("file", "name")}, **locations[key]}
-            for key, entry in found.tensors.items()
-        }
-        converted = replace(found, name=dst_name, files=files, tensors=tensors, payload=fmt.name)
-        out.write_file(f"{staged}/{manifest.NAME}", converted.to_bytes(), stage="manifest")
-        out.commit(staged, dst_name)
-    except BaseException:
-        out.discard(staged)
-        raise
+        seq = max((c.seq for c in Catalog(out).checkpoints()), default=0) + 1
+        draft = replace(found, name=dst_name, seq=seq, files={}, tensors={})
+        write_checkpoint(out, fmt, draft, leaves, shard_bytes=formats.SHARD_BYTES)
+    finally:
+        out.unlock()
     return dst
 
 
-def _dtype(entry: dict[str, object]):  # type: ignore[no-untyped-def]
-    from . import dtypes
-
+def _dtype(entry: dict[str, Any]) -> dtypes.DType:
     return dtypes.BY_NAME[str(entry["dtype"])]

@@ -12,6 +12,7 @@ from typing import Any
 from . import checksum, formats, manifest, singlefile
 from .errors import (
     CheckpointNotFoundError,
+    ConfigError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
     IncompleteCheckpointError,
@@ -55,7 +56,10 @@ def read_state(
     """
     if singlefile.KEY in found.extra:
         return singlefile.read_state(storage, name, found)
-    fmt = formats.get(found.payload)
+    try:
+        fmt = formats.get(found.payload)
+    except ConfigError as exc:  # its reader is not installed (h5py): this process cannot
+        raise IncompatibleCheckpointError(str(exc)) from exc  # read it; an older one may
     try:
         if lazy and found.payload == "safetensors":
             raw = fmt.read(storage, name, found, lazy=True)  # type: ignore[call-arg]

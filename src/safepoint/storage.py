@@ -32,6 +32,7 @@ import os
 import secrets
 import shutil
 import stat
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import BinaryIO, Protocol
 
@@ -622,8 +623,12 @@ class LocalStorage:
             with translate("lock", self.root):
                 raise
         self._lock_fd = fd
+        # A manager dropped without close() (a notebook cell, a one-off script) must not
+        # hold the root for the rest of the process: release the lock when it is collected.
+        self._release = weakref.finalize(self, os.close, fd)
 
     def unlock(self) -> None:
         fd, self._lock_fd = self._lock_fd, None
         if fd is not None:
+            self._release.detach()
             os.close(fd)  # closing the descriptor releases the flock

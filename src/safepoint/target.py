@@ -111,7 +111,7 @@ def _compare_param_groups(current: list[Any], loaded: Any, path: str, problems: 
         )
 
 
-def _load(target: Any, loaded: Any, path: str, strict: bool) -> Any:
+def _load(target: Any, loaded: Any, path: str, strict: bool, done: list[str]) -> Any:
     stateful = view(target)  # loading through a view updates the user's object in place
     if stateful is not None:
         try:
@@ -123,17 +123,26 @@ def _load(target: Any, loaded: Any, path: str, strict: bool) -> Any:
         except StateMismatchError:
             raise
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            # The compare pass cannot see inside every object (schedulers, user classes),
+            # so say exactly which objects already hold the checkpoint's values.
+            partial = (
+                f" Already loaded before this failure: {done}; restore them again."
+                if done
+                else " Nothing else was loaded."
+            )
             raise StateMismatchError(
                 f"Restoring {path or 'the state'} into {type(target).__name__} failed: {exc}. "
                 "Expected the checkpoint to match the object's structure. Build the object "
-                "with the configuration the checkpoint was saved from, or pass strict=False.",
+                "with the configuration the checkpoint was saved from, or pass strict=False."
+                + partial,
                 mismatched=[path or "<root>"],
             ) from exc
+        done.append(path or "<root>")
         return target
     if isinstance(target, MutableMapping) and isinstance(loaded, Mapping):
         for k in list(target):
             if k in loaded:
-                target[k] = _load(target[k], loaded[k], _join(path, k), strict)
+                target[k] = _load(target[k], loaded[k], _join(path, k), strict, done)
         return target
     if (
         isinstance(target, list | tuple)
@@ -141,7 +150,7 @@ def _load(target: Any, loaded: Any, path: str, strict: bool) -> Any:
         and len(target) == len(loaded)
     ):
         items = [
-            _load(v, w, _join(path, i), strict)
+            _load(v, w, _join(path, i), strict, done)
             for i, (v, w) in enumerate(zip(target, loaded, strict=True))
         ]
         if isinstance(target, list):
@@ -214,4 +223,4 @@ def restore_into(target: Any, loaded: Any, *, strict: bool = True) -> Any:
             unexpected=problems.unexpected,
             mismatched=problems.mismatched,
         )
-    return _load(target, loaded, "", strict)
+    return _load(target, loaded, "", strict, [])
