@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import reader, runlog
+from . import reader, runlog, singlefile
 from .errors import CorruptCheckpointError, SafepointError
 from .manager import CheckpointManager
 from .storage import LocalStorage, check_name
@@ -112,11 +112,16 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     target = os.path.abspath(args.path)
-    if os.path.isfile(os.path.join(target, "manifest.json")):
+    is_file = os.path.isfile(target)
+    if is_file or os.path.isfile(os.path.join(target, "manifest.json")):
+        # One checkpoint: a directory, or a single file (a Keras weights.best.hdf5)
+        # checked against the manifest embedded in it.
         storage, name = _split_ckpt(target)
         error: Exception | None = None
         try:
-            reader.verify(storage, name)
+            if is_file and singlefile.container(name) is None:
+                raise reader.refuse_pickle(target)
+            (singlefile.verify if is_file else reader.verify)(storage, name)
         except SafepointError as exc:
             error = exc
         results: list[tuple[str, Exception | None]] = [(name, error)]
