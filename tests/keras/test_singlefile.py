@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -93,3 +94,28 @@ def test_staging_files_of_a_killed_writer_are_cleaned_by_the_manager_and_gc(tmp_
         safepoint.CheckpointManager(tmp_path).save({"x": 1}, step=2)
     assert not any(path.exists() for path in stale)
     assert mine.exists() and (tmp_path / "w.weights.h5").exists()
+
+
+def test_safepoint_verify_checks_a_single_file_checkpoint(tmp_path, capsys):
+    from safepoint.cli import main
+
+    mgr = safepoint.CheckpointManager(tmp_path)
+    save(mgr, build(1), "w.weights.h5", 1)
+    mgr.close()
+    path = tmp_path / "w.weights.h5"
+    assert main(["verify", str(path)]) == 0
+    assert "1 of 1 checkpoints verified." in capsys.readouterr().out
+    assert main(["verify", str(path), "--deep", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"name": path.name, "ok": True, "error": None}]
+    build(2).save_weights(tmp_path / "theirs.weights.h5")  # not written by safepoint
+    code = main(["verify", str(tmp_path / "theirs.weights.h5")])
+    assert code == safepoint.IncompleteCheckpointError.exit_code
+    assert "no embedded safepoint manifest" in capsys.readouterr().out
+    (tmp_path / "model.pt").write_bytes(b"\x80\x04 a pickle")
+    assert main(["verify", str(tmp_path / "model.pt")]) != 0
+    assert "never opens pickle" in capsys.readouterr().out
+    data = bytearray(path.read_bytes())
+    data[-8] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert main(["verify", str(path)]) == safepoint.CorruptCheckpointError.exit_code
+    assert "FAILED  w.weights.h5" in capsys.readouterr().out
