@@ -26,6 +26,7 @@ records (timestamps, offsets) are checked only by ``zipfile`` as it reads.
 from __future__ import annotations
 
 import io
+import math
 import mmap
 import os
 import secrets
@@ -37,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from . import checksum, manifest
-from .errors import CorruptCheckpointError, SafepointError
+from .errors import CorruptCheckpointError, StorageError
 from .manifest import Manifest
 
 ATTR = "safepoint_manifest"
@@ -60,6 +61,16 @@ def corrupt(name: str, why: str, *, expected: Any = None, actual: Any = None) ->
         file=name,
         expected=expected,
         actual=actual,
+    )
+
+
+def unsealed(name: str, why: str, *, expected: str, actual: str) -> StorageError:
+    """The error for a file that could not be sealed: the save fails, nothing is committed."""
+    return StorageError(
+        f"Sealing checkpoint file {name} failed: {why}. Expected {expected}. Received: "
+        f"{actual}. The file was not committed and earlier checkpoints are intact; save "
+        "again, and report this to safepoint if it repeats.",
+        stage="manifest",
     )
 
 
@@ -101,7 +112,13 @@ def _seal_h5(path: str, name: str, body: Manifest, extra: dict[str, Any]) -> tup
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
             offset = view.find(placeholder)
             if offset < 0 or view.find(marker, offset + length) >= 0:
-                raise SafepointError(f"Could not locate the manifest attribute in {name}.")
+                found = "none" if offset < 0 else "more than one"
+                raise unsealed(
+                    name,
+                    "the manifest attribute could not be located in the written file",
+                    expected="exactly one copy of the attribute's placeholder bytes",
+                    actual=found,
+                )
             record = {**extra, "size": len(view), "offset": offset, "length": length}
             record["digest"] = _digest_zeroed(memoryview(view), offset, length)
         sealed = replace(body, extra={KEY: record})
@@ -110,12 +127,22 @@ def _seal_h5(path: str, name: str, body: Manifest, extra: dict[str, Any]) -> tup
         # Durability comes from the caller's fsync of the whole file.
         os.pwrite(f.fileno(), padded, offset)
     if not data.startswith(_PREFIX):
-        raise SafepointError(f"The manifest of {name} does not start as expected; not sealed.")
+        raise unsealed(
+            name,
+            "the manifest does not start as expected",
+            expected=repr(_PREFIX),
+            actual=repr(data[: len(_PREFIX)]),
+        )
     if extra["layout"] not in _proven:
         # That HDF5 keeps the attribute verbatim is a property of how a layout's files
         # are written: prove it once per layout and process, through h5py.
         if read_h5_manifest(path, name) != padded:
-            raise SafepointError(f"HDF5 did not store the manifest of {name} verbatim.")
+            raise unsealed(
+                name,
+                "HDF5 did not store the manifest attribute verbatim",
+                expected=f"the {len(padded)} bytes written",
+                actual="different bytes read back through h5py",
+            )
         _proven.add(extra["layout"])
     return sealed, data
 
@@ -206,7 +233,9 @@ def _h5_arrays(h5: Any, name: str, budget: int) -> dict[str, Any]:
             raise corrupt(name, f"dataset {path!r} is not numeric", actual=str(dset.dtype))
         if dset.external is not None or dset.is_virtual:
             raise corrupt(name, f"dataset {path!r} uses external or virtual storage")
-        total += int(np.prod(dset.shape, dtype=np.int64)) * dset.dtype.itemsize
+        # Python ints: numpy's int64 product wraps for huge declared dims and could
+        # slip under the budget right before the allocation below.
+        total += math.prod(int(n) for n in dset.shape) * int(dset.dtype.itemsize)
         if total > budget:
             raise corrupt(name, "datasets declare more bytes than the file", expected=budget)
         data = np.empty(dset.shape, dtype=dset.dtype)

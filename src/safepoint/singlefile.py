@@ -39,7 +39,7 @@ from typing import Any
 from . import embedded, manifest, runlog
 from .checkpoint import Checkpoint
 from .embedded import KEY
-from .errors import IncompleteCheckpointError, SafepointError, StorageError
+from .errors import ConfigError, IncompleteCheckpointError, SafepointError, StorageError
 from .manifest import Manifest
 from .storage import (
     TMP_MARK,
@@ -263,7 +263,11 @@ def _body(
 ) -> Manifest:
     check_name(name)
     if container(name) is None:
-        raise ValueError(f"{name!r} has no single-file suffix")
+        raise ConfigError(
+            f"Invalid single-file checkpoint name. Expected a name ending in one of "
+            f"{', '.join(SUFFIXES)}. Received: name={name!r}. Give the file one of those "
+            "suffixes, or save a checkpoint directory with CheckpointManager.save."
+        )
     return Manifest(
         name=name,
         seq=seq,

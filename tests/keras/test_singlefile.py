@@ -119,3 +119,41 @@ def test_safepoint_verify_checks_a_single_file_checkpoint(tmp_path, capsys):
     path.write_bytes(bytes(data))
     assert main(["verify", str(path)]) == safepoint.CorruptCheckpointError.exit_code
     assert "FAILED  w.weights.h5" in capsys.readouterr().out
+
+
+def test_huge_declared_dims_are_refused_before_allocation(tmp_path):
+    import h5py
+    import numpy as np
+
+    def write(path):  # 3 * 2**62 bytes declared: the int64 product wraps negative
+        with h5py.File(path, "w") as h5:
+            h5.create_dataset("x", shape=(2**62, 3), dtype="u1", chunks=(1, 1))
+            h5.create_dataset("y", data=np.arange(3, dtype="f4"))
+
+    mgr = safepoint.CheckpointManager(tmp_path)
+    layout = files.LEGACY_WEIGHTS
+    singlefile.save(mgr, "w.h5", write, step=1, epoch=1, metrics={}, layout=layout)
+    assert [v.ok for v in mgr.verify()] == [True]  # sealed with its true checksum
+    with pytest.raises(safepoint.CorruptCheckpointError, match="more bytes than the file"):
+        mgr.restore(checkpoint="w.h5")
+
+
+def test_a_name_without_a_single_file_suffix_is_a_config_error(tmp_path):
+    mgr = safepoint.CheckpointManager(tmp_path)
+    with pytest.raises(safepoint.ConfigError, match=r"Expected a name ending in .*name='w.txt'"):
+        save(mgr, build(1), "w.txt", 1)
+
+
+def test_a_file_that_cannot_be_sealed_fails_the_save_with_a_storage_error(tmp_path, monkeypatch):
+    from safepoint import embedded
+
+    mgr = safepoint.CheckpointManager(tmp_path)
+    save(mgr, build(1), "w.weights.h5", 1)
+    before = (tmp_path / "w.weights.h5").read_bytes()
+    monkeypatch.setattr(embedded, "_proven", set())
+    monkeypatch.setattr(embedded, "read_h5_manifest", lambda path, name: b"other bytes")
+    with pytest.raises(safepoint.StorageError, match=r"verbatim.*Expected.*Received") as info:
+        save(mgr, build(2), "w.weights.h5", 2)
+    assert info.value.stage == "manifest"
+    assert (tmp_path / "w.weights.h5").read_bytes() == before
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
