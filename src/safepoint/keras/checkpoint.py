@@ -173,7 +173,13 @@ class ModelCheckpoint(keras.callbacks.Callback):
 
     # -- state, for BackupAndRestore -------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Best value, batch counters and epoch: what an exact resume needs."""
+        """Best value, batch counters and epoch: what an exact resume needs.
+
+        Waits for the commit in flight first: ``best`` changes only once a save has
+        committed, and a backup must not hold a best that no file on disk holds (a
+        failed commit raises here instead).
+        """
+        self._committer.wait()
         return {
             "policy": self.policy.state_dict(),
             "current_epoch": self._current_epoch,
