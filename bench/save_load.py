@@ -227,14 +227,14 @@ class SafepointBuffered(Safepoint):
     name = "safepoint, buffered fallback"
 
     def save(self, state: dict[str, torch.Tensor], d: str) -> str:
-        from safepoint import storage
+        from safepoint import localfile
 
-        enable = storage._enable_direct
-        storage._enable_direct = lambda fd: False
+        enable = localfile._enable_direct
+        localfile._enable_direct = lambda fd: False
         try:
             return super().save(state, d)
         finally:
-            storage._enable_direct = enable
+            localfile._enable_direct = enable
 
 
 class TorchSave:

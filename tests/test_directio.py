@@ -9,7 +9,7 @@ import pytest
 from safetensors import safe_open
 
 import safepoint
-from safepoint import directio, storage
+from safepoint import directio, localfile
 
 
 def state() -> dict[str, object]:
@@ -43,7 +43,7 @@ def test_direct_path_roundtrips(tmp_path: Path) -> None:
 def test_buffered_fallback_where_o_direct_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(storage, "_enable_direct", lambda fd: False)
+    monkeypatch.setattr(localfile, "_enable_direct", lambda fd: False)
     roundtrip(tmp_path)
 
 

@@ -25,7 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from .checksum import Hasher
-from .storage import ALIGN, Writer
+from .localfile import ALIGN
+from .storage import Writer
 
 #: Largest chunk of the writer. bench/write_modes.py (1 GiB, O_DIRECT, one writer):
 #: 2 MiB chunks 571 ms, 8 MiB 682 ms, 32 MiB 705 ms; smaller chunks keep the copy
@@ -340,7 +341,7 @@ def read_image(fd: int, size: int, *, threads: int = 4) -> tuple[np.ndarray, str
     the checksum of exactly those bytes. Uses ``O_DIRECT`` where the file system
     allows it; the page cache and a readahead hint otherwise.
     """
-    from .storage import _disable_direct, _enable_direct
+    from .localfile import _disable_direct, _enable_direct
 
     capacity = -(-size // ALIGN) * ALIGN
     image = np.frombuffer(aligned(capacity), dtype=np.uint8)

@@ -1,5 +1,7 @@
 """Where checkpoint bytes go: the storage interface and the local-directory backend.
 
+File-level I/O lives in :mod:`safepoint.localfile`, name checks in :mod:`safepoint.names`.
+
 Every byte safepoint reads or writes passes through a :class:`Storage`, so tests can
 inject faults at each stage of a save and object stores can plug in later. The local
 backend implements the commit protocol of the design (principle 1):
@@ -19,13 +21,12 @@ failed ``fsync`` the kernel may have dropped the dirty pages, so the bytes are g
 Readers never follow a symbolic link below the root (``O_NOFOLLOW`` on every path
 component) and never accept a path with ``..``, ``/`` or NUL in a component.
 
-This module is the one place where ``OSError`` becomes a safepoint error.
+``OSError`` becomes a safepoint error in one place: :func:`safepoint.localfile.translate`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import os
@@ -33,60 +34,15 @@ import secrets
 import shutil
 import stat
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import BinaryIO, Protocol
 
 from .errors import CorruptCheckpointError, StorageError
 
-LOG_NAME = "safepoint-log.jsonl"
-TMP_MARK = ".tmp-"
-TRASH_PREFIX = ".trash-"
-_IOV_MAX = 1024
-
-
-def check_name(name: str, *, what: str = "name") -> str:
-    """Return ``name`` if it is a safe single path component; ``ConfigError`` otherwise."""
-    from .errors import ConfigError
-
-    problem = component_problem(name)
-    if problem:
-        raise ConfigError(
-            f"Invalid checkpoint {what}: {problem}. Expected a single file name of at most 255 "
-            f"bytes without '/', '\\', NUL or '..', not starting with '.'. Received: "
-            f"{what}={name!r}. Choose a template whose fields format to plain text."
-        )
-    return name
-
-
-def component_problem(name: object) -> str | None:
-    """Why ``name`` is not a safe path component, or None when it is."""
-    if not isinstance(name, str) or not name:
-        return "empty or not a string"
-    if "\x00" in name or "/" in name or "\\" in name:
-        return "it contains a path separator or NUL"
-    if name in (".", "..") or name.startswith("."):
-        return "it is a relative path marker or hidden"
-    if len(name.encode("utf-8", "surrogateescape")) > 255:
-        return "it is longer than 255 bytes"
-    if TMP_MARK in name or name == LOG_NAME:
-        return "it collides with safepoint's own staging or log names"
-    return None
-
-
-def _split(relpath: str) -> list[str]:
-    parts = relpath.split("/")
-    for part in parts:
-        problem = component_problem(part)
-        if problem and not (
-            TMP_MARK in part and component_problem(part.replace(TMP_MARK, "-")) is None
-        ):
-            raise CorruptCheckpointError(
-                f"Refusing a path that leaves the checkpoint root: {problem}. Expected a "
-                f"relative path inside the root. Received: path={relpath!r}. The manifest was "
-                "tampered with; do not load this checkpoint.",
-                file=relpath,
-            )
-    return parts
+# translate_read, LOG_NAME, check_name...: re-exported for the formats, catalog, adapters.
+from .localfile import LocalWriter, _exchange, _write_all, translate, translate_read
+from .names import LOG_NAME, TMP_MARK, TRASH_PREFIX, check_name, component_problem  # noqa: F401
+from .names import split as _split
 
 
 class Writer(Protocol):
@@ -119,198 +75,6 @@ class Storage(Protocol):
     def read_log(self) -> bytes: ...
     def lock(self) -> None: ...
     def unlock(self) -> None: ...
-
-
-@contextlib.contextmanager
-def translate(stage: str, target: str) -> Iterator[None]:
-    """Turn an ``OSError`` raised by ``stage`` on ``target`` into a ``StorageError``."""
-    try:
-        yield
-    except StorageError:
-        raise
-    except OSError as exc:
-        hint = {
-            errno.ENOSPC: "Free space on the device or point the manager at a larger root",
-            errno.EDQUOT: "Free quota or point the manager at another root",
-            errno.EROFS: "The root is read-only: choose a writable root for saving",
-            errno.EACCES: "Check the root's permissions",
-            errno.EPERM: "Check the root's permissions",
-            errno.EIO: "The device reported an I/O error; check it before trusting it again",
-        }.get(exc.errno or 0, "Check that the root exists and is writable")
-        outcome = (
-            "the new checkpoint was committed and nothing was deleted by mistake; retention "
-            "runs again after the next save"
-            if stage == "retention"
-            else "checkpoints committed before this one are intact"
-        )
-        raise StorageError(
-            f"Checkpoint storage failed at stage {stage!r} on {target}: "
-            f"[Errno {exc.errno}] {exc.strerror or exc}. {hint}; {outcome}.",
-            errno=exc.errno,
-            stage=stage,
-        ) from exc
-
-
-@contextlib.contextmanager
-def translate_read(target: str) -> Iterator[None]:
-    """:func:`translate` for reads, except that a missing file stays ``FileNotFoundError``.
-
-    Callers treat absence as an answer (no manifest: never committed). Any other
-    ``OSError`` (EIO, EACCES...) is a storage fault, not an absence: it becomes a
-    ``StorageError`` so a save fails rather than mistake an unreadable checkpoint for
-    a missing one.
-    """
-    try:
-        yield
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        with translate("read", target):
-            raise exc
-
-
-def _write_all(fd: int, buffers: Sequence[memoryview]) -> int:
-    """Write every buffer with as few syscalls as possible; returns bytes written.
-
-    ``writev`` takes up to IOV_MAX buffers per call and may write less than asked
-    (Linux caps one call near 2 GiB), so the loop resumes mid-buffer.
-    """
-    pending = [b for b in buffers if b.nbytes]
-    total = 0
-    while pending:
-        n = os.writev(fd, pending[:_IOV_MAX])
-        if n <= 0:
-            raise OSError(errno.EIO, "write returned no progress")
-        total += n
-        while n and pending:
-            head = pending[0]
-            if n >= head.nbytes:
-                n -= head.nbytes
-                pending.pop(0)
-            else:
-                pending[0] = head[n:]
-                n = 0
-    return total
-
-
-#: Alignment O_DIRECT needs for addresses, sizes and file offsets (the largest logical
-#: block size in common use; 512-byte devices accept it too).
-ALIGN = 4096
-
-
-def _address(buf: memoryview) -> int:
-    import numpy as np
-
-    return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data) if buf.nbytes else 0
-
-
-def _enable_direct(fd: int) -> bool:
-    """Switch ``fd`` to ``O_DIRECT``; False where the file system refuses it.
-
-    Direct writes skip the page cache, whose freshly touched pages are what costs most
-    on these machines (see PERF-NOTES); file systems without direct I/O (some network
-    or FUSE mounts) refuse the flag with EINVAL and keep working buffered.
-    """
-    flag = getattr(os, "O_DIRECT", 0)
-    if not flag:
-        return False
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | flag)
-    except OSError:
-        return False
-    return True
-
-
-def _disable_direct(fd: int) -> None:
-    flag = getattr(os, "O_DIRECT", 0)
-    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~flag)
-
-
-class LocalWriter:
-    """A payload file on a local disk: written sequentially, fsynced on close.
-
-    ``direct`` is True while the descriptor is in ``O_DIRECT`` mode. Buffers that are
-    4 KiB-aligned in address and size go straight to the device; the first buffer that
-    is not (a file's unaligned tail, or a caller that does not chunk) switches the file
-    to buffered writes for the rest, so any sequence of buffers is written correctly.
-    The ``fsync`` on close covers both kinds of write.
-    """
-
-    def __init__(
-        self, storage: LocalStorage, relpath: str, fd: int, *, direct: bool = True
-    ) -> None:
-        self._storage = storage
-        self._relpath = relpath
-        self._fd: int | None = fd
-        self.direct = direct and _enable_direct(fd)
-
-    def write(self, buffers: Sequence[memoryview]) -> None:
-        assert self._fd is not None, "write after close"
-        with translate("write", self._storage.describe(self._relpath)):
-            self._storage._fault("write", self._relpath)
-            if self.direct:
-                buffers = self._write_direct(self._fd, buffers)
-            if buffers:
-                _write_all(self._fd, buffers)
-
-    def _write_direct(self, fd: int, buffers: Sequence[memoryview]) -> Sequence[memoryview]:
-        """Write the aligned leading buffers directly; return what must go buffered."""
-        for i, buf in enumerate(buffers):
-            if buf.nbytes % ALIGN or _address(buf) % ALIGN:
-                _disable_direct(fd)
-                self.direct = False
-                return buffers[i:]
-            done = 0
-            while done < buf.nbytes:
-                try:
-                    n = os.write(fd, buf[done:])
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:
-                        raise
-                    n = 0  # this device wants a larger alignment: finish buffered
-                if n <= 0 or n % ALIGN:
-                    _disable_direct(fd)
-                    self.direct = False
-                    return [buf[done + max(n, 0) :], *buffers[i + 1 :]]
-                done += n
-        return []
-
-    def close(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        try:
-            with translate("fsync", self._storage.describe(self._relpath)):
-                self._storage._fault("fsync", self._relpath)
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def abort(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(root: str, a: str, b: str) -> bool:
-    """Atomically swap two directory entries (Linux ``renameat2``); False if unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    src = os.fsencode(os.path.join(root, a))
-    dst = os.fsencode(os.path.join(root, b))
-    if fn(_AT_FDCWD, src, _AT_FDCWD, dst, _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err))
 
 
 class LocalStorage:

@@ -29,4 +29,3 @@ def test_url_roots_are_refused_before_any_io(tmp_path, url):
         assert os.listdir(tmp_path) == []  # no local directory named after the URL
     finally:
         os.chdir(cwd)
-
