@@ -155,6 +155,10 @@ def _find_h5_manifest(view: Any, name: str) -> tuple[int, bytes]:
     """
     start = view.find(_PREFIX)
     if start < 0:
+        if view.find(ATTR.encode()) >= 0:
+            # The attribute is there but its manifest is not: a damaged checkpoint of
+            # ours, to be reported, never a file someone else wrote (that is ignored).
+            raise corrupt(name, "the embedded manifest is damaged", expected=_PREFIX.decode())
         raise FileNotFoundError(f"{name} has no embedded safepoint manifest")
     end = view.find(b"\n}\n", start)
     if end < 0 or end + 3 - start > manifest.MAX_BYTES:

@@ -157,3 +157,17 @@ def test_a_file_that_cannot_be_sealed_fails_the_save_with_a_storage_error(tmp_pa
     assert info.value.stage == "manifest"
     assert (tmp_path / "w.weights.h5").read_bytes() == before
     assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+
+
+def test_a_flip_in_the_manifest_prefix_is_reported_not_hidden(tmp_path):
+    mgr = safepoint.CheckpointManager(tmp_path)
+    save(mgr, build(1), "w.weights.h5", 1)
+    path = tmp_path / "w.weights.h5"
+    original = path.read_bytes()
+    start = original.index(b'{\n "format": "safepoint"')
+    for pos in range(start, start + 24):
+        damaged = bytearray(original)
+        damaged[pos] ^= 0x10
+        path.write_bytes(bytes(damaged))
+        (result,) = safepoint.CheckpointManager(tmp_path).verify()
+        assert isinstance(result.error, safepoint.CorruptCheckpointError), pos
