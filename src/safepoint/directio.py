@@ -137,7 +137,7 @@ class PayloadStream:
             chunk, n = item
             try:
                 if self._error is None:
-                    self._sink.write([memoryview(chunk[:n])])
+                    self._sink.write([chunk[:n].data])
             except BaseException as exc:  # handed to the caller on its next call
                 self._error = exc
             finally:
@@ -150,7 +150,7 @@ class PayloadStream:
     def _submit(self) -> None:
         assert self._chunk is not None
         view = self._chunk[: self._fill]
-        self._hasher.update(memoryview(view))  # the exact bytes handed to the device
+        self._hasher.update(view.data)  # the exact bytes handed to the device
         self._queue.put((self._chunk, self._fill))
         self._chunk, self._fill = None, 0
 
@@ -345,7 +345,7 @@ def read_image(fd: int, size: int, *, threads: int = 4) -> tuple[np.ndarray, str
 
     capacity = -(-size // ALIGN) * ALIGN
     image = np.frombuffer(aligned(capacity), dtype=np.uint8)
-    view = memoryview(image)
+    view = image.data
     direct = size >= ALIGN and _enable_direct(fd)
     if direct:
         try:  # probe: a file system may accept the flag and still refuse the read

@@ -233,7 +233,7 @@ def _from_body(body: dict[str, Any], where: str) -> Manifest:
     if not isinstance(extra, dict):
         raise _fail(where, "extra must be an object", extra)
     return Manifest(
-        name=name,
+        name=str(name),
         seq=seq or 0,
         step=step,
         epoch=epoch,

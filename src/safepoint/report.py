@@ -151,12 +151,12 @@ def plot(root: str, out: str, *, metrics: list[str] | None = None) -> int:
             f'<rect x="{pad}" y="{top + 8}" width="{width - 2 * pad}" height="134" '
             'fill="none" stroke="#ccc"/>'
         )
-        line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y, _ in pts)
+        line = " ".join(f"{sx(px):.1f},{sy(py):.1f}" for px, py, _ in pts)
         parts.append(f'<polyline points="{line}" fill="none" stroke="{color}"/>')
-        for x, y, saved in pts:
+        for px, py, saved in pts:
             fill = color if saved else "white"
             parts.append(
-                f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{fill}" '
+                f'<circle cx="{sx(px):.1f}" cy="{sy(py):.1f}" r="2.5" fill="{fill}" '
                 f'stroke="{color}"/>'
             )
         parts.append(f'<text x="{pad}" y="{top + 158}">step {x0:g}</text>')

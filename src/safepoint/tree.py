@@ -83,7 +83,7 @@ def as_bytes(source: Any) -> memoryview:
         arr = np.ascontiguousarray(source)
         if arr.dtype.byteorder == ">":
             arr = arr.astype(arr.dtype.newbyteorder("="))
-        return memoryview(arr.reshape(-1).view(np.uint8))
+        return arr.reshape(-1).view(np.uint8).data
     tensor = source.detach()
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
