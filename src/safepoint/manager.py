@@ -38,8 +38,6 @@ from .tree import TensorLeaf, flatten
 from .worker import SaveWorker
 from .writer import int_arg, metrics_arg, write_checkpoint
 
-_metrics_arg = metrics_arg  # kept for adapters that import it from here
-
 if TYPE_CHECKING:
     from .preemption import SaveOnSignal
 

@@ -49,6 +49,7 @@ from .storage import (
     component_problem,
     translate,
 )
+from .writer import metrics_arg
 
 log = logging.getLogger("safepoint")
 
@@ -302,10 +303,8 @@ def begin(
     The ``seq`` continues the manager's listing, so files and checkpoint directories in
     one root share one order, and ``Keep`` prunes both alike.
     """
-    from .manager import _metrics_arg
-
     storage = manager.storage
-    metrics = _metrics_arg(metrics)
+    metrics = metrics_arg(metrics)
     body = _body(name, seq=0, step=step, epoch=epoch, metrics=metrics)
     started = time.perf_counter()
     staged = _stage(storage, name, write)
