@@ -13,17 +13,28 @@ update of a slice of the state so that snapshots are really needed) checkpoints 
 
 Reported per mode: the stall per checkpoint (time the loop spent inside the save call,
 waiting for the previous save included; the first save of each rep is left out of the
-median because it allocates the reused buffers), the total time of the loop and the
-end-to-end overhead against ``none``. The machine's memcpy (copying the state into
-already-touched memory) is measured in the same run.
+median because it allocates the reused buffers), and two end-to-end overheads against
+``none``:
+
+* *steady state*: the median time from one checkpoint call's return to the next one's,
+  from the second checkpoint on. This is the cost a long run pays per checkpoint
+  interval: it leaves out the one-time allocation of the first save and the wait for
+  the last save at the end, which a run of thousands of steps pays once;
+* *whole loop*: the loop's total time, first allocation and final wait included (the
+  last save is durable before the loop counts as done).
+
+The machine's memcpy (copying the state into already-touched memory) is measured in
+the same run, right before each checkpoint.
 
     python bench/async_stall.py                  # ~1 GiB, 5 reps
+    python bench/async_stall.py --every 40       # saves twice as far apart
     python bench/async_stall.py --mib 128 --reps 1 --steps 20 --every 5   # quick
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shutil
 import statistics
@@ -165,12 +176,12 @@ def run(
     step: Step,
     args: argparse.Namespace,
     scratch: dict[str, torch.Tensor],
-) -> tuple[float, list[float], list[float]]:
+) -> tuple[float, list[float], list[float], list[float]]:
     root = os.path.join(args.dir, "run")
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(root)
     mode.start(root)
-    stalls, copies = [], []
+    stalls, copies, marks = [], [], []
     started = time.perf_counter()
     for i in range(1, args.steps + 1):
         step(state, i)
@@ -179,15 +190,17 @@ def run(
         # The machine's memcpy at this very moment (every mode, "none" included, pays
         # it): the load of other users swings it several-fold between minutes.
         copies.append(copy_into(scratch, state))
-        if isinstance(mode, NoCheckpoint):
-            continue
-        t = time.perf_counter()
-        mode.save(state, i)
-        stalls.append(time.perf_counter() - t)
+        if not isinstance(mode, NoCheckpoint):
+            t = time.perf_counter()
+            mode.save(state, i)
+            stalls.append(time.perf_counter() - t)
+        marks.append(time.perf_counter())
     mode.finish()  # the last save is durable before the loop counts as done
     total = time.perf_counter() - started
     shutil.rmtree(root, ignore_errors=True)
-    return total, stalls, copies
+    # From the return of the 2nd checkpoint on: steady-state intervals.
+    intervals = [b - a for a, b in itertools.pairwise(marks[1:])]
+    return total, stalls, copies, intervals
 
 
 def copy_into(dst: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> float:
@@ -202,7 +215,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mib", type=int, default=1024)
     ap.add_argument("--count", type=int, default=50)
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--every", type=int, default=20)
     ap.add_argument("--step-ms", type=float, default=100.0)
     ap.add_argument("--reps", type=int, default=5)
@@ -220,25 +233,29 @@ def main() -> None:
     stalls: dict[str, list[float]] = {k: [] for k in keys}
     firsts: dict[str, list[float]] = {k: [] for k in keys}
     ratios: dict[str, list[float]] = {k: [] for k in keys}
+    gaps: dict[str, list[float]] = {k: [] for k in keys}
     all_copies: list[float] = []
     scratch = {k: v.clone() for k, v in state.items()}
     for rep in range(args.reps):
         order = keys[rep % len(keys) :] + keys[: rep % len(keys)]
         for key in order:
-            total, s, copies = run(MODES[key](), state, step, args, scratch)
+            total, s, copies, intervals = run(MODES[key](), state, step, args, scratch)
             totals[key].append(total)
+            gaps[key].extend(intervals)
             all_copies.extend(copies)
             if s:
                 firsts[key].append(s[0])
                 stalls[key].extend(s[1:])
                 ratios[key].extend(x / c for x, c in zip(s[1:], copies[1:], strict=True))
             print(
-                f"  rep {rep + 1} {key}: {total:.2f} s, stalls {[round(x, 3) for x in s]}",
+                f"  rep {rep + 1} {key}: {total:.2f} s, stalls {[round(x, 3) for x in s]}, "
+                f"intervals {[round(x, 3) for x in intervals]}",
                 file=sys.stderr,
                 flush=True,
             )
     copy_s = statistics.median(all_copies)
     base = statistics.median(totals["none"]) if "none" in totals else None
+    base_gap = statistics.median(gaps["none"]) if gaps.get("none") else None
     sync = statistics.median(stalls["safepoint-sync"]) if stalls.get("safepoint-sync") else None
     print(
         f"# async_stall: {size / (1 << 20):.0f} MiB in {len(state)} tensors, "
@@ -254,13 +271,16 @@ def main() -> None:
         print(f"measured step time without checkpoints: {base / args.steps * 1e3:.0f} ms\n")
     print(
         "| mode | stall per checkpoint (median) | first save | stall / memcpy just before "
-        "| vs sync save "
-        "| loop total | end-to-end overhead |"
+        "| vs sync save | checkpoint interval (steady) | steady-state overhead "
+        "| loop total | whole-loop overhead |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for key in keys:
         total = statistics.median(totals[key])
         over = f"{100 * (total - base) / base:+.1f}%" if base else "-"
+        gap = statistics.median(gaps[key]) if gaps[key] else None
+        steady = f"{gap:.3f} s" if gap else "-"
+        steady_over = f"{100 * (gap - base_gap) / base_gap:+.1f}%" if gap and base_gap else "-"
         if stalls[key]:
             st = statistics.median(stalls[key])
             first = statistics.median(firsts[key])
@@ -269,7 +289,7 @@ def main() -> None:
             cols = f"{st * 1e3:.0f} ms | {first * 1e3:.0f} ms | {ratio:.2f}x | {vs_sync}"
         else:
             cols = "- | - | - | -"
-        print(f"| {MODES[key].name} | {cols} | {total:.2f} s | {over} |")
+        print(f"| {MODES[key].name} | {cols} | {steady} | {steady_over} | {total:.2f} s | {over} |")
 
 
 if __name__ == "__main__":

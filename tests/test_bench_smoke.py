@@ -38,7 +38,8 @@ def test_save_load_runs(tmp_path: Path) -> None:
 def test_async_stall_runs(tmp_path: Path) -> None:
     out = run(
         "async_stall.py",
-        *("--mib", "4", "--count", "4", "--reps", "1", "--steps", "4", "--every", "2"),
+        *("--mib", "4", "--count", "4", "--reps", "1", "--steps", "8", "--every", "2"),
         *("--step-ms", "2", "--dir", str(tmp_path)),
     )
     assert "| safepoint async |" in out and "| DCP async_save (thread) |" in out
+    assert "steady-state overhead" in out

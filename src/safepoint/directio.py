@@ -6,8 +6,10 @@ page cache per 4 KiB written. So payload bytes are copied into a few *reused*,
 page-aligned chunks and written with ``O_DIRECT`` (one background thread does the
 ``write`` calls, which release the GIL, while the caller fills the next chunk). The
 checksum is computed over each chunk after the copy, so it covers exactly the bytes
-handed to the device. Where the file system refuses ``O_DIRECT`` the sources are
-written with ``writev`` from their own buffers instead, with no copy.
+handed to the device. A buffer that is already page-aligned and starts at an aligned
+file position (an async save's staged file image, see ``snapshot.py``) skips the copy:
+its slices go to the device as they are. Where the file system refuses ``O_DIRECT``
+the sources are written with ``writev`` from their own buffers instead, with no copy.
 
 Reading does the reverse: one aligned buffer the size of the file, filled with direct
 reads of a few MiB each while a helper thread hashes the chunks already read; every
@@ -33,6 +35,11 @@ from .storage import Writer
 #: in cache and the pipeline full. Two or four writers did not help (649/666 ms).
 MAX_CHUNK = 2 << 20
 MIN_CHUNK = 1 << 20
+#: Largest write of a buffer passed through without a copy. With no copy to keep in
+#: cache, larger writes only mean fewer syscalls: 1 GiB written from one aligned buffer
+#: took 38 ms of CPU in 32 MiB writes against 50 ms in 2 MiB writes, and slowed a
+#: 2-thread training loop running beside it less (bench/write_modes.py, "passthrough").
+PASS_CHUNK = 32 << 20
 #: Chunks per writer: one being filled, the rest queued or being written.
 DEPTH = 3
 _READ_CHUNK = 16 << 20
@@ -108,7 +115,8 @@ class PayloadStream:
         self._chunk_size = chunk_size(size_hint)
         self._chunk: np.ndarray | None = None
         self._fill = 0
-        self._queue: queue.Queue[tuple[np.ndarray, int] | None] = queue.Queue()
+        # (buffer, bytes to write, whether it is a pooled chunk to hand back)
+        self._queue: queue.Queue[tuple[np.ndarray, int, bool] | None] = queue.Queue()
         self._free: queue.Queue[np.ndarray] = queue.Queue()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -134,14 +142,15 @@ class PayloadStream:
             item = self._queue.get()
             if item is None:
                 return
-            chunk, n = item
+            chunk, n, pooled = item
             try:
                 if self._error is None:
                     self._sink.write([chunk[:n].data])
             except BaseException as exc:  # handed to the caller on its next call
                 self._error = exc
             finally:
-                self._free.put(chunk)
+                if pooled:
+                    self._free.put(chunk)
 
     def _check(self) -> None:
         if self._error is not None:
@@ -151,10 +160,32 @@ class PayloadStream:
         assert self._chunk is not None
         view = self._chunk[: self._fill]
         self._hasher.update(view.data)  # the exact bytes handed to the device
-        self._queue.put((self._chunk, self._fill))
+        self._queue.put((self._chunk, self._fill, True))
         self._chunk, self._fill = None, 0
 
+    def _pass_through(self, src: np.ndarray) -> int:
+        """Queue the aligned leading part of ``src`` without copying; return its length.
+
+        Only when the file position is at a chunk boundary (nothing half-filled) and
+        ``src`` starts on a page: then every slice is aligned in address, size and file
+        offset, as ``O_DIRECT`` needs. The caller guarantees that ``src`` does not change
+        until :meth:`close` returns.
+        """
+        if self._fill or not src.nbytes or src.ctypes.data % ALIGN:
+            return 0
+        if self._thread is None:
+            self._start()
+        usable = src.nbytes - src.nbytes % ALIGN
+        for begin in range(0, usable, PASS_CHUNK):
+            piece = src[begin : min(begin + PASS_CHUNK, usable)]
+            self._check()
+            self._hasher.update(piece.data)
+            self._queue.put((piece, piece.nbytes, False))
+        return usable
+
     def _copy(self, src: np.ndarray) -> None:
+        if not src.nbytes:
+            return
         if self._thread is None:
             self._start()
         done = 0
@@ -176,7 +207,8 @@ class PayloadStream:
             return
         self._size += buf.nbytes
         if self._direct:
-            self._copy(np.frombuffer(buf, dtype=np.uint8))
+            src = np.frombuffer(buf, dtype=np.uint8)
+            self._copy(src[self._pass_through(src) :])
             return
         self._pending.append(buf)
         self._pending_bytes += buf.nbytes

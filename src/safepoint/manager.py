@@ -27,6 +27,7 @@ from .errors import (
     ConfigError,
     SafepointError,
 )
+from .formats import shards
 from .manifest import Manifest, now
 from .monitor import metric_value, resolve_mode
 from .retention import Keep, rank_best
@@ -39,6 +40,8 @@ from .worker import SaveWorker
 from .writer import int_arg, metrics_arg, write_checkpoint
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from .preemption import SaveOnSignal
 
 log = logging.getLogger("safepoint")
@@ -202,12 +205,23 @@ class CheckpointManager:
         name = self.template.format(step=step, epoch=epoch, metrics=metrics)
         created = now()
         if self.async_save:
-            snap = self._staging.capture(leaves)
+            groups = list(shards(leaves, self.shard_bytes))
+            prefix = getattr(self.format, "image_prefix", None)
+            snap = self._staging.capture(groups, [prefix(g) for g in groups] if prefix else None)
             if snap is not None:
                 self._worker.submit(
                     name,
                     lambda: self._persist(
-                        name, seq, step, epoch, metrics, tree, snap, created, waited=waited
+                        name,
+                        seq,
+                        step,
+                        epoch,
+                        metrics,
+                        tree,
+                        snap.leaves,
+                        created,
+                        waited=waited,
+                        images=snap.images,
                     ),
                 )
                 return Checkpoint(
@@ -240,6 +254,7 @@ class CheckpointManager:
         created: float,
         *,
         waited: float | None = None,
+        images: list[np.ndarray] | None = None,
     ) -> Checkpoint:
         """Write, commit, log and apply retention: the same protocol sync or async."""
         started = time.perf_counter()
@@ -255,7 +270,7 @@ class CheckpointManager:
             files={},
         )
         manifest = write_checkpoint(
-            self.storage, self.format, draft, leaves, shard_bytes=self.shard_bytes
+            self.storage, self.format, draft, leaves, shard_bytes=self.shard_bytes, images=images
         )
         seconds = time.perf_counter() - started
         ckpt = self.catalog.to_checkpoint(manifest, name)

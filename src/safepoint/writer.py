@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
+
 from .errors import ConfigError
 from .formats import PayloadFormat
 from .manifest import NAME as MANIFEST_NAME
@@ -65,11 +67,18 @@ def write_checkpoint(
     leaves: Sequence[TensorLeaf],
     *,
     shard_bytes: int,
+    images: Sequence[np.ndarray] | None = None,
 ) -> Manifest:
-    """Commit ``draft`` (a manifest without files) with the payload of ``leaves``."""
+    """Commit ``draft`` (a manifest without files) with the payload of ``leaves``.
+
+    ``images``: the payload files already laid out in memory (async saves, see
+    ``snapshot.py``), written as they are.
+    """
     staged = storage.stage(draft.name)
     try:
-        files, locations = fmt.write(storage, staged, leaves, shard_bytes=shard_bytes)
+        files, locations = fmt.write(
+            storage, staged, leaves, shard_bytes=shard_bytes, images=images
+        )
         manifest = replace(
             draft,
             files=files,

@@ -37,9 +37,20 @@ class PayloadFormat(Protocol):
     suffix: str
 
     def write(
-        self, storage: Storage, staged: str, leaves: Sequence[TensorLeaf], *, shard_bytes: int
+        self,
+        storage: Storage,
+        staged: str,
+        leaves: Sequence[TensorLeaf],
+        *,
+        shard_bytes: int,
+        images: Sequence[np.ndarray] | None = None,
     ) -> tuple[Files, Locations]:
-        """Write the leaves; return ``{file: {size, digest}}`` and ``{key: {file, name}}``."""
+        """Write the leaves; return ``{file: {size, digest}}`` and ``{key: {file, name}}``.
+
+        A format that also has ``image_prefix(group) -> bytes`` (the bytes before a
+        shard's tensors in its file) may be handed ``images``: each shard's complete
+        file, already laid out in page-aligned memory by the async staging.
+        """
         ...
 
     def read(self, storage: Storage, ckpt: str, manifest: Manifest) -> dict[str, np.ndarray]:

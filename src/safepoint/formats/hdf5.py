@@ -40,8 +40,16 @@ class HDF5Format:
     suffix = ".h5"
 
     def write(
-        self, storage: Storage, staged: str, leaves: Sequence[TensorLeaf], *, shard_bytes: int
+        self,
+        storage: Storage,
+        staged: str,
+        leaves: Sequence[TensorLeaf],
+        *,
+        shard_bytes: int,
+        images: Sequence[np.ndarray] | None = None,
     ) -> tuple[Files, Locations]:
+        if images is not None:  # HDF5 has no image_prefix, so nothing stages images for it
+            raise ValueError("the HDF5 format writes from tensors, not staged file images")
         files: Files = {}
         locations: Locations = {}
         index = 0

@@ -3,7 +3,8 @@
 Layout (the safetensors spec): an 8-byte little-endian header length, a JSON header
 padded with spaces to a multiple of 8, then every tensor's bytes back to back. The
 writer builds only the header in memory and hands the tensor buffers themselves to
-``writev`` (no copy of the state), hashing them on the way. Any
+``writev`` (no copy of the state), hashing them on the way; an async save's staged
+file image (header and tensors already in place) is written as it is. Any
 ``safetensors.safe_open`` can read the result.
 
 The reader trusts nothing: the header length is bounded by the file size, every
@@ -60,14 +61,33 @@ class SafetensorsFormat:
     name = "safetensors"
     suffix = ".safetensors"
 
+    def image_prefix(self, leaves: Sequence[TensorLeaf]) -> bytes:
+        """The bytes before the tensors in the file of ``leaves`` (async staging lays
+        its memory out as the file, so the writer can skip a copy; see snapshot.py)."""
+        return header_bytes(leaves)
+
     def write(
-        self, storage: Storage, staged: str, leaves: Sequence[TensorLeaf], *, shard_bytes: int
+        self,
+        storage: Storage,
+        staged: str,
+        leaves: Sequence[TensorLeaf],
+        *,
+        shard_bytes: int,
+        images: Sequence[np.ndarray] | None = None,
     ) -> tuple[Files, Locations]:
+        """Write one file per shard; ``images`` are the shards' whole files, if staged."""
         files: Files = {}
         locations: Locations = {}
-        for index, group in enumerate(shards(leaves, shard_bytes)):
+        groups = list(shards(leaves, shard_bytes))
+        if images is not None and len(images) != len(groups):
+            raise ValueError(f"{len(images)} staged images for {len(groups)} shards")
+        for index, group in enumerate(groups):
             fname = f"model-{index:05d}{self.suffix}"
-            size, digest = self._write_file(storage, f"{staged}/{fname}", group)
+            path = f"{staged}/{fname}"
+            if images is None:
+                size, digest = self._write_file(storage, path, group)
+            else:
+                size, digest = self._write_image(storage, path, group, images[index])
             files[fname] = {"size": size, checksum.ALGORITHM: digest}
             for leaf in group:
                 locations[leaf.key] = {"file": fname, "name": leaf.key}
@@ -93,6 +113,22 @@ class SafetensorsFormat:
         if size != total:
             raise _changed(relpath, total, size)
         return size, digest
+
+    def _write_image(
+        self, storage: Storage, relpath: str, leaves: Sequence[TensorLeaf], image: np.ndarray
+    ) -> tuple[int, str]:
+        """Write a staged file image as it is: page-aligned, so without a copy."""
+        head = header_bytes(leaves)
+        total = len(head) + sum(leaf.nbytes for leaf in leaves)
+        if image.nbytes != total or image[: len(head)].tobytes() != head:
+            raise ValueError(f"the staged image of {relpath} does not match its tensors")
+        stream = directio.PayloadStream(storage.open_write(relpath), size_hint=total)
+        try:
+            stream.write(image.data)
+        except BaseException:
+            stream.abort()
+            raise
+        return stream.close()
 
     def read(
         self, storage: Storage, ckpt: str, manifest: Manifest, *, lazy: bool = False
