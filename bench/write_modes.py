@@ -3,7 +3,9 @@
 Writes (each followed by fsync): buffered ``write`` from the source; buffered with
 ``posix_fadvise(DONTNEED)`` after the fsync; ``O_DIRECT`` through reused aligned
 chunks of 2/8/32 MiB with 1 writer thread, and with 2 and 4 writer threads at
-different offsets (the "parallel shard writes" question). Reads (cold, evicted with
+different offsets (the "parallel shard writes" question); ``O_DIRECT`` straight from a
+page-aligned buffer without a copy ("pass-through", what async saves do with their
+staged file images) in 2 and 32 MiB writes, with 1 and 2 writers. Reads (cold, evicted with
 ``posix_fadvise(DONTNEED)``): ``readinto`` a fresh buffer; ``O_DIRECT`` with 1 and 4
 threads; a private ``mmap`` faulted in by 4 threads with ``MADV_POPULATE_READ``. Modes
 alternate in rotating order; medians of ``--reps``.
@@ -66,6 +68,27 @@ def direct(src: np.ndarray, path: str, chunk: int, writers: int) -> None:
             work.put(None)
         for t in threads:
             t.join()
+    os.fsync(fd)
+    os.close(fd)
+
+
+def passthrough(src: np.ndarray, path: str, piece: int, writers: int) -> None:
+    """``O_DIRECT`` writes of slices of an already aligned buffer: no copy at all."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    view = memoryview(src)
+    starts = list(range(0, src.nbytes, piece))
+
+    def io(mine: list[int]) -> None:
+        for offset in mine:
+            os.pwrite(fd, view[offset : offset + piece], offset)
+
+    threads = [
+        threading.Thread(target=io, args=(starts[i::writers],), daemon=True) for i in range(writers)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     os.fsync(fd)
     os.close(fd)
 
@@ -141,6 +164,8 @@ def main() -> None:
     os.makedirs(args.dir, exist_ok=True)
     path = os.path.join(args.dir, "modes.bin")
     src = np.random.default_rng(0).integers(0, 255, size=args.mib << 20, dtype=np.uint8)
+    image = np.frombuffer(mmap.mmap(-1, src.nbytes), dtype=np.uint8)  # page-aligned copy
+    image[:] = src
     writes: dict[str, Callable[[], None]] = {
         "buffered write": lambda: buffered(src, path),
         "buffered + fadvise(DONTNEED)": lambda: buffered(src, path, True),
@@ -149,6 +174,9 @@ def main() -> None:
         "O_DIRECT 32 MiB x1": lambda: direct(src, path, 32 << 20, 1),
         "O_DIRECT 8 MiB x2 writers": lambda: direct(src, path, 8 << 20, 2),
         "O_DIRECT 8 MiB x4 writers": lambda: direct(src, path, 8 << 20, 4),
+        "pass-through O_DIRECT 2 MiB x1": lambda: passthrough(image, path, 2 << 20, 1),
+        "pass-through O_DIRECT 32 MiB x1": lambda: passthrough(image, path, 32 << 20, 1),
+        "pass-through O_DIRECT 32 MiB x2 writers": lambda: passthrough(image, path, 32 << 20, 2),
     }
     reads: dict[str, Callable[[], None]] = {
         "readinto (buffered)": lambda: read_into(path),
@@ -157,6 +185,7 @@ def main() -> None:
         "mmap + MADV_POPULATE_READ x4": lambda: read_mapped(path),
     }
     times: dict[str, list[float]] = {k: [] for k in [*writes, *reads]}
+    cpus: dict[str, list[float]] = {k: [] for k in [*writes, *reads]}
     direct(src, path, 8 << 20, 1)
     for rep in range(args.reps):
         for group in (writes, reads):
@@ -165,22 +194,25 @@ def main() -> None:
             for key in keys:
                 if group is reads:
                     evict(path)
-                t = time.perf_counter()
+                c, t = time.process_time(), time.perf_counter()
                 group[key]()
                 times[key].append(time.perf_counter() - t)
+                cpus[key].append(time.process_time() - c)
         print(f"  rep {rep + 1}/{args.reps}", file=sys.stderr, flush=True)
     os.unlink(path)
     gib = args.mib / 1024
     print(f"# write_modes: {args.mib} MiB, {args.reps} reps, {os.cpu_count()} CPUs\n")
     for title, group in (("write + fsync", writes), ("cold read", reads)):
         first = statistics.median(times[next(iter(group))])
-        print(f"| {title} | median | GiB/s | vs first row | samples (s) |")
-        print("| --- | --- | --- | --- | --- |")
+        print(f"| {title} | median | GiB/s | vs first row | CPU time (median) | samples (s) |")
+        print("| --- | --- | --- | --- | --- | --- |")
         for key in group:
             med = statistics.median(times[key])
+            cpu = statistics.median(cpus[key])
             samples = ", ".join(f"{x:.2f}" for x in times[key])
             print(
-                f"| {key} | {med * 1e3:.0f} ms | {gib / med:.2f} | {med / first:.2f}x | {samples} |"
+                f"| {key} | {med * 1e3:.0f} ms | {gib / med:.2f} | {med / first:.2f}x "
+                f"| {cpu * 1e3:.0f} ms | {samples} |"
             )
         print()
 

@@ -18,7 +18,7 @@ import xxhash
 from safetensors import safe_open
 
 import safepoint
-from safepoint import directio, localfile
+from safepoint import directio, localfile, snapshot
 from safepoint.formats import shards
 from safepoint.formats.safetensors import header_bytes
 from safepoint.snapshot import Staging, image_layout
@@ -177,3 +177,13 @@ def test_stream_mixes_passed_through_and_copied_buffers(tmp_path: Path, direct: 
     assert size == len(expected)
     assert path.read_bytes() == expected
     assert digest == xxhash.xxh3_64_hexdigest(expected)
+
+
+def test_pinning_fails_soft_without_cuda(caplog: pytest.LogCaptureFixture) -> None:
+    """Where the staging memory cannot be page-locked, snapshots still work unpinned."""
+    if torch.cuda.is_available():
+        pytest.skip("this checks the fallback of a machine without CUDA")
+    arena = np.frombuffer(directio.aligned(1 << 16), dtype=np.uint8)
+    with caplog.at_level("INFO", logger="safepoint"):
+        assert snapshot._pin(arena) is False
+    assert "copying unpinned" in caplog.text
