@@ -33,6 +33,8 @@ def test_save_load_runs(tmp_path: Path) -> None:
         "--no-memory",
     )
     assert "| safepoint |" in out and "| torch.save |" in out
+    assert "safepoint async: `save()` returned after" in out
+    assert "| safepoint, load(mmap=True) + 1 tensor |" in out
 
 
 def test_async_stall_runs(tmp_path: Path) -> None:
@@ -43,3 +45,13 @@ def test_async_stall_runs(tmp_path: Path) -> None:
     )
     assert "| safepoint async |" in out and "| DCP async_save (thread) |" in out
     assert "steady-state overhead" in out
+
+
+def test_cuda_snapshot_runs_on_cpu(tmp_path: Path) -> None:
+    """The GPU script's logic (the bit-for-bit check included) runs here on the CPU."""
+    out = run(
+        "cuda_snapshot.py",
+        *("--device", "cpu", "--gib", "0.01", "--saves", "3", "--every", "4"),
+        *("--step-ms", "2", "--dir", str(tmp_path)),
+    )
+    assert "restored bytes identical to the state at the last save: True" in out

@@ -20,6 +20,11 @@ training step. Formats without such a prefix (HDF5) get the plain layout, tensor
 64-byte-aligned offsets. All copies in and out of the arena are byte copies, so a
 tensor at an odd offset inside an image is never read through a typed view.
 
+CUDA tensors: the first snapshot that holds one page-locks the arena
+(``cudaHostRegister``), so their copies are non-blocking DMA transfers; the snapshot
+then waits on one event per device, recorded after its copies. Where pinning is
+refused the copies still work, through the driver's own bounce buffer.
+
 Memory cap (``max_bytes``): a state whose tensors need more than the cap is not
 snapshotted; :meth:`Staging.capture` returns None and the manager saves it
 synchronously instead, logging why once. The arena grows to the largest state that
@@ -99,7 +104,7 @@ class Staging:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._arena: np.ndarray | None = None
-        self._pinned = False
+        self._pinned = self._pin_tried = False
 
     @property
     def nbytes(self) -> int:
@@ -113,7 +118,8 @@ class Staging:
             # torch's intra-op threads for CPU tensors. 1 GiB took 330 ms that way
             # against 650 ms for a fill first and then the copy (2 cores).
             self._arena = np.frombuffer(aligned(need), dtype=np.uint8)
-        if pin and not self._pinned:
+        if pin and not self._pin_tried:  # once per arena: a refusal is not retried
+            self._pin_tried = True
             self._pinned = _pin(self._arena)
         return self._arena
 
@@ -156,12 +162,14 @@ class Staging:
     def release(self) -> None:
         if self._pinned and self._arena is not None:
             _unpin(self._arena)
-        self._arena, self._pinned = None, False
+        self._arena = None
+        self._pinned = self._pin_tried = False
 
 
 def _on_device(leaf: TensorLeaf) -> bool:
+    """True for CUDA tensors: the ones whose copies pinned memory speeds up."""
     device = getattr(leaf.source, "device", None)
-    return device is not None and getattr(device, "type", "cpu") != "cpu"
+    return getattr(device, "type", None) == "cuda"
 
 
 def _pin(arena: np.ndarray) -> bool:
@@ -210,8 +218,10 @@ def _copy(leaf: TensorLeaf, dst: np.ndarray, device: list[object]) -> None:
             if not src.is_contiguous():
                 src = src.contiguous()
             flat = src.reshape(-1).view(torch.uint8) if src.dtype != torch.uint8 else src
-            torch.from_numpy(dst).copy_(flat.reshape(-1), non_blocking=True)
-            device.append(src.device)
+            cuda = src.device.type == "cuda"  # other devices copy synchronously
+            torch.from_numpy(dst).copy_(flat.reshape(-1), non_blocking=cuda)
+            if cuda:
+                device.append(src.device)
             return
         if src.is_contiguous():
             # torch's copy runs on its intra-op threads: faster than one memcpy.
