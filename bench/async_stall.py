@@ -198,6 +198,9 @@ def run(
     mode.finish()  # the last save is durable before the loop counts as done
     total = time.perf_counter() - started
     shutil.rmtree(root, ignore_errors=True)
+    # Modes that write through the page cache (DCP, torch.save) leave dirty pages whose
+    # writeback would otherwise run, and take CPU, during the next mode's loop.
+    os.sync()
     # From the return of the 2nd checkpoint on: steady-state intervals.
     intervals = [b - a for a, b in itertools.pairwise(marks[1:])]
     return total, stalls, copies, intervals

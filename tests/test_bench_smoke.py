@@ -55,3 +55,11 @@ def test_cuda_snapshot_runs_on_cpu(tmp_path: Path) -> None:
         *("--step-ms", "2", "--dir", str(tmp_path)),
     )
     assert "restored bytes identical to the state at the last save: True" in out
+
+
+def test_persist_cpu_runs(tmp_path: Path) -> None:
+    out = run(
+        "persist_cpu.py",
+        *("--mib", "8", "--reps", "1", "--steps", "2", "--dir", str(tmp_path)),
+    )
+    assert "| safepoint async save (save + wait) |" in out

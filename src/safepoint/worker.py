@@ -11,9 +11,7 @@ on stderr and in the log by an ``atexit`` hook, so a failure is never silent.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import logging
-import os
 import sys
 import threading
 import time
@@ -45,7 +43,6 @@ class SaveWorker:
         self._label = label
 
         def run() -> None:
-            _lower_priority()
             try:
                 job()
             except BaseException as exc:  # kept for wait(); the thread must not print it
@@ -82,25 +79,6 @@ class SaveWorker:
             )
             log.error(message)
             print(message, file=sys.stderr)
-
-
-#: Niceness of background save threads (and the I/O threads they start, which inherit it).
-#: Off by default: an A/B run of bench/async_stall.py on the shared 2-core machines was
-#: inconclusive (the noise between runs exceeded the difference).
-NICE = int(os.environ.get("SAFEPOINT_BACKGROUND_NICE", "0"))
-
-
-def _lower_priority() -> None:
-    """Let the training threads win the CPU over the background writer.
-
-    On a machine with few cores the writer's copies and checksums compete with the
-    training step's threads; a positive nice value for this one thread (Linux nice
-    values are per thread) keeps the step's time unchanged while the save proceeds
-    in the idle gaps. Failing to change it is harmless.
-    """
-    if NICE and hasattr(os, "setpriority"):
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
 
 
 @atexit.register
