@@ -9,7 +9,7 @@ import pytest
 from safetensors import safe_open
 
 import safepoint
-from safepoint import directio, localfile
+from safepoint import directio, fileimage, localfile
 
 
 def state() -> dict[str, object]:
@@ -53,7 +53,7 @@ def test_read_fallback_where_files_cannot_be_mapped(
     def refuse(*args: object, **kwargs: object) -> None:
         raise OSError(19, "No such device (mmap refused)")
 
-    monkeypatch.setattr(directio, "map_image", refuse)
+    monkeypatch.setattr(fileimage, "map_image", refuse)
     roundtrip(tmp_path)
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import checksum, directio, dtypes
+from .. import checksum, directio, dtypes, fileimage
 from ..errors import ConfigError
 from ..manifest import Manifest, no_duplicates
 from ..storage import Storage, translate_read
@@ -163,10 +163,10 @@ class SafetensorsFormat:
                 # The size is bounded by the manifest and by the file itself, so this
                 # allocation is no larger than what is really on disk.
                 try:
-                    image, digest = directio.map_image(f.fileno(), actual_size, lazy=lazy)
+                    image, digest = fileimage.map_image(f.fileno(), actual_size, lazy=lazy)
                 except (OSError, ValueError):  # a file system that cannot map files
                     with translate_read(relpath):
-                        image, digest = directio.read_image(f.fileno(), actual_size)
+                        image, digest = fileimage.read_image(f.fileno(), actual_size)
                     lazy = False
             except EOFError as exc:
                 expect(False, relpath, "file ended early", expected=actual_size, actual=str(exc))
