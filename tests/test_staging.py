@@ -9,6 +9,7 @@ by counting what the writer copies; timing lives in ``bench/async_stall.py``.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import safepoint
 from safepoint import directio, localfile, snapshot
 from safepoint.formats import shards
 from safepoint.formats.safetensors import header_bytes
+from safepoint.names import TMP_MARK, TRASH_PREFIX
 from safepoint.snapshot import Staging, image_layout
 from safepoint.storage import LocalStorage
 from safepoint.tree import flatten
@@ -187,3 +189,43 @@ def test_pinning_fails_soft_without_cuda(caplog: pytest.LogCaptureFixture) -> No
     with caplog.at_level("INFO", logger="safepoint"):
         assert snapshot._pin(arena) is False
     assert "copying unpinned" in caplog.text
+
+
+class FailingNthWrite(LocalStorage):
+    """Raises EIO on the ``n``-th payload write call once armed."""
+
+    def __init__(self, root: Path, n: int) -> None:
+        super().__init__(root)
+        self.n, self.writes, self.armed = n, 0, False
+
+    def _fault(self, stage: str, target: str) -> None:
+        if self.armed and stage == "write":
+            self.writes += 1
+            if self.writes == self.n:
+                raise OSError(errno.EIO, "Input/output error (injected)")
+
+
+def test_failure_midway_through_passed_through_writes(tmp_path: Path) -> None:
+    """An I/O error on the 2nd of several 32 MiB pass-through writes: the pieces still
+    queued are dropped, the error surfaces on wait(), the previous checkpoint stays."""
+    storage = FailingNthWrite(tmp_path, n=2)
+    big = {"w": torch.arange(20 << 20, dtype=torch.float32)}  # 80 MiB: three pieces
+    with safepoint.CheckpointManager(storage, async_save=True) as mgr:
+        mgr.save(big, step=1)
+        mgr.wait()
+        storage.armed = True
+        big["w"].add_(1.0)
+        mgr.save(big, step=2)
+        with pytest.raises(safepoint.StorageError, match="write"):
+            mgr.wait()
+        assert storage.writes == 2  # nothing was written after the failure
+        assert [c.step for c in mgr.checkpoints()] == [1]
+        restored = mgr.restore()
+        assert restored is not None
+        assert torch.equal(restored.state["w"], torch.arange(20 << 20, dtype=torch.float32))
+        storage.armed = False
+        mgr.save(big, step=3)
+        mgr.wait()
+    assert [c.step for c in safepoint.CheckpointManager(tmp_path).checkpoints()] == [1, 3]
+    leftovers = [n for n in os.listdir(tmp_path) if TMP_MARK in n or n.startswith(TRASH_PREFIX)]
+    assert leftovers == []  # the failed save's staging directory was removed
