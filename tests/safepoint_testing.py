@@ -7,6 +7,7 @@ conftest.py files was imported first.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -16,6 +17,27 @@ from typing import Any
 import numpy as np
 
 from safepoint.manifest import _body_digest
+from safepoint.storage import LocalStorage
+
+
+class FaultyStorage(LocalStorage):
+    """Raises EIO once at ``stage_to_fail`` when armed; records every stage it passes.
+
+    Every write path of the local backend calls ``_fault(stage, target)`` first, so
+    setting ``stage_to_fail`` to "write", "fsync", "manifest", "rename"... fails the
+    next call of that stage, and only that one (the device then "recovers").
+    """
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.stage_to_fail: str | None = None
+        self.hits: list[tuple[str, str]] = []
+
+    def _fault(self, stage: str, target: str) -> None:
+        self.hits.append((stage, target))
+        if stage == self.stage_to_fail:
+            self.stage_to_fail = None
+            raise OSError(errno.EIO, "Input/output error (injected)")
 
 
 def tensor_bytes(value: Any) -> bytes:

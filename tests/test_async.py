@@ -6,7 +6,6 @@ Functional checks only; how long a save stalls training is measured by
 
 from __future__ import annotations
 
-import errno
 import os
 import subprocess
 import sys
@@ -17,24 +16,11 @@ import numpy as np
 import pytest
 
 import safepoint
-from safepoint.storage import LocalStorage
+from safepoint_testing import FaultyStorage
 
 torch = pytest.importorskip("torch")
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-
-
-class FaultyStorage(LocalStorage):
-    """Raises EIO once at ``stage`` when armed (the fault seam of every save stage)."""
-
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
-        self.stage_to_fail: str | None = None
-
-    def _fault(self, stage: str, target: str) -> None:
-        if stage == self.stage_to_fail:
-            self.stage_to_fail = None
-            raise OSError(errno.EIO, "Input/output error (injected)")
 
 
 def model_state(seed: int) -> dict[str, object]:

@@ -18,24 +18,9 @@ import pytest
 import safepoint
 from safepoint import storage as storage_module
 from safepoint.storage import TMP_MARK, TRASH_PREFIX, LocalStorage
-from safepoint_testing import listing
+from safepoint_testing import FaultyStorage, listing
 
 STAGES = ["stage", "open", "write", "fsync", "manifest", "dir-fsync", "rename", "retention"]
-
-
-class FaultyStorage(LocalStorage):
-    """Raises EIO at ``stage`` for the next ``times`` calls once armed."""
-
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
-        self.stage_to_fail: str | None = None
-        self.hits: list[tuple[str, str]] = []
-
-    def _fault(self, stage: str, target: str) -> None:
-        self.hits.append((stage, target))
-        if stage == self.stage_to_fail:
-            self.stage_to_fail = None  # one fault, then the device "recovers"
-            raise OSError(errno.EIO, "Input/output error (injected)")
 
 
 def state_for(step: int) -> dict[str, object]:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-from pathlib import Path
 
 import keras
 import pytest
@@ -13,20 +11,7 @@ import pytest
 import safepoint
 from safepoint import singlefile
 from safepoint.keras import files
-from safepoint.storage import LocalStorage
-
-
-class FaultyStorage(LocalStorage):
-    """Raises EIO once at ``stage`` when armed (as in tests/test_faults.py)."""
-
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
-        self.stage_to_fail: str | None = None
-
-    def _fault(self, stage: str, target: str) -> None:
-        if stage == self.stage_to_fail:
-            self.stage_to_fail = None
-            raise OSError(errno.EIO, "Input/output error (injected)")
+from safepoint_testing import FaultyStorage
 
 
 def build(seed: int = 7) -> keras.Model:
