@@ -51,6 +51,9 @@ def main() -> None:
     parser.add_argument("--save-freq", default="epoch")
     parser.add_argument("--kill", default="", help="EPOCH or EPOCH:BATCH (0-based)")
     parser.add_argument("--keras-backup", action="store_true", help="Keras' BackupAndRestore")
+    parser.add_argument(
+        "--best-beside", action="store_true", help="also save best.keras in the backup folder"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     keras.utils.set_random_seed(7)
@@ -77,6 +80,9 @@ def main() -> None:
         ),
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=50),
     ]
+    if args.best_beside:
+        best = os.path.join(args.workdir, "backup", "best.keras")
+        callbacks.append(ModelCheckpoint(best, monitor="val_loss", save_best_only=True))
     if args.kill:
         epoch, _, batch = args.kill.partition(":")
         callbacks.append(Killer(int(epoch), int(batch) if batch else None))

@@ -35,12 +35,9 @@ from keras.src.utils import io_utils
 from ..errors import ConfigError, SafepointError
 from ..manager import CheckpointManager
 from ..policy import SavePolicy, check_save_freq
-from ..retention import Keep
 from ..rng import RNGState
 from ..storage import LOG_NAME
-from . import names, state
-
-_NAME = "backup-{step:010d}"
+from . import names, series, state
 
 
 def _callback_list(me: Any) -> Any:
@@ -69,8 +66,10 @@ def _callback_list(me: Any) -> Any:
 class BackupAndRestore(keras.callbacks.Callback):
     """Back up the full training state every epoch (or every ``save_freq`` batches).
 
-    ``backup_dir`` must be used by this callback only. ``double_checkpoint`` is
-    accepted for compatibility: the two newest backups are always kept.
+    ``backup_dir`` may hold other files (a ``ModelCheckpoint``'s ``best.keras``):
+    only this callback's own backups (:mod:`.series`) are restored from, pruned and
+    deleted. ``double_checkpoint`` is accepted for compatibility: the two newest
+    backups are always kept.
     """
 
     def __init__(
@@ -141,9 +140,10 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._list = _callback_list(self)
         if self._list is not None:
             self._go_last(logs)
-        self._manager = CheckpointManager(self.backup_dir, name=_NAME, keep=Keep(last=2))
-        newest = self._manager.latest()
-        ckpt = self._manager.restore(missing_ok=True)
+        # No Keep on the manager: its retention would weigh every checkpoint in the
+        # folder (a best.keras beside the backups), while this callback prunes its own.
+        self._manager = CheckpointManager(self.backup_dir, name=series.NAME)
+        newest, ckpt = series.restore(self._manager)
         self._pending = None
         self._step = 0
         if ckpt is None:
@@ -231,12 +231,13 @@ class BackupAndRestore(keras.callbacks.Callback):
             return
         if self.delete_checkpoint:
             manager.storage.lock()
-            for ckpt in manager.checkpoints():
-                manager.storage.remove(ckpt.name)
+            series.delete_all(manager)  # its own backups only, never a file beside them
         manager.close()  # releases the lock
         if self.delete_checkpoint:
+            # The run log and the folder go only when nothing else is left in it: a
+            # ModelCheckpoint's file (or a user's) beside the backups keeps both.
             log = os.path.join(self.backup_dir, LOG_NAME)
-            if os.path.exists(log):
+            if os.path.isdir(self.backup_dir) and os.listdir(self.backup_dir) == [LOG_NAME]:
                 os.unlink(log)
             if os.path.isdir(self.backup_dir) and not os.listdir(self.backup_dir):
                 os.rmdir(self.backup_dir)
@@ -266,6 +267,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         }
         try:
             self._manager.save(tree, step=self._step, epoch=epoch, metrics=metrics)
+            series.prune(self._manager)  # still under the lock the save took
         finally:
             # Held for the save only: a fit that dies of an exception gets no callback,
             # and a retry in the same process must be able to take the lock again.

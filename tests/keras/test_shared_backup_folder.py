@@ -1,0 +1,121 @@
+"""BackupAndRestore shares its folder with a ModelCheckpoint file (and a user's files).
+
+A common layout puts ``best.keras`` next to the backups. The backup side must treat
+only its own backups (``backup-NNNNNNNNNN`` directories holding a training state) as
+its own: restore from them, prune them and delete them, never anything else there.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from seed_data import pima
+
+import safepoint
+from safepoint.keras import BackupAndRestore, ModelCheckpoint
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fit_script.py")
+
+
+def build() -> keras.Model:
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(4, activation="relu"), keras.layers.Dense(1)]
+    )
+    model.compile(loss="mse", optimizer="adam")
+    return model
+
+
+class Stop(keras.callbacks.Callback):
+    """Interrupt fit with an exception at the start of ``epoch``."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def fit(model, callbacks, epochs):
+    x, y = pima()
+    return model.fit(
+        x[:200], y[:200], validation_split=0.25, epochs=epochs, batch_size=50,
+        callbacks=callbacks, verbose=0,
+    )  # fmt: skip
+
+
+def backups(folder) -> list[str]:
+    return sorted(n for n in os.listdir(folder) if n.startswith("backup-"))
+
+
+def test_fit_keeps_best_keras_and_the_users_files_and_deletes_only_its_backups(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    best = ModelCheckpoint(str(folder / "best.keras"), save_best_only=True)
+    fit(build(), [BackupAndRestore(folder), best], epochs=4)
+    assert sorted(os.listdir(folder)) == ["best.keras", "notes.txt", "safepoint-log.jsonl"]
+    assert (folder / "notes.txt").read_text() == "mine"
+    loaded = keras.models.load_model(folder / "best.keras")
+    assert loaded.count_params() == build().count_params()
+
+
+def test_an_interrupted_fit_resumes_from_its_backup_not_from_best_keras(tmp_path):
+    folder = tmp_path / "run"
+    best = str(folder / "best.keras")
+    with pytest.raises(KeyboardInterrupt):
+        fit(build(), [BackupAndRestore(folder), ModelCheckpoint(best), Stop(3)], epochs=5)
+    # 3 batches an epoch; the two newest backups are kept, best.keras beside them.
+    assert backups(folder) == ["backup-0000000006", "backup-0000000009"]
+    history = fit(build(), [BackupAndRestore(folder), ModelCheckpoint(best)], epochs=5)
+    assert len(history.history["loss"]) == 2  # epochs 4 and 5 only
+    assert sorted(os.listdir(folder)) == ["best.keras", "safepoint-log.jsonl"]
+    keras.models.load_model(folder / "best.keras")
+
+
+def test_a_foreign_checkpoint_with_a_backup_name_is_neither_restored_nor_deleted(tmp_path):
+    folder = tmp_path / "run"
+    with safepoint.CheckpointManager(folder, name="backup-{step:010d}") as other:
+        other.save({"x": np.arange(3)}, step=99)
+    history = fit(build(), [BackupAndRestore(folder)], epochs=2)
+    assert len(history.history["loss"]) == 2  # started fresh: backup-0000000099 is not ours
+    assert backups(folder) == ["backup-0000000099"]
+    ckpt = safepoint.CheckpointManager(folder).restore(checkpoint="backup-0000000099")
+    assert ckpt is not None and ckpt.state["x"].tolist() == [0, 1, 2]
+
+
+# ----------------------------------------------------------------------- a real kill
+def run(workdir, out: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "KERAS_BACKEND": "torch"}
+    cmd = [sys.executable, SCRIPT, "--workdir", str(workdir), "--out", str(workdir / out), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def load(path) -> dict[str, bytes]:
+    with np.load(path, allow_pickle=False) as npz:
+        return {k: npz[k].tobytes() for k in npz.files}
+
+
+def test_sigkill_then_rerun_resumes_beside_best_keras_and_keeps_it(tmp_path):
+    args = ("--epochs", "4", "--best-beside")
+    full = tmp_path / "full"
+    full.mkdir()
+    done = run(full, "final.npz", *args)
+    assert done.returncode == 0, done.stderr
+    assert sorted(os.listdir(full / "backup")) == ["best.keras", "safepoint-log.jsonl"]
+    killed = run(tmp_path, "never.npz", *args, "--kill", "3")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert backups(tmp_path / "backup") and (tmp_path / "backup" / "best.keras").exists()
+    resumed = run(tmp_path, "final.npz", *args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert load(tmp_path / "final.npz") == load(full / "final.npz")
+    assert sorted(os.listdir(tmp_path / "backup")) == ["best.keras", "safepoint-log.jsonl"]
+    keras.models.load_model(tmp_path / "backup" / "best.keras")
