@@ -319,6 +319,11 @@ class ModelCheckpoint(keras.callbacks.Callback):
             finally:
                 manager.storage.unlock()
             self.policy.accept(decision.value)  # committed: now it is the best on disk
+            if self.verbose > 0:
+                # Said once the file is committed, never for a commit that failed. The
+                # next save and the end of fit() wait for this, so the lines keep
+                # Keras' order.
+                io_utils.print_msg(f"\nEpoch {epoch + 1}: finished saving model to {shown}")
             # Only after the commit: the log is informational, and a failure to write
             # it must never fail (or leave uncommitted) a save.
             _log_skips(manager, skips)
@@ -326,8 +331,6 @@ class ModelCheckpoint(keras.callbacks.Callback):
         # The model is in the staged file now; sealing, fsyncs and the rename overlap
         # the next training steps. The next save and the end of fit() wait for them.
         self._committer.submit(name, commit)
-        if self.verbose > 0:
-            io_utils.print_msg(f"\nEpoch {epoch + 1}: finished saving model to {shown}")
 
     def _open_manager(self) -> CheckpointManager:
         if self._manager is None:
