@@ -8,6 +8,7 @@ its own: restore from them, prune them and delete them, never anything else ther
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 from seed_data import pima
 
 import safepoint
-from safepoint.keras import BackupAndRestore, ModelCheckpoint
+from safepoint.keras import BackupAndRestore, ModelCheckpoint, series
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fit_script.py")
 
@@ -119,3 +120,26 @@ def test_sigkill_then_rerun_resumes_beside_best_keras_and_keeps_it(tmp_path):
     assert load(tmp_path / "final.npz") == load(full / "final.npz")
     assert sorted(os.listdir(tmp_path / "backup")) == ["best.keras", "safepoint-log.jsonl"]
     keras.models.load_model(tmp_path / "backup" / "best.keras")
+
+
+def test_a_backup_deleted_while_resuming_is_not_called_corrupt(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        fit(build(), [BackupAndRestore(folder), Stop(3)], epochs=5)
+    newest = backups(folder)[-1]
+    original = safepoint.CheckpointManager.restore
+
+    def deleted_first(self, *args, **kwargs):
+        if kwargs.get("checkpoint") == newest and (folder / newest).exists():
+            shutil.rmtree(folder / newest)  # another process's cleanup got there first
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(safepoint.CheckpointManager, "restore", deleted_first)
+    history = fit(build(), [BackupAndRestore(folder)], epochs=5)
+    assert len(history.history["loss"]) == 3  # from the previous backup, after epoch 2
+    assert "corrupt" not in capsys.readouterr().out
+
+
+def test_backup_names_past_ten_digits_are_still_ours():
+    assert series.PATTERN.fullmatch(series.NAME.format(step=10**10))
+    assert not series.PATTERN.fullmatch("backup-1.keras")

@@ -158,21 +158,27 @@ class BackupAndRestore(keras.callbacks.Callback):
         # No Keep on the manager: its retention would weigh every checkpoint in the
         # folder (a best.keras beside the backups), while this callback prunes its own.
         self._manager = CheckpointManager(self.backup_dir, name=series.NAME)
-        newest, ckpt = series.restore(self._manager)
+        ckpt, skipped = series.restore(self._manager)
         self._pending = None
         self._step = 0
         self._last = None
         self._done = 0
         if ckpt is not None:
-            self._resume(newest, ckpt)
+            self._resume(ckpt, skipped)
         self._install_guard()  # last: a refused backup raises before any handler is set
 
-    def _resume(self, newest: Checkpoint | None, ckpt: Checkpoint) -> None:
-        """Load the backup ``ckpt`` into the model; the rest waits for on_epoch_begin."""
-        if newest is not None and newest.name != ckpt.name:
+    def _resume(self, ckpt: Checkpoint, skipped: list[str]) -> None:
+        """Load the backup ``ckpt`` into the model; the rest waits for on_epoch_begin.
+
+        ``skipped``: the newer backups that were damaged, named in one message.
+        """
+        if skipped:
+            paths = ", ".join(os.path.join(self.backup_dir, n) for n in skipped)
+            which = "the previous one" if len(skipped) == 1 else "an older one"
             io_utils.print_msg(
-                f"BackupAndRestore: backup {newest.path} is corrupt or unreadable; resuming "
-                f"from the previous one, {ckpt.path} (epoch {ckpt.state['progress']['epoch']}, "
+                f"BackupAndRestore: backup{'s' if len(skipped) > 1 else ''} {paths} "
+                f"{'is' if len(skipped) == 1 else 'are'} corrupt or unreadable; resuming "
+                f"from {which}, {ckpt.path} (epoch {ckpt.state['progress']['epoch']}, "
                 f"batch {ckpt.state['progress']['batch']})."
             )
         saved = ckpt.state

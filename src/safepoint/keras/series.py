@@ -31,7 +31,7 @@ log = logging.getLogger("safepoint")
 
 #: The manager's name template for backups, and the names it produces.
 NAME = "backup-{step:010d}"
-PATTERN = re.compile(r"backup-[0-9]{10}")
+PATTERN = re.compile(r"backup-[0-9]{10,}")  # {step:010d}: ten digits, or more
 #: The top-level keys of every backup's state (see ``BackupAndRestore._save``).
 KEYS = frozenset({"model", "optimizer", "keras_seed", "rng", "progress"})
 #: Backups kept: the newest, and the one before it in case the newest is damaged.
@@ -75,16 +75,15 @@ def _unlisted(manager: CheckpointManager, listed: set[str]) -> list[str]:
     return out
 
 
-def restore(manager: CheckpointManager) -> tuple[Checkpoint | None, Checkpoint | None]:
-    """``(newest backup, the newest that loads)``; ``(None, None)`` when there is none.
+def restore(manager: CheckpointManager) -> tuple[Checkpoint | None, list[str]]:
+    """``(the newest backup that loads, the newer ones skipped as damaged)``.
 
-    A damaged backup is skipped (logged) in favour of the one before it; when every
-    backup is damaged, ``CorruptCheckpointError`` says so.
+    ``(None, [])`` when there is no backup. A damaged backup is skipped (logged) in
+    favour of the one before it; one deleted since the listing is simply gone (not
+    called damaged); when every backup is damaged, ``CorruptCheckpointError`` says so.
     """
     everything = manager.checkpoints()
-    listed = _own(manager, everything)
-    newest = listed[-1] if listed else None
-    names = [c.name for c in reversed(listed)]
+    names = [c.name for c in reversed(_own(manager, everything))]
     errors: list[str] = []
     for name in names + _unlisted(manager, {c.name for c in everything}):
         try:
@@ -96,7 +95,7 @@ def restore(manager: CheckpointManager) -> tuple[Checkpoint | None, Checkpoint |
             errors.append(f"{name}: {exc}")
             continue
         if ckpt is not None and isinstance(ckpt.state, dict) and set(ckpt.state) >= KEYS:
-            return newest, ckpt
+            return ckpt, [e.partition(":")[0] for e in errors]
         errors.append(f"{name}: not a BackupAndRestore backup")
     if errors:
         raise CorruptCheckpointError(
@@ -105,7 +104,7 @@ def restore(manager: CheckpointManager) -> tuple[Checkpoint | None, Checkpoint |
             + ". Expected a backup written by safepoint.keras.BackupAndRestore. Delete those "
             "backup-* directories to start over."
         )
-    return None, None
+    return None, []
 
 
 def _remove(manager: CheckpointManager, ckpt: Checkpoint, reason: str) -> None:
