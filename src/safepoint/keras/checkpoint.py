@@ -335,8 +335,11 @@ class ModelCheckpoint(keras.callbacks.Callback):
     def _open_manager(self) -> CheckpointManager:
         if self._manager is None:
             best = self.keep is not None and self.keep.best
+            # The manager's name template is this callback's file name template: its
+            # series, the only files that its Keep may ever prune.
             manager = CheckpointManager(
                 self.directory or os.curdir,
+                name=self.template.template,
                 monitor=self._key if best else None,
                 mode=self._mode() if best else "auto",
                 keep=self.keep,
