@@ -105,6 +105,26 @@ def test_a_signal_at_the_end_of_an_epoch_reuses_the_epoch_backup(tmp_path):
     assert len(history.history["loss"]) == 1  # the third epoch only
 
 
+def test_a_signal_after_the_last_epoch_is_saved_at_the_end_of_training(tmp_path):
+    folder = tmp_path / "backup"
+
+    class AtTrainEnd(keras.callbacks.Callback):  # runs before the backup's on_train_end
+        def on_train_end(self, logs=None):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(SystemExit):
+        fit(build(), [BackupAndRestore(folder, save_freq=2), AtTrainEnd()], epochs=2)
+    latest = safepoint.CheckpointManager(folder).restore()
+    assert latest is not None and latest.state["progress"] == {
+        **latest.state["progress"],
+        "epoch": 2,
+        "batch": 0,
+    }
+    history = fit(build(), [BackupAndRestore(folder)], epochs=2)
+    assert history.history == {}  # nothing left to train
+    assert not folder.exists()
+
+
 def test_a_guard_left_by_a_failed_fit_hands_the_signal_back(tmp_path):
     seen = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))

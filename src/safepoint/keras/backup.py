@@ -287,10 +287,14 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._safe_point(epoch=epoch + 1, batch=0, logs=logs)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-        if self._manager is not None:
-            # A signal after the last epoch's safe point: training is complete, but the
-            # script's own next steps are not; the backup lets a rerun get to them.
-            self._safe_point(epoch=self._done, batch=0, logs=logs)
+        if self._guard is not None:
+            # From here on a signal goes to the handler that was there before; one that
+            # came after the last epoch's safe point is still pending, and saved now:
+            # training is complete, the script's next steps are not, and the backup
+            # lets a rerun get to them.
+            self._guard.remove()
+            if self._manager is not None:
+                self._safe_point(epoch=self._done, batch=0, logs=logs)
         self._remove_guard()
         manager, self._manager = self._manager, None
         self.model._initial_epoch = None
