@@ -87,6 +87,14 @@ def test_keras3_accuracy_is_recorded_once_and_keep_best_still_finds_val_acc(tmp_
         assert sorted(ckpt.metrics) == ["accuracy", "loss", "val_accuracy", "val_loss"]
 
 
+def test_the_keras2_notice_is_given_once_per_callback(tmp_path):
+    cb = ModelCheckpoint(tmp_path / "w.weights.h5", monitor="val_acc", save_weights_only=True)
+    with pytest.warns(UserWarning, match="Keras 2 metric names") as notices:
+        fit(build("accuracy"), [cb], epochs=1)
+        fit(build("accuracy"), [cb], epochs=1)
+    assert len([n for n in notices if "Keras 2 metric names" in str(n.message)]) == 1
+
+
 def test_backups_record_each_metric_once(tmp_path):
     fit(build("accuracy"), [BackupAndRestore(tmp_path, delete_checkpoint=False)], epochs=1)
     (ckpt,) = safepoint.CheckpointManager(tmp_path).checkpoints()

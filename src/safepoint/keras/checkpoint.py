@@ -147,6 +147,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
         )
         # The log key of the monitor (see names.key), known from the first logs.
         self._key = monitor
+        self._noticed = False
         self._manager: CheckpointManager | None = None
         self._current_epoch = 0
         self._batches_done = 0
@@ -223,7 +224,8 @@ class ModelCheckpoint(keras.callbacks.Callback):
         self._checked = True
         self._key = names.key(self.monitor, logged)
         legacy = names.aliased_in([self.monitor, *self.template.fields], logged)
-        if legacy:
+        if legacy and not self._noticed:
+            self._noticed = True  # once per callback, however many fits it serves
             warnings.warn(names.notice(legacy), UserWarning, stacklevel=_user_stacklevel())
         values = names.aliased(logged)
         where = f"the logs of epoch {epoch + 1}" if batch is None else "the batch logs"
