@@ -143,3 +143,19 @@ def test_a_backup_deleted_while_resuming_is_not_called_corrupt(tmp_path, monkeyp
 def test_backup_names_past_ten_digits_are_still_ours():
     assert series.PATTERN.fullmatch(series.NAME.format(step=10**10))
     assert not series.PATTERN.fullmatch("backup-1.keras")
+
+
+def test_a_refused_backup_advises_moving_the_backups_not_deleting_the_folder(tmp_path):
+    folder = tmp_path / "run"
+    best = str(folder / "best.keras")
+    fit(build(), [BackupAndRestore(folder, delete_checkpoint=False), ModelCheckpoint(best)], 1)
+    keras.utils.set_random_seed(3)
+    other = keras.Sequential([keras.Input((8,)), keras.layers.Dense(2), keras.layers.Dense(1)])
+    other.compile(loss="mse", optimizer="adam")
+    with pytest.raises(safepoint.StateMismatchError) as info:
+        fit(other, [BackupAndRestore(folder)], epochs=2)
+    text = str(info.value)
+    assert f"The backup {folder / 'backup-0000000003'}'s model variables do not fit" in text
+    assert "move the backup-* directories out of the backup folder" in text
+    assert "delete" not in text.lower()
+    keras.models.load_model(best)

@@ -182,9 +182,13 @@ class BackupAndRestore(keras.callbacks.Callback):
                 f"batch {ckpt.state['progress']['batch']})."
             )
         saved = ckpt.state
-        state.assign(self.model.variables, saved["model"], "model variables")
-        state.assign(state.optimizer_variables(self.model), saved["optimizer"], "optimizer state")
-        state.assign(state.global_seed_variables(), saved["keras_seed"], "Keras seed generator")
+        state.assign(self.model.variables, saved["model"], "model variables", ckpt.path)
+        state.assign(
+            state.optimizer_variables(self.model), saved["optimizer"], "optimizer state", ckpt.path
+        )
+        state.assign(
+            state.global_seed_variables(), saved["keras_seed"], "Keras seed generator", ckpt.path
+        )
         progress = saved["progress"]
         self._counter.load_state_dict(progress["counter"])
         self._step = int(ckpt.step or 0)

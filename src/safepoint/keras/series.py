@@ -101,8 +101,8 @@ def restore(manager: CheckpointManager) -> tuple[Checkpoint | None, list[str]]:
         raise CorruptCheckpointError(
             f"No backup in {manager.storage.root} can be resumed from; tried {len(errors)}: "
             + " | ".join(errors)
-            + ". Expected a backup written by safepoint.keras.BackupAndRestore. Delete those "
-            "backup-* directories to start over."
+            + ". Expected a backup written by safepoint.keras.BackupAndRestore. Move those "
+            "backup-* directories out of the folder to start over (keep them for inspection)."
         )
     return None, []
 
