@@ -159,3 +159,14 @@ def test_a_refused_backup_advises_moving_the_backups_not_deleting_the_folder(tmp
     assert "move the backup-* directories out of the backup folder" in text
     assert "delete" not in text.lower()
     keras.models.load_model(best)
+
+
+def test_a_refused_backup_leaves_the_model_as_it_was(tmp_path):
+    folder = tmp_path / "run"
+    fit(build(), [BackupAndRestore(folder, delete_checkpoint=False)], epochs=1)
+    model = build()
+    model.compile(loss="mse", optimizer="sgd")  # the same layers, another optimizer
+    before = [w.copy() for w in model.get_weights()]
+    with pytest.raises(safepoint.StateMismatchError, match="optimizer state do not fit"):
+        fit(model, [BackupAndRestore(folder)], epochs=2)
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), before, strict=True))

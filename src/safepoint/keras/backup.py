@@ -182,13 +182,17 @@ class BackupAndRestore(keras.callbacks.Callback):
                 f"batch {ckpt.state['progress']['batch']})."
             )
         saved = ckpt.state
-        state.assign(self.model.variables, saved["model"], "model variables", ckpt.path)
-        state.assign(
-            state.optimizer_variables(self.model), saved["optimizer"], "optimizer state", ckpt.path
-        )
-        state.assign(
-            state.global_seed_variables(), saved["keras_seed"], "Keras seed generator", ckpt.path
-        )
+        # Every group is checked before any is assigned: a refused backup leaves the
+        # model as it was (the caller may go on without it).
+        groups = [
+            (self.model.variables, saved["model"], "model variables"),
+            (state.optimizer_variables(self.model), saved["optimizer"], "optimizer state"),
+            (state.global_seed_variables(), saved["keras_seed"], "Keras seed generator"),
+        ]
+        for variables, values, what in groups:
+            state.check(variables, values, what, ckpt.path)
+        for variables, values, what in groups:
+            state.assign(variables, values, what, ckpt.path)
         progress = saved["progress"]
         self._counter.load_state_dict(progress["counter"])
         self._step = int(ckpt.step or 0)

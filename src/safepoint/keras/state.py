@@ -45,8 +45,8 @@ def values(variables: Sequence[Any]) -> list[np.ndarray]:
     return [np.array(keras.ops.convert_to_numpy(v.value)) for v in variables]
 
 
-def assign(variables: Sequence[Any], saved: Sequence[Any], what: str, source: str = "") -> None:
-    """Assign ``saved`` arrays to ``variables`` after checking count, shapes and dtypes.
+def check(variables: Sequence[Any], saved: Sequence[Any], what: str, source: str = "") -> None:
+    """Check that ``saved`` arrays fit ``variables``: count, shapes and dtypes.
 
     ``source`` names the backup in the error. The error's advice moves the backups
     aside, never deletes a folder: the folder may hold other files (a best model).
@@ -70,6 +70,11 @@ def assign(variables: Sequence[Any], saved: Sequence[Any], what: str, source: st
             "backup-* directories out of the backup folder to start over.",
             mismatched=problems,
         )
+
+
+def assign(variables: Sequence[Any], saved: Sequence[Any], what: str, source: str = "") -> None:
+    """Assign ``saved`` arrays to ``variables`` after :func:`check`."""
+    check(variables, saved, what, source)
     for var, value in zip(variables, saved, strict=True):
         var.assign(np.asarray(value))
 
