@@ -8,7 +8,8 @@ the next *safe point*: the next call the loop makes into safepoint
 (``ModelCheckpoint.on_batch_end``/``on_epoch_end``, or :meth:`SaveOnSignal.check`),
 where the state is between two steps. The save is synchronous (the process is about
 to exit), then the process exits with ``128 + signal`` and a message saying where the
-checkpoint is.
+checkpoint is. In Keras ``fit``, ``safepoint.keras.BackupAndRestore`` installs its own
+guard for the length of ``fit`` (:mod:`safepoint.keras.preempt`).
 
 The guard knows how long saves take (recent saves of this run, read from the run log
 when it is installed, and every save a ``ModelCheckpoint`` makes afterwards) and the
@@ -239,6 +240,14 @@ class SaveOnSignal:
         """A safe point for loops that do not use ``ModelCheckpoint``: call it every step."""
         self.safe_point(step=step, epoch=epoch, metrics=metrics)
 
+    def _save_state(
+        self, *, step: int | None, epoch: int | None, metrics: Mapping[str, Any] | None
+    ) -> Checkpoint:
+        """The save a signal asks for (a framework's guard saves its own way)."""
+        state = self.state() if callable(self.state) else self.state
+        clean = {k: v for k, v in (metrics or {}).items() if isinstance(v, int | float)}
+        return self.manager.save(state, step=step, epoch=epoch, metrics=clean)
+
     def _save_and_exit(
         self,
         *,
@@ -251,9 +260,7 @@ class SaveOnSignal:
         assert sig is not None
         started = time.perf_counter()
         if saved is None:
-            state = self.state() if callable(self.state) else self.state
-            clean = {k: v for k, v in (metrics or {}).items() if isinstance(v, int | float)}
-            saved = self.manager.save(state, step=step, epoch=epoch, metrics=clean)
+            saved = self._save_state(step=step, epoch=epoch, metrics=metrics)
         # The process exits next: whatever the manager's saving mode, the checkpoint
         # must be committed before that.
         self.manager.wait()

@@ -13,6 +13,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
@@ -23,6 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from seed_data import pima
 
+from safepoint import preemption
 from safepoint.keras import BackupAndRestore, ModelCheckpoint
 
 
@@ -43,6 +45,30 @@ class Killer(keras.callbacks.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class AwaitSignal(keras.callbacks.Callback):
+    """At the start of ``batch`` of ``epoch``, say READY on stdout and wait for a signal.
+
+    The test sends the signal from outside; it lands in the middle of this batch, and
+    the backup callback saves at the batch's end.
+    """
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        super().__init__()
+        self.epoch, self.batch, self.current = epoch, batch, -1
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.current = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if (self.current, batch) != (self.epoch, self.batch):
+            return
+        print("READY", flush=True)
+        deadline = time.monotonic() + 120
+        guard = preemption.active()
+        while guard is not None and guard.pending is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", required=True)
@@ -51,6 +77,10 @@ def main() -> None:
     parser.add_argument("--save-freq", default="epoch")
     parser.add_argument("--kill", default="", help="EPOCH or EPOCH:BATCH (0-based)")
     parser.add_argument("--keras-backup", action="store_true", help="Keras' BackupAndRestore")
+    parser.add_argument("--await-signal", default="", help="EPOCH:BATCH (0-based)")
+    parser.add_argument(
+        "--best-beside", action="store_true", help="also save best.keras in the backup folder"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     keras.utils.set_random_seed(7)
@@ -77,6 +107,12 @@ def main() -> None:
         ),
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=50),
     ]
+    if args.best_beside:
+        best = os.path.join(args.workdir, "backup", "best.keras")
+        callbacks.append(ModelCheckpoint(best, monitor="val_loss", save_best_only=True))
+    if args.await_signal:
+        epoch, _, batch = args.await_signal.partition(":")
+        callbacks.append(AwaitSignal(int(epoch), int(batch)))
     if args.kill:
         epoch, _, batch = args.kill.partition(":")
         callbacks.append(Killer(int(epoch), int(batch) if batch else None))

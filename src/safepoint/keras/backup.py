@@ -21,26 +21,28 @@ How a resume replays the run exactly:
   (``train_function`` returns at once, and the other callbacks do not see them), and
   restores the generators, metric accumulators and callback states of the moment of
   the backup before training the next batch.
+* Preemption. SIGTERM or SIGUSR1 during ``fit`` is noted, and the next batch end
+  saves a mid-epoch backup (the epoch-start generators are kept for it whatever
+  ``save_freq`` is) and exits; see :mod:`.preempt`.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import keras
 from keras.src.utils import io_utils
 
+from ..checkpoint import Checkpoint
 from ..errors import ConfigError, SafepointError
 from ..manager import CheckpointManager
 from ..policy import SavePolicy, check_save_freq
-from ..retention import Keep
 from ..rng import RNGState
 from ..storage import LOG_NAME
-from . import names, state
-
-_NAME = "backup-{step:010d}"
+from . import names, preempt, series, state
 
 
 def _callback_list(me: Any) -> Any:
@@ -69,8 +71,12 @@ def _callback_list(me: Any) -> Any:
 class BackupAndRestore(keras.callbacks.Callback):
     """Back up the full training state every epoch (or every ``save_freq`` batches).
 
-    ``backup_dir`` must be used by this callback only. ``double_checkpoint`` is
-    accepted for compatibility: the two newest backups are always kept.
+    ``backup_dir`` may hold other files (a ``ModelCheckpoint``'s ``best.keras``):
+    only this callback's own backups (:mod:`.series`) are restored from, pruned and
+    deleted. ``double_checkpoint`` is accepted for compatibility: the two newest
+    backups are always kept. ``signals`` (keyword-only; ``()`` for none) are caught
+    during ``fit``: on one, a backup is saved at the next batch end and the process
+    exits with ``128 + signal`` (:mod:`.preempt`).
     """
 
     def __init__(
@@ -79,6 +85,8 @@ class BackupAndRestore(keras.callbacks.Callback):
         save_freq: str | int | bool = "epoch",
         double_checkpoint: bool = False,
         delete_checkpoint: bool = True,
+        *,
+        signals: Iterable[int] | None = preempt.DEFAULT_SIGNALS,
     ) -> None:
         super().__init__()
         if not isinstance(backup_dir, str | os.PathLike) or not os.fspath(backup_dir):
@@ -97,6 +105,11 @@ class BackupAndRestore(keras.callbacks.Callback):
         self.save_freq = save_freq
         self.double_checkpoint = double_checkpoint
         self.delete_checkpoint = delete_checkpoint
+        self.signals = preempt.check_signals(signals)
+        self._guard: preempt.FitGuard | None = None
+        # Where the next safe point is (see _safe_point), and the last backup saved.
+        self._point: dict[str, Any] = {}
+        self._last: tuple[int, int, Checkpoint] | None = None
         self._counter = SavePolicy(
             monitor="loss",
             mode=None,
@@ -108,6 +121,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._pending: dict[str, Any] | None = None
         self._replay: dict[str, Any] | None = None
         self._epoch = 0
+        self._done = 0  # epochs completed, for a safe point at the end of training
         self._step = 0
         self._epoch_rng: dict[str, Any] = {}
 
@@ -141,32 +155,82 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._list = _callback_list(self)
         if self._list is not None:
             self._go_last(logs)
-        self._manager = CheckpointManager(self.backup_dir, name=_NAME, keep=Keep(last=2))
-        newest = self._manager.latest()
-        ckpt = self._manager.restore(missing_ok=True)
+        # No Keep on the manager: its retention would weigh every checkpoint in the
+        # folder (a best.keras beside the backups), while this callback prunes its own.
+        self._manager = CheckpointManager(self.backup_dir, name=series.NAME)
+        ckpt, skipped = series.restore(self._manager)
         self._pending = None
         self._step = 0
-        if ckpt is None:
-            return
-        if newest is not None and newest.name != ckpt.name:
+        self._last = None
+        self._done = 0
+        if ckpt is not None:
+            self._resume(ckpt, skipped)
+        self._install_guard()  # last: a refused backup raises before any handler is set
+
+    def _resume(self, ckpt: Checkpoint, skipped: list[str]) -> None:
+        """Load the backup ``ckpt`` into the model; the rest waits for on_epoch_begin.
+
+        ``skipped``: the newer backups that were damaged, named in one message.
+        """
+        if skipped:
+            paths = ", ".join(os.path.join(self.backup_dir, n) for n in skipped)
+            which = "the previous one" if len(skipped) == 1 else "an older one"
             io_utils.print_msg(
-                f"BackupAndRestore: backup {newest.path} is corrupt or unreadable; resuming "
-                f"from the previous one, {ckpt.path} (epoch {ckpt.state['progress']['epoch']}, "
+                f"BackupAndRestore: backup{'s' if len(skipped) > 1 else ''} {paths} "
+                f"{'is' if len(skipped) == 1 else 'are'} corrupt or unreadable; resuming "
+                f"from {which}, {ckpt.path} (epoch {ckpt.state['progress']['epoch']}, "
                 f"batch {ckpt.state['progress']['batch']})."
             )
         saved = ckpt.state
-        state.assign(self.model.variables, saved["model"], "model variables")
-        state.assign(state.optimizer_variables(self.model), saved["optimizer"], "optimizer state")
-        state.assign(state.global_seed_variables(), saved["keras_seed"], "Keras seed generator")
+        # Every group is checked before any is assigned: a refused backup leaves the
+        # model as it was (the caller may go on without it).
+        groups = [
+            (self.model.variables, saved["model"], "model variables"),
+            (state.optimizer_variables(self.model), saved["optimizer"], "optimizer state"),
+            (state.global_seed_variables(), saved["keras_seed"], "Keras seed generator"),
+        ]
+        for variables, values, what in groups:
+            state.check(variables, values, what, ckpt.path)
+        for variables, values, what in groups:
+            state.assign(variables, values, what, ckpt.path)
         progress = saved["progress"]
         self._counter.load_state_dict(progress["counter"])
         self._step = int(ckpt.step or 0)
         epochs = int((self.params or {}).get("epochs", progress["epoch"]))
         self.model._initial_epoch = epochs if progress["stop_training"] else progress["epoch"]
+        self._done = int(self.model._initial_epoch)
         if int(progress["batch"]) == 0:
             # The epoch boundary: the others' states are those after this epoch ended.
             self._load_callbacks(saved["callback_states"])
         self._pending = saved
+
+    def _install_guard(self) -> None:
+        """Catch preemption signals for the length of this fit (see :mod:`.preempt`)."""
+        assert self._manager is not None
+        self._guard = preempt.install(self._manager, self._signal_save, self._list, self.signals)
+
+    def _remove_guard(self) -> None:
+        guard, self._guard = self._guard, None
+        if guard is not None:
+            guard.remove()
+
+    def _safe_point(self, *, epoch: int, batch: int, logs: dict[str, Any] | None) -> None:
+        """Between two steps: save and exit when a preemption signal came since the last.
+
+        ``epoch``/``batch`` as for :meth:`_save`. A backup already saved at this very
+        point (the schedule's) is not saved twice.
+        """
+        if self._guard is None:
+            return
+        self._point = {"epoch": epoch, "batch": batch, "logs": logs}
+        last = self._last
+        saved = last[2] if last is not None and last[:2] == (self._step, batch) else None
+        self._guard.safe_point(
+            step=self._step, epoch=epoch, metrics=names.numeric(logs), saved=saved
+        )
+
+    def _signal_save(self) -> Checkpoint:
+        return self._save(**self._point)
 
     def _load_callbacks(self, saved: dict[str, Any]) -> None:
         unmatched = state.load_callback_states(self._others(), saved)
@@ -188,7 +252,10 @@ class BackupAndRestore(keras.callbacks.Callback):
                 self._start_replay(saved, skip)
             else:
                 RNGState().load_state_dict(saved["rng"])
-        self._epoch_rng = RNGState().state_dict() if self.save_freq not in ("epoch", False) else {}
+        # The generators at the start of the epoch, for a backup taken in its middle (on
+        # the schedule, or on a preemption signal): a resume replays the epoch's shuffle.
+        mid_epoch = self.save_freq not in ("epoch", False) or self._guard is not None
+        self._epoch_rng = RNGState().state_dict() if mid_epoch else {}
 
     def _start_replay(self, saved: dict[str, Any], skip: int) -> None:
         model = self.model
@@ -219,30 +286,43 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._step += 1
         if self.save_freq not in ("epoch", False) and self._counter.count_batch(batch):
             self._save(epoch=self._epoch, batch=batch + 1, logs=logs)
+        self._safe_point(epoch=self._epoch, batch=batch + 1, logs=logs)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._done = epoch + 1
         if self.save_freq == "epoch":
             self._save(epoch=epoch + 1, batch=0, logs=logs)
+        self._safe_point(epoch=epoch + 1, batch=0, logs=logs)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        if self._guard is not None:
+            # From here on a signal goes to the handler that was there before; one that
+            # came after the last epoch's safe point is still pending, and saved now:
+            # training is complete, the script's next steps are not, and the backup
+            # lets a rerun get to them.
+            self._guard.remove()
+            if self._manager is not None:
+                self._safe_point(epoch=self._done, batch=0, logs=logs)
+        self._remove_guard()
         manager, self._manager = self._manager, None
         self.model._initial_epoch = None
         if manager is None:
             return
         if self.delete_checkpoint:
             manager.storage.lock()
-            for ckpt in manager.checkpoints():
-                manager.storage.remove(ckpt.name)
+            series.delete_all(manager)  # its own backups only, never a file beside them
         manager.close()  # releases the lock
         if self.delete_checkpoint:
+            # The run log and the folder go only when nothing else is left in it: a
+            # ModelCheckpoint's file (or a user's) beside the backups keeps both.
             log = os.path.join(self.backup_dir, LOG_NAME)
-            if os.path.exists(log):
+            if os.path.isdir(self.backup_dir) and os.listdir(self.backup_dir) == [LOG_NAME]:
                 os.unlink(log)
             if os.path.isdir(self.backup_dir) and not os.listdir(self.backup_dir):
                 os.rmdir(self.backup_dir)
 
     # -- saving -----------------------------------------------------------------------------
-    def _save(self, *, epoch: int, batch: int, logs: dict[str, Any] | None) -> None:
+    def _save(self, *, epoch: int, batch: int, logs: dict[str, Any] | None) -> Checkpoint:
         """Back up the state after ``batch`` batches of 0-based ``epoch`` (0: epoch start)."""
         if self._manager is None:
             raise SafepointError("BackupAndRestore saved outside fit(); this is a bug.")
@@ -265,8 +345,11 @@ class BackupAndRestore(keras.callbacks.Callback):
             },
         }
         try:
-            self._manager.save(tree, step=self._step, epoch=epoch, metrics=metrics)
+            saved = self._manager.save(tree, step=self._step, epoch=epoch, metrics=metrics)
+            self._last = (self._step, batch, saved)
+            series.prune(self._manager)  # still under the lock the save took
         finally:
             # Held for the save only: a fit that dies of an exception gets no callback,
             # and a retry in the same process must be able to take the lock again.
             self._manager.storage.unlock()
+        return saved

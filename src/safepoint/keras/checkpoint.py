@@ -8,7 +8,8 @@ committed through :mod:`safepoint.singlefile` with safepoint's manifest inside, 
 
 Where it differs from Keras 3.15, on purpose:
 
-* ``.h5``/``.hdf5`` and ``acc``/``val_acc`` (Keras 2) are accepted, with one notice;
+* ``.h5``/``.hdf5`` and ``acc``/``val_acc`` (Keras 2) are accepted, with one notice
+  (the names are read as Keras 3's only where the logs lack them as given);
 * a bad ``mode`` is a ``ConfigError`` instead of a silent fall back to ``"auto"``;
 * a monitored metric missing from the logs is an error at the first save, instead of
   a warning every epoch and a save of every model;
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from typing import Any
 
@@ -52,6 +54,23 @@ def _direction(model: Any, monitor: str) -> str | None:
         if getattr(metric, "name", None) == base and direction in ("up", "down"):
             return "max" if direction == "up" else "min"
     return None
+
+
+#: Frames of these packages are not the user's: a notice points at the user's fit().
+_INTERNAL = (
+    os.path.dirname(os.path.abspath(keras.__file__)) + os.sep,
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
+)
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of the first caller outside Keras and safepoint."""
+    frame = sys._getframe(1)  # the caller of warnings.warn: stacklevel 1
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 def _log_skips(manager: CheckpointManager, skips: list[dict[str, Any]]) -> None:
@@ -115,17 +134,20 @@ class ModelCheckpoint(keras.callbacks.Callback):
         self.mode = mode
         self.save_freq = save_freq
         self.keep = keep
+        # The policy reads the user's name from logs with the Keras 2 aliases added
+        # (names.aliased), so 'val_acc' finds 'val_acc' when a metric is named "acc"
+        # and Keras 3's 'val_accuracy' otherwise.
         self.policy = SavePolicy(
-            monitor=names.canonical(monitor),
+            monitor=monitor,
             label=monitor,
             mode=None,
             save_best_only=self.save_best_only,
             save_freq=save_freq,
             initial_value_threshold=initial_value_threshold,
         )
-        legacy = names.legacy_in([monitor, *self.template.fields])
-        if legacy:
-            warnings.warn(names.notice(legacy), UserWarning, stacklevel=2)
+        # The log key of the monitor (see names.key), known from the first logs.
+        self._key = monitor
+        self._noticed = False
         self._manager: CheckpointManager | None = None
         self._current_epoch = 0
         self._batches_done = 0
@@ -192,9 +214,20 @@ class ModelCheckpoint(keras.callbacks.Callback):
         self._batches_done = int(state["batches_done"])
 
     # -- saving ---------------------------------------------------------------------------
-    def _check_logs(self, epoch: int, values: dict[str, float], *, batch: int | None) -> None:
-        """Fail clearly, once, when the monitor or a filename field is not logged."""
+    def _check_logs(self, epoch: int, logged: dict[str, float], *, batch: int | None) -> None:
+        """Fail clearly, once, when the monitor or a filename field is not logged.
+
+        Also resolves the monitor's log key, and gives the one notice when a Keras 2
+        name is read from its Keras 3 name (only then: a metric *named* ``"acc"`` is
+        logged as ``acc`` and read as it is).
+        """
         self._checked = True
+        self._key = names.key(self.monitor, logged)
+        legacy = names.aliased_in([self.monitor, *self.template.fields], logged)
+        if legacy and not self._noticed:
+            self._noticed = True  # once per callback, however many fits it serves
+            warnings.warn(names.notice(legacy), UserWarning, stacklevel=_user_stacklevel())
+        values = names.aliased(logged)
         where = f"the logs of epoch {epoch + 1}" if batch is None else "the batch logs"
         needs_monitor = self.save_best_only or (self.keep is not None and self.keep.best)
         if needs_monitor and self.monitor not in values:
@@ -207,7 +240,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
             )
             raise ConfigError(
                 f"ModelCheckpoint monitors {self.monitor!r} but {where} do not contain it. "
-                f"Expected one of {sorted(values)}. Received: monitor={self.monitor!r}, "
+                f"Expected one of {sorted(logged)}. Received: monitor={self.monitor!r}, "
                 f"filepath={self.filepath}. {hint}."
             )
         known = {"epoch", *values} | ({"batch"} if batch is not None else set())
@@ -216,7 +249,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
             raise ConfigError(
                 f"Failed to format this callback filepath: {missing} are not logged metrics. "
                 f"Expected fields among 'epoch'{', batch' if batch is not None else ''} and "
-                f"{sorted(values)}. Received: filepath={self.filepath}. Use logged metric "
+                f"{sorted(logged)}. Received: filepath={self.filepath}. Use logged metric "
                 "names in the filepath."
             )
 
@@ -225,16 +258,17 @@ class ModelCheckpoint(keras.callbacks.Callback):
         try:
             found = resolve_mode(self.monitor, self.mode)
         except ConfigError:
-            found = _direction(self.model, self.policy.monitor)
+            found = _direction(self.model, self._key)
             if found is None:
                 raise
         return str(found)
 
     def _save(self, epoch: int, batch: int | None, logs: dict[str, Any] | None) -> None:
         self._committer.wait()  # the previous save's commit, and its error if it failed
-        values = names.numeric(logs)
+        logged = names.numeric(logs)  # what the manifest records: each metric once
         if not self._checked:
-            self._check_logs(epoch, values, batch=batch)
+            self._check_logs(epoch, logged, batch=batch)
+        values = names.aliased(logged)  # the user's words: monitor and filename fields
         if self.save_best_only and self.policy.mode is None:
             self.policy.mode = self._mode()
         fields: dict[str, Any] = {**values, "epoch": epoch + 1}
@@ -256,7 +290,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
         if not decision.save:
             # Logged with the next commit, off the training thread (the log is informational).
             self._skips.append(
-                {"step": step, "epoch": epoch + 1, "metrics": values, "reason": decision.reason}
+                {"step": step, "epoch": epoch + 1, "metrics": logged, "reason": decision.reason}
             )
             return
         skips, self._skips = self._skips, []
@@ -274,7 +308,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
                 files.writer(self.model, self.layout),
                 step=step,
                 epoch=epoch + 1,
-                metrics=values,
+                metrics=logged,
                 layout=self.layout,
             )
         except BaseException:
@@ -287,6 +321,11 @@ class ModelCheckpoint(keras.callbacks.Callback):
             finally:
                 manager.storage.unlock()
             self.policy.accept(decision.value)  # committed: now it is the best on disk
+            if self.verbose > 0:
+                # Said once the file is committed, never for a commit that failed. The
+                # next save and the end of fit() wait for this, so the lines keep
+                # Keras' order.
+                io_utils.print_msg(f"\nEpoch {epoch + 1}: finished saving model to {shown}")
             # Only after the commit: the log is informational, and a failure to write
             # it must never fail (or leave uncommitted) a save.
             _log_skips(manager, skips)
@@ -294,15 +333,16 @@ class ModelCheckpoint(keras.callbacks.Callback):
         # The model is in the staged file now; sealing, fsyncs and the rename overlap
         # the next training steps. The next save and the end of fit() wait for them.
         self._committer.submit(name, commit)
-        if self.verbose > 0:
-            io_utils.print_msg(f"\nEpoch {epoch + 1}: finished saving model to {shown}")
 
     def _open_manager(self) -> CheckpointManager:
         if self._manager is None:
             best = self.keep is not None and self.keep.best
+            # The manager's name template is this callback's file name template: its
+            # series, the only files that its Keep may ever prune.
             manager = CheckpointManager(
                 self.directory or os.curdir,
-                monitor=self.monitor if best else None,
+                name=self.template.template,
+                monitor=self._key if best else None,
                 mode=self._mode() if best else "auto",
                 keep=self.keep,
             )

@@ -45,8 +45,12 @@ def values(variables: Sequence[Any]) -> list[np.ndarray]:
     return [np.array(keras.ops.convert_to_numpy(v.value)) for v in variables]
 
 
-def assign(variables: Sequence[Any], saved: Sequence[Any], what: str) -> None:
-    """Assign ``saved`` arrays to ``variables`` after checking count, shapes and dtypes."""
+def check(variables: Sequence[Any], saved: Sequence[Any], what: str, source: str = "") -> None:
+    """Check that ``saved`` arrays fit ``variables``: count, shapes and dtypes.
+
+    ``source`` names the backup in the error. The error's advice moves the backups
+    aside, never deletes a folder: the folder may hold other files (a best model).
+    """
     saved = list(saved)
     problems = []
     if len(saved) != len(variables):
@@ -60,11 +64,17 @@ def assign(variables: Sequence[Any], saved: Sequence[Any], what: str) -> None:
             )
     if problems:
         raise StateMismatchError(
-            f"The backup's {what} do not fit this model: {'; '.join(problems[:8])}. Expected the "
-            "model, optimizer and metrics the backup was made with. Build and compile them as "
-            "in the interrupted run, or delete the backup directory to start over.",
+            f"The backup{' ' + source if source else ''}'s {what} do not fit this model: "
+            f"{'; '.join(problems[:8])}. Expected the model, optimizer and metrics the backup "
+            "was made with. Build and compile them as in the interrupted run, or move the "
+            "backup-* directories out of the backup folder to start over.",
             mismatched=problems,
         )
+
+
+def assign(variables: Sequence[Any], saved: Sequence[Any], what: str, source: str = "") -> None:
+    """Assign ``saved`` arrays to ``variables`` after :func:`check`."""
+    check(variables, saved, what, source)
     for var, value in zip(variables, saved, strict=True):
         var.assign(np.asarray(value))
 
