@@ -13,6 +13,8 @@ restarted process (or a reader on another machine) sees the same run.
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import logging
 import os
 import time
@@ -34,7 +36,7 @@ from .retention import Keep, rank_best
 from .snapshot import Staging, default_cap
 from .storage import LocalStorage, Storage
 from .target import restore_into
-from .template import NameTemplate
+from .template import NameTemplate, bounded
 from .tree import TensorLeaf, flatten
 from .worker import SaveWorker
 from .writer import int_arg, metrics_arg, write_checkpoint
@@ -76,13 +78,18 @@ class CheckpointManager:
                     f"include yet. Expected a local path. Received: root={text!r}. Use a local "
                     "or network-mounted directory."
                 )
+            _refuse_checkpoint_root(text)
             self.storage: Storage = LocalStorage(text)
         elif hasattr(root, "list_names"):
             self.storage = root
         else:
             raise ConfigError(f"root must be a path or a Storage. Received: root={root!r}.")
         self.template = NameTemplate(name)
+        #: Retention only ever considers checkpoints of this series (recorded in each
+        #: manifest); listing, ``latest`` and ``restore`` see the whole root.
+        self.series = self.template.template
         self.monitor = monitor
+        self._monitor_seen = False
         self.mode = resolve_mode(monitor, mode)
         if keep is not None and not isinstance(keep, Keep):
             raise ConfigError(f"keep must be a safepoint.Keep or None. Received: keep={keep!r}.")
@@ -188,19 +195,19 @@ class CheckpointManager:
         waited = self._worker.wait()  # at most one save in flight; raises its error
         if waited > 0.001:
             log.info("safepoint: save() waited %.3f s for the previous async save", waited)
-        step = int_arg("step", step)
-        epoch = int_arg("epoch", epoch)
+        step = bounded("step", int_arg("step", step))
+        epoch = bounded("epoch", int_arg("epoch", epoch))
         metrics = metrics_arg(metrics)
         tree, leaves = flatten(state)
         if step is not None:
             self.template.format(step=step, epoch=epoch, metrics=metrics)  # fail before I/O
+        self.check_monitor(metrics)
         self.storage.lock()
         if not self._cleaned:
             for stale in self.storage.cleanup_stale():
                 log.info("safepoint: removed %s left by an interrupted writer", stale)
             self._cleaned = True
-        existing = self.checkpoints()
-        seq = max((c.seq for c in existing), default=0) + 1
+        seq = self.next_seq()
         step = seq if step is None else step
         name = self.template.format(step=step, epoch=epoch, metrics=metrics)
         created = now()
@@ -268,6 +275,7 @@ class CheckpointManager:
             tree=tree,
             tensors={},
             files={},
+            extra={"series": self.series},
         )
         manifest = write_checkpoint(
             self.storage, self.format, draft, leaves, shard_bytes=self.shard_bytes, images=images
@@ -314,10 +322,59 @@ class CheckpointManager:
             reason=reason,
         )
 
+    def next_seq(self) -> int:
+        """The seq of a new save: after every committed one, and unique in this process
+        even while other managers of the root commit in the background."""
+        with _serial(self.storage):
+            listed = max((c.seq for c in self.checkpoints()), default=0)
+            reserve = getattr(self.storage, "next_seq", None)
+            return int(reserve(listed)) if reserve is not None else listed + 1
+
+    def check_monitor(self, metrics: dict[str, Any]) -> None:
+        """Refuse, before any I/O, a save whose metrics lack the monitor when no committed
+        checkpoint of the root carries it either: a typo (``val_acc`` for Keras 3's
+        ``val_accuracy``) would otherwise rank nothing, and ``Keep(best=...)`` delete the
+        real best. Once the metric is known, a save without it (mid-epoch) is allowed and
+        simply not ranked. Only a manager that deletes (``keep=``) checks: without one the
+        monitor only answers ``best()``. A save without any metrics is never refused."""
+        if self.monitor is None or self.keep is None or self._monitor_seen or not metrics:
+            return
+        if self.monitor in metrics or any(self.monitor in c.metrics for c in self.checkpoints()):
+            self._monitor_seen = True
+            return
+        close = difflib.get_close_matches(self.monitor, list(metrics), n=3, cutoff=0.5)
+        hint = f"Did you mean {' or '.join(map(repr, close))}? " if close else ""
+        raise ConfigError(
+            f"The manager monitors {self.monitor!r} but this save's metrics do not contain it, "
+            f"and no checkpoint in {self.storage.root} does. Expected {self.monitor!r} among "
+            f"the metrics. Received: metrics={sorted(metrics)}. {hint}Pass monitor= one of "
+            "the metric names you save, or add the metric to save(metrics=...)."
+        )
+
+    def in_series(self, ckpt: Checkpoint) -> bool:
+        """True when ``ckpt`` was written by a manager with this name template.
+
+        Recorded in the manifest (``extra["series"]``) since this version; for older
+        checkpoints, inferred from the name's shape.
+        """
+        try:
+            found = self.catalog.manifest(ckpt.name)
+        except (OSError, SafepointError):
+            return False
+        series = found.extra.get("series")
+        if isinstance(series, str):
+            return series == self.series
+        return self.template.matches(ckpt.name)
+
     def _apply_retention(self) -> None:
         if self.keep is None:
             return
-        current = self.checkpoints()
+        with _serial(self.storage):
+            self._prune()
+
+    def _prune(self) -> None:
+        assert self.keep is not None
+        current = [c for c in self.checkpoints() if self.in_series(c)]
         keep = self.keep.select(current, monitor=self.monitor, mode=self.mode)
         for ckpt in current:
             if ckpt.name in keep:
@@ -394,3 +451,27 @@ class CheckpointManager:
             grace_period=grace_period,
             exit_code=exit_code,
         )
+
+
+def _serial(storage: Storage) -> Any:
+    """The root's in-process save mutex (a no-op lock for storages without one)."""
+    serial = getattr(storage, "serial", None)
+    return serial() if serial is not None else contextlib.nullcontext()
+
+
+def _refuse_checkpoint_root(root: str) -> None:
+    """A root must hold checkpoints, not be one: writing into one would hide the run."""
+    from .singlefile import container
+
+    parent = os.path.dirname(os.path.abspath(root)) or os.sep
+    if os.path.isfile(root) and container(root) is not None:
+        what = "a single-file checkpoint"
+    elif os.path.isdir(root) and os.path.lexists(os.path.join(root, "manifest.json")):
+        what = "a checkpoint directory (it holds manifest.json)"
+    else:
+        return
+    raise ConfigError(
+        f"The checkpoint root {root!r} is {what}. Expected the folder that holds the run's "
+        f"checkpoints. Received: root={root!r}. Pass its parent folder, {parent!r}, and "
+        f"restore(checkpoint={os.path.basename(os.path.abspath(root))!r}) to load this one."
+    )

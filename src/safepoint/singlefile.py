@@ -26,29 +26,29 @@ anything is read.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
-import secrets
+import shutil
 import stat
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from . import embedded, manifest, runlog
+from . import embedded, leftovers, manifest, rootlock, runlog
 from .checkpoint import Checkpoint
 from .embedded import KEY
 from .errors import ConfigError, IncompleteCheckpointError, SafepointError, StorageError
 from .manifest import Manifest
 from .storage import (
-    TMP_MARK,
-    TRASH_PREFIX,
     Storage,
     check_name,
     component_problem,
     translate,
 )
+from .template import bounded
 from .writer import metrics_arg
 
 log = logging.getLogger("safepoint")
@@ -166,16 +166,19 @@ def _fsync(path: str) -> None:
 
 
 def _stage(storage: Storage, name: str, write: Callable[[str], None]) -> str:
-    """Write the file under a hidden staging name in the same directory; return its path.
+    """Write the file in a marked staging directory in the root; return its path.
 
     ``write`` must create the file at the path it is given (the name keeps the final
-    suffix, as framework savers check suffixes).
+    suffix, as framework savers check suffixes). The staging directory has a
+    fixed-length name (:mod:`safepoint.leftovers`), so any checkpoint name can be staged.
     """
     fault = getattr(storage, "_fault", lambda stage, target: None)
-    staged = os.path.join(storage.root, f".sp{TMP_MARK}{secrets.token_hex(4)}{suffix(name)}")
+    staged: str | None = None
     try:
-        with translate("write", staged):
+        with translate("write", os.path.join(storage.root, name)):
             os.makedirs(storage.root, exist_ok=True)
+            entry = leftovers.make_stage(storage.root, name)
+            staged = os.path.join(storage.root, entry, f"checkpoint{suffix(name)}")
             fault("write", name)
             write(staged)
     except BaseException:
@@ -185,15 +188,38 @@ def _stage(storage: Storage, name: str, write: Callable[[str], None]) -> str:
 
 
 def _discard(staged: str | None) -> None:
-    if staged is not None and os.path.lexists(staged):
-        os.unlink(staged)
+    if staged is not None:
+        stage_dir, entry = os.path.dirname(staged), os.path.basename(os.path.dirname(staged))
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        rootlock.unmark_live(os.path.dirname(stage_dir), entry)
+
+
+def _keep_old(root: str, name: str) -> str:
+    """Give the committed file ``name`` a second name in a marked trash entry.
+
+    A hard link keeps the name in place, so the rename of the new file over it is
+    atomic. On a file system without hard links (some FUSE, SMB, vfat mounts) the file
+    is moved instead; a kill before the new file is renamed in then leaves the name
+    missing, and the next writer's recovery puts the old file back.
+    """
+    trash = leftovers.make_trash(root, name, op="replace")
+    kept = os.path.join(root, trash, leftovers.ENTRY)
+    try:
+        os.link(os.path.join(root, name), kept, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS):
+            shutil.rmtree(os.path.join(root, trash), ignore_errors=True)
+            raise
+        os.rename(os.path.join(root, name), kept)
+    return trash
 
 
 def _finish(storage: Storage, staged: str, body: Manifest, layout: str) -> Manifest:
     """Seal the staged file, make it durable and rename it over its final name."""
     fault = getattr(storage, "_fault", lambda stage, target: None)
     name = body.name
-    final = os.path.join(storage.root, name)
+    root = storage.root
+    final = os.path.join(root, name)
     kind = container(name)
     assert kind is not None
     try:
@@ -209,38 +235,42 @@ def _finish(storage: Storage, staged: str, body: Manifest, layout: str) -> Manif
         # The file this one replaces keeps a second, hidden name until the new one is
         # durable, so a failed directory fsync can put it back: a save that raises must
         # leave the previous checkpoint, not a new file that could vanish on power loss.
-        # (A crash leaves the trash link for ``LocalStorage.cleanup_stale``.)
+        # (A crash leaves the trash entry for ``LocalStorage.cleanup_stale``.)
         kept: str | None = None
         with translate("rename", final):
             fault("rename", name)
             if os.path.lexists(final):
-                kept = os.path.join(storage.root, f"{TRASH_PREFIX}{name}-{secrets.token_hex(4)}")
-                os.link(final, kept, follow_symlinks=False)
+                kept = _keep_old(root, name)
             try:
                 os.replace(staged, final)
             except BaseException:
-                _discard(kept)
+                if kept is not None:
+                    _restore(root, kept, final)
                 raise
         try:
-            with translate("dir-fsync", storage.root):
+            with translate("dir-fsync", root):
                 fault("dir-fsync", name)
-                _fsync(storage.root)
+                _fsync(root)
         except BaseException:
             with contextlib.suppress(OSError):
                 if kept is not None:
-                    os.replace(kept, final)
+                    _restore(root, kept, final)
                 else:
                     os.unlink(final)
             raise
         if kept is not None:  # the old file, now out of the listing
-            with contextlib.suppress(OSError):
-                os.unlink(kept)
-    except BaseException:
+            shutil.rmtree(os.path.join(root, kept), ignore_errors=True)
+    finally:
         _discard(staged)
-        raise
     # The next listing reads this file's manifest from memory, not from the file.
     _seen[_identity(final)] = data
     return sealed
+
+
+def _restore(root: str, trash: str, final: str) -> None:
+    """Put the file kept in ``trash`` back under ``final`` and drop the trash entry."""
+    os.replace(os.path.join(root, trash, leftovers.ENTRY), final)
+    shutil.rmtree(os.path.join(root, trash), ignore_errors=True)
 
 
 def commit(
@@ -253,14 +283,21 @@ def commit(
     epoch: int | None,
     metrics: dict[str, Any],
     layout: str,
+    series: str | None = None,
 ) -> Manifest:
     """Write checkpoint file ``name`` with ``write(staged_path)`` and commit it atomically."""
-    body = _body(name, seq=seq, step=step, epoch=epoch, metrics=metrics)
+    body = _body(name, seq=seq, step=step, epoch=epoch, metrics=metrics, series=series)
     return _finish(storage, _stage(storage, name, write), body, layout)
 
 
 def _body(
-    name: str, *, seq: int, step: int | None, epoch: int | None, metrics: dict[str, Any]
+    name: str,
+    *,
+    seq: int,
+    step: int | None,
+    epoch: int | None,
+    metrics: dict[str, Any],
+    series: str | None = None,
 ) -> Manifest:
     check_name(name)
     if container(name) is None:
@@ -272,14 +309,15 @@ def _body(
     return Manifest(
         name=name,
         seq=seq,
-        step=step,
-        epoch=epoch,
+        step=bounded("step", step),
+        epoch=bounded("epoch", epoch),
         created=manifest.now(),
         metrics=metrics,
         tree=None,
         tensors={},
         files={},
         payload="hdf5",
+        extra={} if series is None else {"series": series},
     )
 
 
@@ -301,38 +339,51 @@ def begin(
     meanwhile. The caller holds the root's writer lock from before ``begin`` until the
     commit is done.
     The ``seq`` continues the manager's listing, so files and checkpoint directories in
-    one root share one order, and ``Keep`` prunes both alike.
+    one root share one order; the file records the manager's series (its name
+    template), and ``Keep`` prunes only that series, files and directories alike.
     """
     storage = manager.storage
     metrics = metrics_arg(metrics)
-    body = _body(name, seq=0, step=step, epoch=epoch, metrics=metrics)
+    body = _body(
+        name,
+        seq=0,
+        step=step,
+        epoch=epoch,
+        metrics=metrics,
+        series=getattr(manager, "series", None),
+    )
+    check = getattr(manager, "check_monitor", None)
+    if check is not None:
+        check(metrics)  # before anything is written
     started = time.perf_counter()
     staged = _stage(storage, name, write)
 
     def finish() -> Checkpoint:
         # Listing the root (for seq) is part of the commit, off the training thread;
-        # the writer lock is still held, so no other save can come in between.
-        try:
-            seq = max((c.seq for c in manager.checkpoints()), default=0) + 1
-        except BaseException:
-            _discard(staged)
-            raise
-        found = _finish(storage, staged, replace(body, seq=seq), layout)
-        try:  # best effort: a committed save is never reported as failed for its log line
-            runlog.record(
-                storage,
-                "save",
-                name=name,
-                seq=seq,
-                step=step,
-                epoch=epoch,
-                metrics=metrics,
-                bytes=int(found.extra[KEY].get("size", 0)),
-                seconds=round(time.perf_counter() - started, 6),
-            )
-        except SafepointError as exc:
-            log.warning("safepoint: could not write the run log (save): %s", exc)
-        manager._apply_retention()
+        # the root's save mutex orders it with the other writers of this process.
+        serial = getattr(storage, "serial", None)
+        with serial() if serial is not None else contextlib.nullcontext():
+            try:
+                seq = manager.next_seq()
+            except BaseException:
+                _discard(staged)
+                raise
+            found = _finish(storage, staged, replace(body, seq=seq), layout)
+            try:  # best effort: a committed save is never reported as failed for its log line
+                runlog.record(
+                    storage,
+                    "save",
+                    name=name,
+                    seq=seq,
+                    step=step,
+                    epoch=epoch,
+                    metrics=metrics,
+                    bytes=int(found.extra[KEY].get("size", 0)),
+                    seconds=round(time.perf_counter() - started, 6),
+                )
+            except SafepointError as exc:
+                log.warning("safepoint: could not write the run log (save): %s", exc)
+            manager._apply_retention()
         return Checkpoint(
             name=name,
             path=os.path.join(storage.root, name),
