@@ -302,6 +302,7 @@ class ModelCheckpoint(keras.callbacks.Callback):
             best = self.keep is not None and self.keep.best
             manager = CheckpointManager(
                 self.directory or os.curdir,
+                name=self.template.template,  # the series keep= prunes (issue 10 item 2)
                 monitor=self.monitor if best else None,
                 mode=self._mode() if best else "auto",
                 keep=self.keep,
