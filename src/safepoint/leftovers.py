@@ -16,6 +16,7 @@ puts the committed checkpoint back: nothing committed is ever deleted.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -126,6 +127,32 @@ def make_trash(root: str, name: str, *, op: str) -> str:
         shutil.rmtree(path, ignore_errors=True)
         raise
     return entry
+
+
+def keep_for_replace(root: str, name: str) -> str:
+    """Give the committed file ``name`` a second name in a marked trash entry.
+
+    A hard link keeps the name in place, so the rename of the new file over it is
+    atomic. On a file system without hard links (some FUSE, SMB, vfat mounts) the file
+    is moved instead; a kill before the new file is renamed in then leaves the name
+    missing, and the next writer's recovery puts the old file back.
+    """
+    trash = make_trash(root, name, op="replace")
+    kept = os.path.join(root, trash, ENTRY)
+    try:
+        os.link(os.path.join(root, name), kept, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS):
+            shutil.rmtree(os.path.join(root, trash), ignore_errors=True)
+            raise
+        os.rename(os.path.join(root, name), kept)
+    return trash
+
+
+def put_back_file(root: str, trash: str, final: str) -> None:
+    """Put the file kept in ``trash`` back under ``final`` and drop the trash entry."""
+    os.replace(os.path.join(root, trash, ENTRY), final)
+    shutil.rmtree(os.path.join(root, trash), ignore_errors=True)
 
 
 def _lstat(path: str) -> os.stat_result | None:
@@ -276,4 +303,13 @@ def _clean_old_trash(root: str, entry: str, path: str, info: os.stat_result, nam
     return False
 
 
-__all__ = ["ENTRY", "clean", "make_stage", "make_trash", "read_marker", "unmark_stage"]
+__all__ = [
+    "ENTRY",
+    "clean",
+    "keep_for_replace",
+    "make_stage",
+    "make_trash",
+    "put_back_file",
+    "read_marker",
+    "unmark_stage",
+]

@@ -1,8 +1,10 @@
 """``CheckpointManager``: names, orders, saves, restores and prunes a run's checkpoints.
 
-Concurrency contract: one writing manager per root at a time (the first ``save()``
-takes an exclusive lock on the root and a second writer fails with ``StorageError``);
-any number of readers, in any process, at any time. Readers only ever see committed
+Concurrency contract: one writing process per root at a time (the first ``save()``
+takes an exclusive lock on the root and a writer in another process fails with
+``StorageError``); several managers of one process may share a root (two callbacks in
+one folder: their saves are serialised, and each prunes only its own series); any
+number of readers, in any process, at any time. Readers only ever see committed
 checkpoints, because a checkpoint becomes visible by a single atomic rename after all
 its bytes and its manifest are durable.
 
@@ -13,8 +15,6 @@ restarted process (or a reader on another machine) sees the same run.
 
 from __future__ import annotations
 
-import contextlib
-import difflib
 import logging
 import os
 import time
@@ -33,6 +33,7 @@ from .formats import shards
 from .manifest import Manifest, now
 from .monitor import metric_value, resolve_mode
 from .retention import Keep, rank_best
+from .series import check_monitor, member, refuse_checkpoint_root, serial
 from .snapshot import Staging, default_cap
 from .storage import LocalStorage, Storage
 from .target import restore_into
@@ -78,7 +79,7 @@ class CheckpointManager:
                     f"include yet. Expected a local path. Received: root={text!r}. Use a local "
                     "or network-mounted directory."
                 )
-            _refuse_checkpoint_root(text)
+            refuse_checkpoint_root(text)
             self.storage: Storage = LocalStorage(text)
         elif hasattr(root, "list_names"):
             self.storage = root
@@ -325,51 +326,27 @@ class CheckpointManager:
     def next_seq(self) -> int:
         """The seq of a new save: after every committed one, and unique in this process
         even while other managers of the root commit in the background."""
-        with _serial(self.storage):
+        with serial(self.storage):
             listed = max((c.seq for c in self.checkpoints()), default=0)
             reserve = getattr(self.storage, "next_seq", None)
             return int(reserve(listed)) if reserve is not None else listed + 1
 
     def check_monitor(self, metrics: dict[str, Any]) -> None:
         """Refuse, before any I/O, a save whose metrics lack the monitor when no committed
-        checkpoint of the root carries it either: a typo (``val_acc`` for Keras 3's
-        ``val_accuracy``) would otherwise rank nothing, and ``Keep(best=...)`` delete the
-        real best. Once the metric is known, a save without it (mid-epoch) is allowed and
-        simply not ranked. Only a manager that deletes (``keep=``) checks: without one the
-        monitor only answers ``best()``. A save without any metrics is never refused."""
+        checkpoint carries it either (see :func:`safepoint.series.check_monitor`)."""
         if self.monitor is None or self.keep is None or self._monitor_seen or not metrics:
             return
-        if self.monitor in metrics or any(self.monitor in c.metrics for c in self.checkpoints()):
-            self._monitor_seen = True
-            return
-        close = difflib.get_close_matches(self.monitor, list(metrics), n=3, cutoff=0.5)
-        hint = f"Did you mean {' or '.join(map(repr, close))}? " if close else ""
-        raise ConfigError(
-            f"The manager monitors {self.monitor!r} but this save's metrics do not contain it, "
-            f"and no checkpoint in {self.storage.root} does. Expected {self.monitor!r} among "
-            f"the metrics. Received: metrics={sorted(metrics)}. {hint}Pass monitor= one of "
-            "the metric names you save, or add the metric to save(metrics=...)."
-        )
+        check_monitor(self.monitor, metrics, self.checkpoints(), str(self.storage.root))
+        self._monitor_seen = True
 
     def in_series(self, ckpt: Checkpoint) -> bool:
-        """True when ``ckpt`` was written by a manager with this name template.
-
-        Recorded in the manifest (``extra["series"]``) since this version; for older
-        checkpoints, inferred from the name's shape.
-        """
-        try:
-            found = self.catalog.manifest(ckpt.name)
-        except (OSError, SafepointError):
-            return False
-        series = found.extra.get("series")
-        if isinstance(series, str):
-            return series == self.series
-        return self.template.matches(ckpt.name)
+        """True when ``ckpt`` was written by a manager with this name template."""
+        return member(self.catalog, self.template, ckpt.name)
 
     def _apply_retention(self) -> None:
         if self.keep is None:
             return
-        with _serial(self.storage):
+        with serial(self.storage):
             self._prune()
 
     def _prune(self) -> None:
@@ -451,27 +428,3 @@ class CheckpointManager:
             grace_period=grace_period,
             exit_code=exit_code,
         )
-
-
-def _serial(storage: Storage) -> Any:
-    """The root's in-process save mutex (a no-op lock for storages without one)."""
-    serial = getattr(storage, "serial", None)
-    return serial() if serial is not None else contextlib.nullcontext()
-
-
-def _refuse_checkpoint_root(root: str) -> None:
-    """A root must hold checkpoints, not be one: writing into one would hide the run."""
-    from .singlefile import container
-
-    parent = os.path.dirname(os.path.abspath(root)) or os.sep
-    if os.path.isfile(root) and container(root) is not None:
-        what = "a single-file checkpoint"
-    elif os.path.isdir(root) and os.path.lexists(os.path.join(root, "manifest.json")):
-        what = "a checkpoint directory (it holds manifest.json)"
-    else:
-        return
-    raise ConfigError(
-        f"The checkpoint root {root!r} is {what}. Expected the folder that holds the run's "
-        f"checkpoints. Received: root={root!r}. Pass its parent folder, {parent!r}, and "
-        f"restore(checkpoint={os.path.basename(os.path.abspath(root))!r}) to load this one."
-    )

@@ -4,15 +4,17 @@ Frameworks read their own files (``model.load_weights("weights.best.hdf5")``), s
 Keras drop-in writes exactly those files; this module gives them what a checkpoint
 directory has. The commit protocol is the directory one, for one file:
 
-1. stage: the framework writes a hidden file ``.sp.tmp-<random><suffix>`` in the
-   destination directory (same file system, so the rename below is atomic);
+1. stage: the framework writes ``checkpoint<suffix>`` in a marked hidden directory
+   ``.sp.tmp-<random>`` of the destination directory (same file system, so the rename
+   below is atomic; see :mod:`safepoint.leftovers`);
 2. seal: the content is hashed and safepoint's manifest is embedded in the file (a
    ``safepoint_manifest`` root attribute in HDF5, a ``safepoint-manifest.json`` entry
    in the zip); then the file is ``fsync``-ed;
 3. commit: ``rename`` over the final name, then ``fsync`` the directory.
 
 A kill at any moment leaves the old file or the new one, never a truncated one, plus
-at worst a hidden staging file that ``LocalStorage.cleanup_stale`` removes.
+at worst a hidden staging entry that ``LocalStorage.cleanup_stale`` removes (or,
+on a file system without hard links, the old file in a trash entry that it puts back).
 
 How the manifest sits inside each kind of file, and what its checksums cover, is
 :mod:`safepoint.embedded`'s business.
@@ -26,7 +28,6 @@ anything is read.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import re
@@ -194,26 +195,6 @@ def _discard(staged: str | None) -> None:
         rootlock.unmark_live(os.path.dirname(stage_dir), entry)
 
 
-def _keep_old(root: str, name: str) -> str:
-    """Give the committed file ``name`` a second name in a marked trash entry.
-
-    A hard link keeps the name in place, so the rename of the new file over it is
-    atomic. On a file system without hard links (some FUSE, SMB, vfat mounts) the file
-    is moved instead; a kill before the new file is renamed in then leaves the name
-    missing, and the next writer's recovery puts the old file back.
-    """
-    trash = leftovers.make_trash(root, name, op="replace")
-    kept = os.path.join(root, trash, leftovers.ENTRY)
-    try:
-        os.link(os.path.join(root, name), kept, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS):
-            shutil.rmtree(os.path.join(root, trash), ignore_errors=True)
-            raise
-        os.rename(os.path.join(root, name), kept)
-    return trash
-
-
 def _finish(storage: Storage, staged: str, body: Manifest, layout: str) -> Manifest:
     """Seal the staged file, make it durable and rename it over its final name."""
     fault = getattr(storage, "_fault", lambda stage, target: None)
@@ -240,12 +221,12 @@ def _finish(storage: Storage, staged: str, body: Manifest, layout: str) -> Manif
         with translate("rename", final):
             fault("rename", name)
             if os.path.lexists(final):
-                kept = _keep_old(root, name)
+                kept = leftovers.keep_for_replace(root, name)
             try:
                 os.replace(staged, final)
             except BaseException:
                 if kept is not None:
-                    _restore(root, kept, final)
+                    leftovers.put_back_file(root, kept, final)
                 raise
         try:
             with translate("dir-fsync", root):
@@ -254,7 +235,7 @@ def _finish(storage: Storage, staged: str, body: Manifest, layout: str) -> Manif
         except BaseException:
             with contextlib.suppress(OSError):
                 if kept is not None:
-                    _restore(root, kept, final)
+                    leftovers.put_back_file(root, kept, final)
                 else:
                     os.unlink(final)
             raise
@@ -265,12 +246,6 @@ def _finish(storage: Storage, staged: str, body: Manifest, layout: str) -> Manif
     # The next listing reads this file's manifest from memory, not from the file.
     _seen[_identity(final)] = data
     return sealed
-
-
-def _restore(root: str, trash: str, final: str) -> None:
-    """Put the file kept in ``trash`` back under ``final`` and drop the trash entry."""
-    os.replace(os.path.join(root, trash, leftovers.ENTRY), final)
-    shutil.rmtree(os.path.join(root, trash), ignore_errors=True)
 
 
 def commit(

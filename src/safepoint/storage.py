@@ -6,8 +6,9 @@ Every byte safepoint reads or writes passes through a :class:`Storage`, so tests
 inject faults at each stage of a save and object stores can plug in later. The local
 backend implements the commit protocol of the design (principle 1):
 
-1. stage: ``mkdir ROOT/<name>.tmp-<random>`` inside the root (never ``$TMPDIR``: a
-   rename across file systems is not atomic);
+1. stage: ``mkdir ROOT/.sp.tmp-<random>`` inside the root (never ``$TMPDIR``: a
+   rename across file systems is not atomic), marked as safepoint's
+   (:mod:`safepoint.leftovers`; the name has a fixed length, so any checkpoint name fits);
 2. write each payload file, ``fsync`` it, close it; write ``manifest.json`` last and
    ``fsync`` it (the manifest is the commit record);
 3. ``fsync`` the staging directory so its entries are durable;
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import shutil
 import stat
@@ -41,7 +41,15 @@ from . import leftovers, rootlock
 from .errors import CorruptCheckpointError, StorageError
 
 # translate_read, LOG_NAME, check_name...: re-exported for the formats, catalog, adapters.
-from .localfile import LocalWriter, _exchange, _write_all, translate, translate_read
+from .localfile import (
+    LocalWriter,
+    _exchange,
+    _write_all,
+    append_line,
+    read_tail,
+    translate,
+    translate_read,
+)
 from .names import LOG_NAME, TMP_MARK, TRASH_PREFIX, check_name, component_problem  # noqa: F401
 from .names import split as _split
 
@@ -353,66 +361,20 @@ class LocalStorage:
                 self.unlock()
 
     # -- the run log -------------------------------------------------------------------
-    def _open_log(self, flags: int) -> int:
-        """Open the run log without following a link and without blocking on a FIFO."""
-        try:
-            fd = os.open(
-                os.path.join(self.root, LOG_NAME),
-                flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                0o644,
-            )
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise OSError(errno.ELOOP, "the run log is a symbolic link, not followed") from exc
-            raise
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise OSError(errno.EINVAL, "the run log is not a regular file")
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
     def append_log(self, line: str) -> None:
         data = (line.rstrip("\n") + "\n").encode()
         with translate("log", self.describe(LOG_NAME)):
-            fd = self._open_log(os.O_RDWR | os.O_APPEND | os.O_CREAT)
-            try:
-                # A crash may have torn the last line; start on a fresh line so the
-                # torn fragment does not swallow this record too.
-                end = os.fstat(fd).st_size
-                if end and os.pread(fd, 1, end - 1) != b"\n":
-                    data = b"\n" + data
-                os.write(fd, data)  # one write with O_APPEND: lines never interleave
-            finally:
-                os.close(fd)
+            append_line(os.path.join(self.root, LOG_NAME), data)
 
     def read_log(self) -> bytes:
         """The run log (its last ``LOG_READ_MAX`` bytes, from a line start, if longer)."""
         try:
             with translate("read", self.describe(LOG_NAME)):
-                fd = self._open_log(os.O_RDONLY)
+                return read_tail(os.path.join(self.root, LOG_NAME), LOG_READ_MAX)
         except StorageError as exc:
             if exc.errno == errno.ENOENT:
                 return b""
             raise
-        try:
-            size = os.fstat(fd).st_size
-            start = max(size - LOG_READ_MAX, 0)
-            chunks, offset = [], start
-            while offset < size:
-                chunk = os.pread(fd, min(size - offset, 1 << 24), offset)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                offset += len(chunk)
-        finally:
-            os.close(fd)
-        data = b"".join(chunks)
-        if start:
-            data = data[data.find(b"\n") + 1 :] if b"\n" in data else b""
-        return data
 
     # -- the writer lock ---------------------------------------------------------------
     @property
