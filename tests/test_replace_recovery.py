@@ -70,8 +70,11 @@ def _values(root: Path, name: str) -> list[float]:
     return [float(x) for x in np.asarray(weights).reshape(-1)]
 
 
+@pytest.mark.parametrize("resume", [False, True], ids=["save-first", "restore-first"])
 @pytest.mark.parametrize("kind", ["dir", "file"])
-def test_a_kill_between_the_two_renames_loses_nothing(tmp_path: Path, kind: str) -> None:
+def test_a_kill_between_the_two_renames_loses_nothing(
+    tmp_path: Path, kind: str, resume: bool
+) -> None:
     if kind == "file":
         pytest.importorskip("h5py")
     root = tmp_path / "run"
@@ -89,6 +92,9 @@ def test_a_kill_between_the_two_renames_loses_nothing(tmp_path: Path, kind: str)
     assert proc.returncode == -9, proc.stderr
     assert name not in os.listdir(root)  # the name is missing: the old one is in the trash
     assert safepoint.CheckpointManager(root).checkpoints() == []
+    if resume:  # a restarted run restores before its first save: it must find v1
+        resumed = safepoint.CheckpointManager(root).restore(missing_ok=True)
+        assert resumed is not None and resumed.name == name and resumed.step == 1
     with safepoint.CheckpointManager(root, name="next-{step}") as mgr:
         mgr.save({"w": np.zeros(2, np.float32)}, step=3)  # recovery runs before cleanup
         assert [c.name for c in mgr.checkpoints()] == [name, "next-3"]

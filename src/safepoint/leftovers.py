@@ -220,6 +220,47 @@ def _leave(entry: str, why: str) -> None:
     )
 
 
+def _replaced(root: str, entry: str) -> tuple[str, str] | None:
+    """(inner path, name) of a trash entry holding a checkpoint whose name is missing."""
+    if not TRASH_RE.match(entry):
+        return None
+    path = os.path.join(root, entry)
+    info = _lstat(path)
+    if info is None or not stat.S_ISDIR(info.st_mode):
+        return None
+    marker = read_marker(path)
+    if marker is None or marker.get("kind") != "replace":
+        return None
+    name, inner = str(marker.get("name")), os.path.join(path, ENTRY)
+    if component_problem(name) is not None or _lstat(inner) is None:
+        return None
+    if _lstat(os.path.join(root, name)) is not None:
+        return None
+    return inner, name
+
+
+def pending(root: str, names: list[str]) -> bool:
+    """True when a replaced checkpoint waits in a trash entry for its missing name."""
+    return any(_replaced(root, n) is not None for n in names)
+
+
+def recover(root: str, names: list[str]) -> list[str]:
+    """Put back every committed checkpoint a cut-short re-save left in a trash entry.
+
+    Deletes nothing (cleanup does, later). Returns the names restored.
+    """
+    restored = []
+    for entry in names:
+        found = _replaced(root, entry)
+        if found is not None:
+            try:
+                if _put_back(root, *found):
+                    restored.append(found[1])
+            except OSError as exc:
+                log.warning("safepoint: could not restore %s from %s: %s", found[1], entry, exc)
+    return restored
+
+
 def clean(root: str, names: list[str]) -> list[str]:
     """Recover and remove the leftovers of interrupted writers (lock holders only).
 
@@ -309,7 +350,9 @@ __all__ = [
     "keep_for_replace",
     "make_stage",
     "make_trash",
+    "pending",
     "put_back_file",
     "read_marker",
+    "recover",
     "unmark_stage",
 ]

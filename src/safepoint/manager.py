@@ -387,6 +387,9 @@ class CheckpointManager:
                 "restore(checkpoint='best') needs a monitor. Received: monitor=None. "
                 "Create the manager with monitor='val_loss' (or the metric you track)."
             )
+        recover = getattr(self.storage, "recover", None)
+        if recover is not None:
+            recover()  # a checkpoint a killed re-save left out of the listing comes back
         try:
             ckpt = self.catalog.load(checkpoint, best=self.best)
         except CheckpointNotFoundError:
