@@ -124,3 +124,20 @@ def test_cleanup_is_refused_while_a_writer_in_another_process_is_live(tmp_path: 
         )
         assert out.stdout.split() == ["refused", "lock"]
         assert stale.exists()
+
+
+def test_trash_cut_short_while_written_or_removed_is_still_recognised(tmp_path: Path) -> None:
+    """A kill while the marker was written, or a removal that stopped midway (its
+    marker is removed last), leaves an entry the next cleanup still finishes."""
+    root = tmp_path / "run"
+    with safepoint.CheckpointManager(root) as mgr:
+        mgr.save(state(1.0), step=1)
+    torn = root / ".trash-sp-00000000000000dd"
+    torn.mkdir()
+    (torn / ".safepoint-marker").write_bytes(b"")  # killed before its first byte
+    half = root / ".trash-sp-00000000000000ee"
+    (half / "entry").mkdir(parents=True)
+    (half / "entry" / "model-00000.safetensors").write_bytes(b"x")
+    (half / ".safepoint-marker").write_text('{"safepoint": 1, "kind": "remove", "name": "a"}')
+    assert sorted(LocalStorage(root).cleanup_stale()) == [torn.name, half.name]
+    assert sorted(os.listdir(root)) == ["safepoint-log.jsonl", "step-00000001"]

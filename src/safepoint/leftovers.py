@@ -16,6 +16,7 @@ puts the committed checkpoint back: nothing committed is ever deleted.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -27,6 +28,7 @@ import stat
 from typing import Any
 
 from . import rootlock
+from .localfile import _write_all
 from .names import (
     MARKER,
     OLD_STAGE_RE,
@@ -52,7 +54,7 @@ def _write_marker(path: str, fields: dict[str, Any], *, durable: bool) -> None:
     data = json.dumps({"safepoint": 1, **fields}).encode()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
-        os.write(fd, data)
+        _write_all(fd, [memoryview(data)])
         if durable:
             os.fsync(fd)
     finally:
@@ -152,7 +154,33 @@ def keep_for_replace(root: str, name: str) -> str:
 def put_back_file(root: str, trash: str, final: str) -> None:
     """Put the file kept in ``trash`` back under ``final`` and drop the trash entry."""
     os.replace(os.path.join(root, trash, ENTRY), final)
-    shutil.rmtree(os.path.join(root, trash), ignore_errors=True)
+    remove_entry(os.path.join(root, trash))
+
+
+def remove_entry(path: str) -> bool:
+    """Remove a staging or trash directory, its marker last; True when it is gone.
+
+    Cut short (an I/O error, a kill), what remains still carries the marker, so the
+    next cleanup recognises it and finishes the job.
+    """
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        names = []
+    for name in names:
+        if name == MARKER:
+            continue
+        inner = os.path.join(path, name)
+        info = _lstat(inner)
+        if info is not None and stat.S_ISDIR(info.st_mode):
+            shutil.rmtree(inner, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(inner)
+    shutil.rmtree(path, ignore_errors=True)
+    return _lstat(path) is None
 
 
 def _lstat(path: str) -> os.stat_result | None:
@@ -288,24 +316,21 @@ def _clean_one(root: str, entry: str, path: str, info: os.stat_result) -> bool:
     if TRASH_RE.match(entry) and is_dir:
         marker = read_marker(path)
         if marker is None:
-            if not os.listdir(path):  # cut short before its marker was written
-                os.rmdir(path)
-                return True
+            if set(os.listdir(path)) <= {MARKER}:  # cut short while its marker was written
+                return remove_entry(path)
             _leave(entry, "a trash-like directory without safepoint's marker")
             return False
         inner = os.path.join(path, ENTRY)
         if marker.get("kind") == "replace" and _lstat(inner) is not None:
             _put_back(root, inner, str(marker.get("name")))
-        shutil.rmtree(path)
-        return True
+        return remove_entry(path)
     if STAGE_RE.match(entry) and is_dir:
         if rootlock.is_live(root, entry):
             return False  # a save of this process is writing it
         if read_marker(path) is None and not _only_ours(path):
             _leave(entry, "a staging-like directory holding files safepoint does not write")
             return False
-        shutil.rmtree(path)
-        return True
+        return remove_entry(path)
     if _OLD_SINGLE.match(entry):
         # Staged by a killed writer of an earlier version, maybe half written (so no
         # content to recognise): a hidden name with a random part only safepoint made.
@@ -354,5 +379,6 @@ __all__ = [
     "put_back_file",
     "read_marker",
     "recover",
+    "remove_entry",
     "unmark_stage",
 ]

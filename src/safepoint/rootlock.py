@@ -36,7 +36,9 @@ class Root:
 
 
 _ROOTS: dict[tuple[int, int], Root] = {}
-_GUARD = threading.Lock()
+#: Reentrant: a manager collected by the garbage collector releases its lock from a
+#: finalizer, which may run on a thread that is inside ``acquire`` already.
+_GUARD = threading.RLock()
 #: Staging entries of saves in flight in this process: (st_dev, st_ino, entry).
 _LIVE: set[tuple[int, int, str]] = set()
 
@@ -129,7 +131,7 @@ def is_live(path: str, entry: str) -> bool:
 def _after_fork_in_child() -> None:
     """A forked child holds no root: close the inherited lock descriptors."""
     global _GUARD
-    _GUARD = threading.Lock()  # another thread may have held it at fork time
+    _GUARD = threading.RLock()  # another thread may have held it at fork time
     for root in _ROOTS.values():
         root.alive = False
         with contextlib.suppress(OSError):

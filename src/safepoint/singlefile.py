@@ -31,7 +31,6 @@ import contextlib
 import logging
 import os
 import re
-import shutil
 import stat
 import time
 from collections.abc import Callable
@@ -191,7 +190,7 @@ def _stage(storage: Storage, name: str, write: Callable[[str], None]) -> str:
 def _discard(staged: str | None) -> None:
     if staged is not None:
         stage_dir, entry = os.path.dirname(staged), os.path.basename(os.path.dirname(staged))
-        shutil.rmtree(stage_dir, ignore_errors=True)
+        leftovers.remove_entry(stage_dir)
         rootlock.unmark_live(os.path.dirname(stage_dir), entry)
 
 
@@ -240,7 +239,7 @@ def _finish(storage: Storage, staged: str, body: Manifest, layout: str) -> Manif
                     os.unlink(final)
             raise
         if kept is not None:  # the old file, now out of the listing
-            shutil.rmtree(os.path.join(root, kept), ignore_errors=True)
+            leftovers.remove_entry(os.path.join(root, kept))
     finally:
         _discard(staged)
     # The next listing reads this file's manifest from memory, not from the file.

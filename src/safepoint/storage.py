@@ -296,7 +296,7 @@ class LocalStorage:
                         os.rename(src, dst)
                     except OSError:
                         os.rename(kept, dst)  # put the old one back
-                        shutil.rmtree(os.path.join(self.root, replaced), ignore_errors=True)
+                        leftovers.remove_entry(os.path.join(self.root, replaced))
                         raise
             else:
                 os.rename(src, dst)
@@ -319,7 +319,7 @@ class LocalStorage:
             self.discard(replaced)
 
     def discard(self, staged: str) -> None:
-        shutil.rmtree(os.path.join(self.root, staged), ignore_errors=True)
+        leftovers.remove_entry(os.path.join(self.root, staged))
         rootlock.unmark_live(self.root, staged)
 
     def remove(self, name: str) -> None:
@@ -341,7 +341,7 @@ class LocalStorage:
                 shutil.rmtree(os.path.join(self.root, trash), ignore_errors=True)
                 raise
         self._fsync_dir("", "retention")
-        shutil.rmtree(os.path.join(self.root, trash), ignore_errors=True)
+        leftovers.remove_entry(os.path.join(self.root, trash))
 
     def cleanup_stale(self) -> list[str]:
         """Recover and remove what interrupted writers left; returns the entries removed.
