@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -125,3 +126,50 @@ def test_single_file_re_saves_work_without_hard_links(
             )  # fmt: skip
     assert _values(tmp_path, "w.h5") == [3.0] * 4
     assert sorted(os.listdir(tmp_path)) == ["safepoint-log.jsonl", "w.h5"]
+
+
+_PLAIN_CHILD = _CHILD[: _CHILD.index("st._exchange")] + "save(2.0)\nprint('not killed')\n"
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+@pytest.mark.parametrize("kind", ["dir", "file"])
+def test_real_syscall_faults_no_renameat2_no_link_and_a_kill(tmp_path: Path, kind: str) -> None:
+    """The same with real faults: strace refuses renameat2 (EINVAL, as NFS/CIFS/FUSE
+    do) and hard links (EPERM), and SIGKILLs the child at its third rename(): the
+    second rename of the re-save, after the old checkpoint went to the trash."""
+    if kind == "file":
+        pytest.importorskip("h5py")
+    root = tmp_path / "run"
+    name = "step-00000001" if kind == "dir" else "w.h5"
+    script = _PLAIN_CHILD.replace(
+        "safepoint.CheckpointManager(root)",
+        "safepoint.CheckpointManager(root, name='step-00000001')"
+        if kind == "dir"
+        else "safepoint.CheckpointManager(root)",
+    )
+    strace = [
+        "strace", "-f", "-qq", "-o", str(tmp_path / "strace.log"),
+        "-e", "trace=rename,renameat2,linkat",
+        "-e", "inject=renameat2:error=EINVAL",
+        "-e", "inject=linkat:error=EPERM",
+        "-e", "inject=rename:signal=KILL:when=3",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # no .pyc renames to count
+    proc = subprocess.run(
+        [*strace, sys.executable, "-c", script, str(root), kind],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode in (-9, 137), (proc.returncode, proc.stdout, proc.stderr)
+    traced = (tmp_path / "strace.log").read_text()
+    refused = "renameat2(" if kind == "dir" else "linkat("
+    assert any(refused in line and "(INJECTED)" in line for line in traced.splitlines()), traced
+    assert name not in os.listdir(root), os.listdir(root)
+    resumed = safepoint.CheckpointManager(root).restore(missing_ok=True)
+    assert resumed is not None and resumed.name == name and resumed.step == 1
+    with safepoint.CheckpointManager(root, name="next-{step}") as mgr:
+        mgr.save({"w": np.zeros(2, np.float32)}, step=3)
+    assert _values(root, name) == [1.0] * 4
+    assert [n for n in os.listdir(root) if n.startswith(".")] == []
