@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
+import stat
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,6 +62,24 @@ def serial(storage: Storage) -> Any:
     return lock() if lock is not None else contextlib.nullcontext()
 
 
+def _holds_manifest(folder: str) -> bool:
+    """True when ``folder`` holds a safepoint ``manifest.json`` (not a web app's)."""
+    try:
+        fd = os.open(
+            os.path.join(folder, "manifest.json"),
+            os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+        )
+    except OSError:
+        return False
+    try:
+        head = os.read(fd, 256) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return b'"format": "safepoint"' in head
+
+
 def refuse_checkpoint_root(root: str) -> None:
     """A root must hold checkpoints, not be one: writing into one would hide the run."""
     from .singlefile import container
@@ -68,8 +87,15 @@ def refuse_checkpoint_root(root: str) -> None:
     parent = os.path.dirname(os.path.abspath(root)) or os.sep
     if os.path.isfile(root) and container(root) is not None:
         what = "a single-file checkpoint"
-    elif os.path.isdir(root) and os.path.lexists(os.path.join(root, "manifest.json")):
-        what = "a checkpoint directory (it holds manifest.json)"
+    elif os.path.isdir(root) and _holds_manifest(root):
+        what = "a checkpoint directory (it holds safepoint's manifest.json)"
+    elif _holds_manifest(parent):
+        outer = os.path.dirname(parent) or os.sep
+        raise ConfigError(
+            f"The checkpoint root {root!r} is inside the checkpoint directory {parent!r}: "
+            "saves would change a committed checkpoint. Expected a folder outside every "
+            f"checkpoint. Received: root={root!r}. Pass {outer!r} or another folder."
+        )
     else:
         return
     raise ConfigError(
