@@ -89,13 +89,6 @@ def refuse_checkpoint_root(root: str) -> None:
         what = "a single-file checkpoint"
     elif os.path.isdir(root) and _holds_manifest(root):
         what = "a checkpoint directory (it holds safepoint's manifest.json)"
-    elif _holds_manifest(parent):
-        outer = os.path.dirname(parent) or os.sep
-        raise ConfigError(
-            f"The checkpoint root {root!r} is inside the checkpoint directory {parent!r}: "
-            "saves would change a committed checkpoint. Expected a folder outside every "
-            f"checkpoint. Received: root={root!r}. Pass {outer!r} or another folder."
-        )
     else:
         return
     raise ConfigError(
