@@ -101,7 +101,7 @@ def _digest_zeroed(view: Any, offset: int, length: int) -> str:
 
 
 def _seal_h5(path: str, name: str, body: Manifest, extra: dict[str, Any]) -> tuple[Manifest, bytes]:
-    probe = replace(body, extra={KEY: {**extra, "digest": "0" * 16, "size": _BIG,
+    probe = replace(body, extra={**body.extra, KEY: {**extra, "digest": "0" * 16, "size": _BIG,
                                        "offset": _BIG, "length": _BIG}})  # fmt: skip
     length = len(probe.to_bytes()) + 16
     marker = secrets.token_bytes(32)
@@ -121,7 +121,7 @@ def _seal_h5(path: str, name: str, body: Manifest, extra: dict[str, Any]) -> tup
                 )
             record = {**extra, "size": len(view), "offset": offset, "length": length}
             record["digest"] = _digest_zeroed(memoryview(view), offset, length)
-        sealed = replace(body, extra={KEY: record})
+        sealed = replace(body, extra={**body.extra, KEY: record})
         data = sealed.to_bytes()
         padded = data + b" " * (length - len(data))
         # Durability comes from the caller's fsync of the whole file.
@@ -302,7 +302,8 @@ def seal(path: str, kind: str, name: str, body: Manifest, layout: str) -> tuple[
     if kind == "hdf5":
         return _seal_h5(path, name, body, extra)
     with zipfile.ZipFile(path, "a") as z:
-        sealed = replace(body, extra={KEY: {**extra, "entries": _zip_entries(z, name, None)}})
+        record = {**extra, "entries": _zip_entries(z, name, None)}
+        sealed = replace(body, extra={**body.extra, KEY: record})
         data = sealed.to_bytes()
         z.writestr(ZIP_ENTRY, data)
     return sealed, data

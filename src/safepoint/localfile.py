@@ -12,6 +12,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -208,3 +209,57 @@ def _exchange(root: str, a: str, b: str) -> bool:
     if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
         return False
     raise OSError(err, os.strerror(err))
+
+
+# ------------------------------------------------------------------------ the run log
+def _open_log(path: str, flags: int) -> int:
+    """Open the run log without following a link and without blocking on a FIFO."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "the run log is a symbolic link, not followed") from exc
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "the run log is not a regular file")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def append_line(path: str, data: bytes) -> None:
+    """Append ``data`` (whole lines) to the log at ``path`` in one ``O_APPEND`` write."""
+    fd = _open_log(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
+    try:
+        # A crash may have torn the last line; start on a fresh line so the torn
+        # fragment does not swallow this record too.
+        end = os.fstat(fd).st_size
+        if end and os.pread(fd, 1, end - 1) != b"\n":
+            data = b"\n" + data
+        os.write(fd, data)  # one write with O_APPEND: lines never interleave
+    finally:
+        os.close(fd)
+
+
+def read_tail(path: str, limit: int) -> bytes:
+    """The log at ``path``, or its last ``limit`` bytes from the first whole line."""
+    fd = _open_log(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        start = max(size - limit, 0)
+        chunks, offset = [], start
+        while offset < size:
+            chunk = os.pread(fd, min(size - offset, 1 << 24), offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if start:
+        data = data[data.find(b"\n") + 1 :] if b"\n" in data else b""
+    return data

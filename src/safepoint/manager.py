@@ -1,8 +1,10 @@
 """``CheckpointManager``: names, orders, saves, restores and prunes a run's checkpoints.
 
-Concurrency contract: one writing manager per root at a time (the first ``save()``
-takes an exclusive lock on the root and a second writer fails with ``StorageError``);
-any number of readers, in any process, at any time. Readers only ever see committed
+Concurrency contract: one writing process per root at a time (the first ``save()``
+takes an exclusive lock on the root and a writer in another process fails with
+``StorageError``); several managers of one process may share a root (two callbacks in
+one folder: their saves are serialised, and each prunes only its own series); any
+number of readers, in any process, at any time. Readers only ever see committed
 checkpoints, because a checkpoint becomes visible by a single atomic rename after all
 its bytes and its manifest are durable.
 
@@ -31,10 +33,11 @@ from .formats import shards
 from .manifest import Manifest, now
 from .monitor import metric_value, resolve_mode
 from .retention import Keep, rank_best
+from .series import check_monitor, member, refuse_checkpoint_root, serial
 from .snapshot import Staging, default_cap
 from .storage import LocalStorage, Storage
 from .target import restore_into
-from .template import NameTemplate
+from .template import NameTemplate, bounded
 from .tree import TensorLeaf, flatten
 from .worker import SaveWorker
 from .writer import int_arg, metrics_arg, write_checkpoint
@@ -76,13 +79,18 @@ class CheckpointManager:
                     f"include yet. Expected a local path. Received: root={text!r}. Use a local "
                     "or network-mounted directory."
                 )
+            refuse_checkpoint_root(text)
             self.storage: Storage = LocalStorage(text)
         elif hasattr(root, "list_names"):
             self.storage = root
         else:
             raise ConfigError(f"root must be a path or a Storage. Received: root={root!r}.")
         self.template = NameTemplate(name)
+        #: Retention only ever considers checkpoints of this series (recorded in each
+        #: manifest); listing, ``latest`` and ``restore`` see the whole root.
+        self.series = self.template.template
         self.monitor = monitor
+        self._monitor_seen = False
         self.mode = resolve_mode(monitor, mode)
         if keep is not None and not isinstance(keep, Keep):
             raise ConfigError(f"keep must be a safepoint.Keep or None. Received: keep={keep!r}.")
@@ -188,19 +196,19 @@ class CheckpointManager:
         waited = self._worker.wait()  # at most one save in flight; raises its error
         if waited > 0.001:
             log.info("safepoint: save() waited %.3f s for the previous async save", waited)
-        step = int_arg("step", step)
-        epoch = int_arg("epoch", epoch)
+        step = bounded("step", int_arg("step", step))
+        epoch = bounded("epoch", int_arg("epoch", epoch))
         metrics = metrics_arg(metrics)
         tree, leaves = flatten(state)
         if step is not None:
             self.template.format(step=step, epoch=epoch, metrics=metrics)  # fail before I/O
+        self.check_monitor(metrics)
         self.storage.lock()
         if not self._cleaned:
             for stale in self.storage.cleanup_stale():
                 log.info("safepoint: removed %s left by an interrupted writer", stale)
             self._cleaned = True
-        existing = self.checkpoints()
-        seq = max((c.seq for c in existing), default=0) + 1
+        seq = self.next_seq()
         step = seq if step is None else step
         name = self.template.format(step=step, epoch=epoch, metrics=metrics)
         created = now()
@@ -268,6 +276,7 @@ class CheckpointManager:
             tree=tree,
             tensors={},
             files={},
+            extra={"series": self.series},
         )
         manifest = write_checkpoint(
             self.storage, self.format, draft, leaves, shard_bytes=self.shard_bytes, images=images
@@ -314,10 +323,35 @@ class CheckpointManager:
             reason=reason,
         )
 
+    def next_seq(self) -> int:
+        """The seq of a new save: after every committed one, and unique in this process
+        even while other managers of the root commit in the background."""
+        with serial(self.storage):
+            listed = max((c.seq for c in self.checkpoints()), default=0)
+            reserve = getattr(self.storage, "next_seq", None)
+            return int(reserve(listed)) if reserve is not None else listed + 1
+
+    def check_monitor(self, metrics: dict[str, Any]) -> None:
+        """Refuse, before any I/O, a save whose metrics lack the monitor when no committed
+        checkpoint carries it either (see :func:`safepoint.series.check_monitor`)."""
+        if self.monitor is None or self.keep is None or self._monitor_seen or not metrics:
+            return
+        check_monitor(self.monitor, metrics, self.checkpoints(), str(self.storage.root))
+        self._monitor_seen = True
+
+    def in_series(self, ckpt: Checkpoint) -> bool:
+        """True when ``ckpt`` was written by a manager with this name template."""
+        return member(self.catalog, self.template, ckpt.name)
+
     def _apply_retention(self) -> None:
         if self.keep is None:
             return
-        current = self.checkpoints()
+        with serial(self.storage):
+            self._prune()
+
+    def _prune(self) -> None:
+        assert self.keep is not None
+        current = [c for c in self.checkpoints() if self.in_series(c)]
         keep = self.keep.select(current, monitor=self.monitor, mode=self.mode)
         for ckpt in current:
             if ckpt.name in keep:
@@ -353,6 +387,9 @@ class CheckpointManager:
                 "restore(checkpoint='best') needs a monitor. Received: monitor=None. "
                 "Create the manager with monitor='val_loss' (or the metric you track)."
             )
+        recover = getattr(self.storage, "recover", None)
+        if recover is not None:
+            recover()  # a checkpoint a killed re-save left out of the listing comes back
         try:
             ckpt = self.catalog.load(checkpoint, best=self.best)
         except CheckpointNotFoundError:

@@ -8,11 +8,25 @@ safepoint read or write outside the root.
 
 from __future__ import annotations
 
+import re
+
 from .errors import ConfigError, CorruptCheckpointError
 
 LOG_NAME = "safepoint-log.jsonl"
 TMP_MARK = ".tmp-"
 TRASH_PREFIX = ".trash-"
+
+#: Staging and trash entries have fixed-length names (a name of up to 255 bytes, the
+#: longest a checkpoint may have, could not grow a suffix): hidden, with 16 random hex
+#: digits. The name they stand for is recorded in the marker file inside them.
+STAGE_PREFIX = f".sp{TMP_MARK}"
+TRASH_SP_PREFIX = f"{TRASH_PREFIX}sp-"
+MARKER = ".safepoint-marker"
+STAGE_RE = re.compile(r"^\.sp\.tmp-[0-9a-f]{16}$")
+TRASH_RE = re.compile(r"^\.trash-sp-[0-9a-f]{16}$")
+#: Names earlier versions derived from the checkpoint name (still cleaned up, carefully).
+OLD_STAGE_RE = re.compile(r"^(?P<name>.+)\.tmp-[0-9a-f]{4,8}$", re.DOTALL)
+OLD_TRASH_RE = re.compile(r"^\.trash-(?P<name>.+)-[0-9a-f]{4,8}$", re.DOTALL)
 
 
 def check_name(name: str, *, what: str = "name") -> str:
@@ -48,7 +62,8 @@ def split(relpath: str) -> list[str]:
     for part in parts:
         problem = component_problem(part)
         if problem and not (
-            TMP_MARK in part and component_problem(part.replace(TMP_MARK, "-")) is None
+            STAGE_RE.match(part)
+            or (TMP_MARK in part and component_problem(part.replace(TMP_MARK, "-")) is None)
         ):
             raise CorruptCheckpointError(
                 f"Refusing a path that leaves the checkpoint root: {problem}. Expected a "

@@ -36,7 +36,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from . import runlog
-from .errors import ConfigError
+from .errors import ConfigError, SafepointError
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
@@ -130,7 +130,12 @@ class SaveOnSignal:
         self._last_call: float | None = None
         self._interval = 0.0
         self._warned = False
-        for entry in runlog.read(manager.storage)[-8:]:
+        try:  # past save times, for the grace-period check: informational, best effort
+            history = runlog.read(manager.storage)[-8:]
+        except SafepointError as exc:
+            log.warning("safepoint: could not read the run log: %s", exc)
+            history = []
+        for entry in history:
             if entry.get("event") == "save" and isinstance(entry.get("seconds"), int | float):
                 self._saves.append(float(entry["seconds"]))
         self._previous = {s: signal.signal(s, self._handle) for s in sigs}

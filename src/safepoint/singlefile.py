@@ -4,15 +4,17 @@ Frameworks read their own files (``model.load_weights("weights.best.hdf5")``), s
 Keras drop-in writes exactly those files; this module gives them what a checkpoint
 directory has. The commit protocol is the directory one, for one file:
 
-1. stage: the framework writes a hidden file ``.sp.tmp-<random><suffix>`` in the
-   destination directory (same file system, so the rename below is atomic);
+1. stage: the framework writes ``checkpoint<suffix>`` in a marked hidden directory
+   ``.sp.tmp-<random>`` of the destination directory (same file system, so the rename
+   below is atomic; see :mod:`safepoint.leftovers`);
 2. seal: the content is hashed and safepoint's manifest is embedded in the file (a
    ``safepoint_manifest`` root attribute in HDF5, a ``safepoint-manifest.json`` entry
    in the zip); then the file is ``fsync``-ed;
 3. commit: ``rename`` over the final name, then ``fsync`` the directory.
 
 A kill at any moment leaves the old file or the new one, never a truncated one, plus
-at worst a hidden staging file that ``LocalStorage.cleanup_stale`` removes.
+at worst a hidden staging entry that ``LocalStorage.cleanup_stale`` removes (or,
+on a file system without hard links, the old file in a trash entry that it puts back).
 
 How the manifest sits inside each kind of file, and what its checksums cover, is
 :mod:`safepoint.embedded`'s business.
@@ -29,26 +31,24 @@ import contextlib
 import logging
 import os
 import re
-import secrets
 import stat
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from . import embedded, manifest, runlog
+from . import embedded, leftovers, manifest, rootlock, runlog
 from .checkpoint import Checkpoint
 from .embedded import KEY
 from .errors import ConfigError, IncompleteCheckpointError, SafepointError, StorageError
 from .manifest import Manifest
 from .storage import (
-    TMP_MARK,
-    TRASH_PREFIX,
     Storage,
     check_name,
     component_problem,
     translate,
 )
+from .template import bounded
 from .writer import metrics_arg
 
 log = logging.getLogger("safepoint")
@@ -166,16 +166,19 @@ def _fsync(path: str) -> None:
 
 
 def _stage(storage: Storage, name: str, write: Callable[[str], None]) -> str:
-    """Write the file under a hidden staging name in the same directory; return its path.
+    """Write the file in a marked staging directory in the root; return its path.
 
     ``write`` must create the file at the path it is given (the name keeps the final
-    suffix, as framework savers check suffixes).
+    suffix, as framework savers check suffixes). The staging directory has a
+    fixed-length name (:mod:`safepoint.leftovers`), so any checkpoint name can be staged.
     """
     fault = getattr(storage, "_fault", lambda stage, target: None)
-    staged = os.path.join(storage.root, f".sp{TMP_MARK}{secrets.token_hex(4)}{suffix(name)}")
+    staged: str | None = None
     try:
-        with translate("write", staged):
+        with translate("write", os.path.join(storage.root, name)):
             os.makedirs(storage.root, exist_ok=True)
+            entry = leftovers.make_stage(storage.root, name)
+            staged = os.path.join(storage.root, entry, f"checkpoint{suffix(name)}")
             fault("write", name)
             write(staged)
     except BaseException:
@@ -185,15 +188,18 @@ def _stage(storage: Storage, name: str, write: Callable[[str], None]) -> str:
 
 
 def _discard(staged: str | None) -> None:
-    if staged is not None and os.path.lexists(staged):
-        os.unlink(staged)
+    if staged is not None:
+        stage_dir, entry = os.path.dirname(staged), os.path.basename(os.path.dirname(staged))
+        leftovers.remove_entry(stage_dir)
+        rootlock.unmark_live(os.path.dirname(stage_dir), entry)
 
 
 def _finish(storage: Storage, staged: str, body: Manifest, layout: str) -> Manifest:
     """Seal the staged file, make it durable and rename it over its final name."""
     fault = getattr(storage, "_fault", lambda stage, target: None)
     name = body.name
-    final = os.path.join(storage.root, name)
+    root = storage.root
+    final = os.path.join(root, name)
     kind = container(name)
     assert kind is not None
     try:
@@ -209,35 +215,33 @@ def _finish(storage: Storage, staged: str, body: Manifest, layout: str) -> Manif
         # The file this one replaces keeps a second, hidden name until the new one is
         # durable, so a failed directory fsync can put it back: a save that raises must
         # leave the previous checkpoint, not a new file that could vanish on power loss.
-        # (A crash leaves the trash link for ``LocalStorage.cleanup_stale``.)
+        # (A crash leaves the trash entry for ``LocalStorage.cleanup_stale``.)
         kept: str | None = None
         with translate("rename", final):
             fault("rename", name)
             if os.path.lexists(final):
-                kept = os.path.join(storage.root, f"{TRASH_PREFIX}{name}-{secrets.token_hex(4)}")
-                os.link(final, kept, follow_symlinks=False)
+                kept = leftovers.keep_for_replace(root, name)
             try:
                 os.replace(staged, final)
             except BaseException:
-                _discard(kept)
+                if kept is not None:
+                    leftovers.put_back_file(root, kept, final)
                 raise
         try:
-            with translate("dir-fsync", storage.root):
+            with translate("dir-fsync", root):
                 fault("dir-fsync", name)
-                _fsync(storage.root)
+                _fsync(root)
         except BaseException:
             with contextlib.suppress(OSError):
                 if kept is not None:
-                    os.replace(kept, final)
+                    leftovers.put_back_file(root, kept, final)
                 else:
                     os.unlink(final)
             raise
         if kept is not None:  # the old file, now out of the listing
-            with contextlib.suppress(OSError):
-                os.unlink(kept)
-    except BaseException:
+            leftovers.remove_entry(os.path.join(root, kept))
+    finally:
         _discard(staged)
-        raise
     # The next listing reads this file's manifest from memory, not from the file.
     _seen[_identity(final)] = data
     return sealed
@@ -253,14 +257,21 @@ def commit(
     epoch: int | None,
     metrics: dict[str, Any],
     layout: str,
+    series: str | None = None,
 ) -> Manifest:
     """Write checkpoint file ``name`` with ``write(staged_path)`` and commit it atomically."""
-    body = _body(name, seq=seq, step=step, epoch=epoch, metrics=metrics)
+    body = _body(name, seq=seq, step=step, epoch=epoch, metrics=metrics, series=series)
     return _finish(storage, _stage(storage, name, write), body, layout)
 
 
 def _body(
-    name: str, *, seq: int, step: int | None, epoch: int | None, metrics: dict[str, Any]
+    name: str,
+    *,
+    seq: int,
+    step: int | None,
+    epoch: int | None,
+    metrics: dict[str, Any],
+    series: str | None = None,
 ) -> Manifest:
     check_name(name)
     if container(name) is None:
@@ -272,14 +283,15 @@ def _body(
     return Manifest(
         name=name,
         seq=seq,
-        step=step,
-        epoch=epoch,
+        step=bounded("step", step),
+        epoch=bounded("epoch", epoch),
         created=manifest.now(),
         metrics=metrics,
         tree=None,
         tensors={},
         files={},
         payload="hdf5",
+        extra={} if series is None else {"series": series},
     )
 
 
@@ -301,38 +313,51 @@ def begin(
     meanwhile. The caller holds the root's writer lock from before ``begin`` until the
     commit is done.
     The ``seq`` continues the manager's listing, so files and checkpoint directories in
-    one root share one order, and ``Keep`` prunes both alike.
+    one root share one order; the file records the manager's series (its name
+    template), and ``Keep`` prunes only that series, files and directories alike.
     """
     storage = manager.storage
     metrics = metrics_arg(metrics)
-    body = _body(name, seq=0, step=step, epoch=epoch, metrics=metrics)
+    body = _body(
+        name,
+        seq=0,
+        step=step,
+        epoch=epoch,
+        metrics=metrics,
+        series=getattr(manager, "series", None),
+    )
+    check = getattr(manager, "check_monitor", None)
+    if check is not None:
+        check(metrics)  # before anything is written
     started = time.perf_counter()
     staged = _stage(storage, name, write)
 
     def finish() -> Checkpoint:
         # Listing the root (for seq) is part of the commit, off the training thread;
-        # the writer lock is still held, so no other save can come in between.
-        try:
-            seq = max((c.seq for c in manager.checkpoints()), default=0) + 1
-        except BaseException:
-            _discard(staged)
-            raise
-        found = _finish(storage, staged, replace(body, seq=seq), layout)
-        try:  # best effort: a committed save is never reported as failed for its log line
-            runlog.record(
-                storage,
-                "save",
-                name=name,
-                seq=seq,
-                step=step,
-                epoch=epoch,
-                metrics=metrics,
-                bytes=int(found.extra[KEY].get("size", 0)),
-                seconds=round(time.perf_counter() - started, 6),
-            )
-        except SafepointError as exc:
-            log.warning("safepoint: could not write the run log (save): %s", exc)
-        manager._apply_retention()
+        # the root's save mutex orders it with the other writers of this process.
+        serial = getattr(storage, "serial", None)
+        with serial() if serial is not None else contextlib.nullcontext():
+            try:
+                seq = manager.next_seq()
+            except BaseException:
+                _discard(staged)
+                raise
+            found = _finish(storage, staged, replace(body, seq=seq), layout)
+            try:  # best effort: a committed save is never reported as failed for its log line
+                runlog.record(
+                    storage,
+                    "save",
+                    name=name,
+                    seq=seq,
+                    step=step,
+                    epoch=epoch,
+                    metrics=metrics,
+                    bytes=int(found.extra[KEY].get("size", 0)),
+                    seconds=round(time.perf_counter() - started, 6),
+                )
+            except SafepointError as exc:
+                log.warning("safepoint: could not write the run log (save): %s", exc)
+            manager._apply_retention()
         return Checkpoint(
             name=name,
             path=os.path.join(storage.root, name),

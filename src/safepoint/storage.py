@@ -6,8 +6,9 @@ Every byte safepoint reads or writes passes through a :class:`Storage`, so tests
 inject faults at each stage of a save and object stores can plug in later. The local
 backend implements the commit protocol of the design (principle 1):
 
-1. stage: ``mkdir ROOT/<name>.tmp-<random>`` inside the root (never ``$TMPDIR``: a
-   rename across file systems is not atomic);
+1. stage: ``mkdir ROOT/.sp.tmp-<random>`` inside the root (never ``$TMPDIR``: a
+   rename across file systems is not atomic), marked as safepoint's
+   (:mod:`safepoint.leftovers`; the name has a fixed length, so any checkpoint name fits);
 2. write each payload file, ``fsync`` it, close it; write ``manifest.json`` last and
    ``fsync`` it (the manifest is the commit record);
 3. ``fsync`` the staging directory so its entries are durable;
@@ -28,21 +29,33 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
-import secrets
 import shutil
 import stat
+import threading
 import weakref
 from collections.abc import Sequence
 from typing import BinaryIO, Protocol
 
+from . import leftovers, rootlock
 from .errors import CorruptCheckpointError, StorageError
 
 # translate_read, LOG_NAME, check_name...: re-exported for the formats, catalog, adapters.
-from .localfile import LocalWriter, _exchange, _write_all, translate, translate_read
+from .localfile import (
+    LocalWriter,
+    _exchange,
+    _write_all,
+    append_line,
+    read_tail,
+    translate,
+    translate_read,
+)
 from .names import LOG_NAME, TMP_MARK, TRASH_PREFIX, check_name, component_problem  # noqa: F401
 from .names import split as _split
+
+#: ``read_log`` returns at most this many bytes (the newest lines): the log of a
+#: million-step run stays readable without loading all of it.
+LOG_READ_MAX = 64 << 20
 
 
 class Writer(Protocol):
@@ -83,7 +96,8 @@ class LocalStorage:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.path.abspath(os.fspath(root))
-        self._lock_fd: int | None = None
+        self._held: rootlock.Root | None = None
+        self._mutex = threading.RLock()  # until the lock is taken (see serial())
 
     # -- hooks -------------------------------------------------------------------------
     def _fault(self, stage: str, target: str) -> None:
@@ -205,13 +219,6 @@ class LocalStorage:
         _split(relpath)
         return os.path.join(self.root, relpath)
 
-    def read_log(self) -> bytes:
-        try:
-            with open(os.path.join(self.root, LOG_NAME), "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            return b""
-
     # -- writing -----------------------------------------------------------------------
     def _ensure_root(self) -> None:
         with translate("mkdir", self.root):
@@ -219,11 +226,9 @@ class LocalStorage:
 
     def stage(self, name: str) -> str:
         self._ensure_root()
-        staged = f"{name}{TMP_MARK}{secrets.token_hex(4)}"
-        with translate("stage", self.describe(staged)):
-            self._fault("stage", staged)
-            os.mkdir(os.path.join(self.root, staged), 0o755)
-        return staged
+        with translate("stage", self.describe(name)):
+            self._fault("stage", name)
+            return leftovers.make_stage(self.root, name)
 
     def open_write(self, relpath: str) -> Writer:
         with translate("open", self.describe(relpath)):
@@ -252,26 +257,46 @@ class LocalStorage:
             finally:
                 os.close(fd)
 
+    def serial(self) -> threading.RLock:
+        """The mutex that orders saves to this root within the process (see rootlock)."""
+        held = self._held
+        return held.mutex if held is not None and held.alive else self._mutex
+
+    def next_seq(self, listed: int) -> int:
+        """A seq above ``listed`` that no other save of this process has taken."""
+        return rootlock.next_seq(self._held, listed)
+
     def commit(self, staged: str, name: str) -> None:
         # The staging directory's own entries must be durable before it becomes visible
         # under its final name; then the root's entry for the rename.
-        self._fsync_dir(staged, "dir-fsync")
-        replaced: str | None = None  # where the checkpoint this one replaces went
+        with self.serial():
+            with translate("rename", self.describe(staged)):
+                leftovers.unmark_stage(self.root, staged)
+            self._fsync_dir(staged, "dir-fsync")
+            self._swap_in(staged, name)
+        rootlock.unmark_live(self.root, staged)
+
+    def _swap_in(self, staged: str, name: str) -> None:
+        replaced: str | None = None  # the entry holding the checkpoint this one replaces
+        src, dst = os.path.join(self.root, staged), os.path.join(self.root, name)
         with translate("rename", self.describe(name)):
             self._fault("rename", name)
-            src, dst = os.path.join(self.root, staged), os.path.join(self.root, name)
             if os.path.lexists(dst):
                 # Same name committed before (a resumed run saving the same step again):
                 # swap atomically, so a crash leaves one complete checkpoint under that name.
                 if _exchange(self.root, staged, name):
                     replaced = staged
                 else:
-                    replaced = f"{TRASH_PREFIX}{name}-{secrets.token_hex(4)}"
-                    os.rename(dst, os.path.join(self.root, replaced))
+                    # Two renames: a kill between them leaves the name missing and the old
+                    # checkpoint in a marked trash entry, which the next writer puts back.
+                    replaced = leftovers.make_trash(self.root, name, op="replace")
+                    kept = os.path.join(self.root, replaced, leftovers.ENTRY)
+                    os.rename(dst, kept)
                     try:
                         os.rename(src, dst)
                     except OSError:
-                        os.rename(os.path.join(self.root, replaced), dst)  # put the old one back
+                        os.rename(kept, dst)  # put the old one back
+                        leftovers.remove_entry(os.path.join(self.root, replaced))
                         raise
             else:
                 os.rename(src, dst)
@@ -285,115 +310,118 @@ class LocalStorage:
                 if replaced == staged:
                     _exchange(self.root, staged, name)
                 else:
-                    trash = f"{TRASH_PREFIX}{name}-{secrets.token_hex(4)}"
-                    os.rename(dst, os.path.join(self.root, trash))
+                    os.rename(dst, src)
                     if replaced is not None:
-                        os.rename(os.path.join(self.root, replaced), dst)
-                    self.discard(trash)
+                        os.rename(os.path.join(self.root, replaced, leftovers.ENTRY), dst)
+                        self.discard(replaced)
             raise
         if replaced is not None:  # the old checkpoint, now out of the listing
             self.discard(replaced)
 
     def discard(self, staged: str) -> None:
-        shutil.rmtree(os.path.join(self.root, staged), ignore_errors=True)
+        leftovers.remove_entry(os.path.join(self.root, staged))
+        rootlock.unmark_live(self.root, staged)
 
     def remove(self, name: str) -> None:
-        """Delete a committed checkpoint: rename it out of the listing first, then remove.
+        """Delete a committed checkpoint: move it into a marked trash entry, then remove.
 
-        A crash between the two steps leaves a hidden trash directory that the next
+        A crash between the two steps leaves a hidden trash entry that the next
         writer cleans up, never a half-deleted checkpoint that is still listed.
         """
         check_name(name)
-        trash = f"{TRASH_PREFIX}{name}-{secrets.token_hex(4)}"
         with translate("retention", self.describe(name)):
             self._fault("retention", name)
-            os.rename(os.path.join(self.root, name), os.path.join(self.root, trash))
+            trash = leftovers.make_trash(self.root, name, op="remove")
+            try:
+                os.rename(
+                    os.path.join(self.root, name),
+                    os.path.join(self.root, trash, leftovers.ENTRY),
+                )
+            except BaseException:
+                shutil.rmtree(os.path.join(self.root, trash), ignore_errors=True)
+                raise
         self._fsync_dir("", "retention")
-        path = os.path.join(self.root, trash)
-        if stat.S_ISDIR(os.lstat(path).st_mode):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                os.unlink(path)  # a single-file checkpoint (safepoint.singlefile)
+        leftovers.remove_entry(os.path.join(self.root, trash))
 
     def cleanup_stale(self) -> list[str]:
-        """Remove staging and trash entries left by a crashed writer (lock holders only).
+        """Recover and remove what interrupted writers left; returns the entries removed.
 
-        Directories of checkpoints, and the files of single-file checkpoints
-        (:mod:`safepoint.singlefile`): only names safepoint itself creates are touched.
+        Only entries that are recognisably safepoint's are touched (see
+        :mod:`safepoint.leftovers`), never a staging entry of a save in flight in this
+        process, and only under the writer lock (taken here if not held), so never
+        while a writer in another process is live.
         """
-        from .singlefile import is_staged
+        held = self._held is not None and self._held.alive
+        if not held:
+            self.lock()
+        try:
+            with self.serial():  # no save of this process is between its two renames
+                return leftovers.clean(self.root, self.list_names())
+        finally:
+            if not held:
+                self.unlock()
 
-        removed = []
-        for entry in self.list_names():
-            if TMP_MARK in entry or entry.startswith(TRASH_PREFIX):
-                path = os.path.join(self.root, entry)
-                if stat.S_ISREG(os.lstat(path).st_mode) and (
-                    entry.startswith(TRASH_PREFIX) or is_staged(entry)
-                ):
-                    # a single-file checkpoint whose deletion (or commit) was cut short,
-                    # or one staged by a killed writer
-                    os.unlink(path)
-                    removed.append(entry)
-                    continue
-                if os.path.islink(path) or not os.path.isdir(path):
-                    continue
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(entry)
-        return removed
+    def recover(self) -> list[str]:
+        """Put back checkpoints a re-save cut short left out of the listing (see
+        :mod:`safepoint.leftovers`); a reader calls it before restoring. Takes the
+        writer lock only when there is something to put back, and does nothing when a
+        writer in another process holds it (that writer recovers at its lock time)."""
+        if not leftovers.pending(self.root, self.list_names()):
+            return []
+        held = self._held is not None and self._held.alive
+        if not held:
+            try:
+                self.lock()  # recovers
+            except StorageError:
+                return []
+            self.unlock()
+            return []
+        with self.serial():
+            return leftovers.recover(self.root, self.list_names())
 
+    # -- the run log -------------------------------------------------------------------
     def append_log(self, line: str) -> None:
         data = (line.rstrip("\n") + "\n").encode()
         with translate("log", self.describe(LOG_NAME)):
-            fd = os.open(
-                os.path.join(self.root, LOG_NAME),
-                os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                0o644,
-            )
-            try:
-                # A crash may have torn the last line; start on a fresh line so the
-                # torn fragment does not swallow this record too.
-                end = os.fstat(fd).st_size
-                if end and os.pread(fd, 1, end - 1) != b"\n":
-                    data = b"\n" + data
-                os.write(fd, data)  # one write with O_APPEND: lines never interleave
-            finally:
-                os.close(fd)
+            append_line(os.path.join(self.root, LOG_NAME), data)
+
+    def read_log(self) -> bytes:
+        """The run log (its last ``LOG_READ_MAX`` bytes, from a line start, if longer)."""
+        try:
+            with translate("read", self.describe(LOG_NAME)):
+                return read_tail(os.path.join(self.root, LOG_NAME), LOG_READ_MAX)
+        except StorageError as exc:
+            if exc.errno == errno.ENOENT:
+                return b""
+            raise
 
     # -- the writer lock ---------------------------------------------------------------
+    @property
+    def _lock_fd(self) -> int | None:
+        held = self._held
+        return held.fd if held is not None and held.alive else None
+
     def lock(self) -> None:
         """Take the root's writer lock (``flock`` on the root directory itself).
 
         Holding it on the directory needs no lock file, and the kernel drops it when the
-        process dies, so a crash never leaves a stale lock behind.
+        process dies, so a crash never leaves a stale lock behind. Writers of one process
+        share it (:mod:`safepoint.rootlock`); another process is refused.
         """
-        if self._lock_fd is not None:
+        if self._held is not None and self._held.alive:
             return
         self._ensure_root()
-        with translate("lock", self.root):
-            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            os.close(fd)
-            raise StorageError(
-                f"Another writer holds the lock on checkpoint root {self.root!r}. Expected "
-                "one writing CheckpointManager per root. Received: a second writer. Stop "
-                "the other run, close its manager, or save to another root.",
-                errno=exc.errno,
-                stage="lock",
-            ) from exc
-        except OSError:
-            os.close(fd)
-            with translate("lock", self.root):
-                raise
-        self._lock_fd = fd
+        held = rootlock.acquire(self.root)
+        self._held = held
+        if held.refs == 1:  # first writer of this process: nothing of ours in flight
+            with held.mutex:
+                leftovers.recover(self.root, self.list_names())
         # A manager dropped without close() (a notebook cell, a one-off script) must not
         # hold the root for the rest of the process: release the lock when it is collected.
-        self._release = weakref.finalize(self, os.close, fd)
+        self._release = weakref.finalize(self, rootlock.release, held)
 
     def unlock(self) -> None:
-        fd, self._lock_fd = self._lock_fd, None
-        if fd is not None:
+        held, self._held = self._held, None
+        if held is not None:
             self._release.detach()
-            os.close(fd)  # closing the descriptor releases the flock
+            rootlock.release(held)
