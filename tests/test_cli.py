@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -44,8 +45,10 @@ def test_ls_json(root, capsys):
 
 
 def test_ls_empty_root(tmp_path, capsys):
-    assert main(["ls", str(tmp_path / "nothing")]) == 0
+    assert main(["ls", str(tmp_path)]) == 0
     assert "No committed checkpoints" in capsys.readouterr().out
+    assert main(["ls", str(tmp_path / "nothing")]) == 3  # a typo is not an empty run
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_show_prints_tensors_and_metrics(root, capsys):
@@ -156,10 +159,11 @@ def test_convert_refuses_pickle_files_without_opening_them(tmp_path, capsys):
     assert not marker.exists()
 
 
-def test_plot_draws_every_saved_metric(root, tmp_path, capsys):
+def test_plot_draws_every_saved_metric(root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the built-in SVG renderer
     out = tmp_path / "m.svg"
     assert main(["plot", str(root), "--out", str(out)]) == 0
-    assert "(3 points)" in capsys.readouterr().out
+    assert "(3 points, 1 series; built-in SVG)" in capsys.readouterr().out
     svg = out.read_text()
-    assert svg.startswith("<svg") and "val_loss (min 0.5, max 0.9)" in svg
+    assert svg.startswith("<svg") and 'data-metric="val_loss"' in svg
     assert svg.count("<circle") == 3

@@ -15,10 +15,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import reader, runlog, singlefile
-from .errors import CorruptCheckpointError, SafepointError
+from . import pathkind, reader, report, runlog, singlefile
+from .checkpoint import Checkpoint
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, SafepointError
 from .manager import CheckpointManager
-from .storage import LocalStorage, check_name
+from .retention import rank_best
+from .storage import LocalStorage
 
 
 def _fmt_metrics(metrics: dict[str, Any]) -> str:
@@ -37,100 +39,140 @@ def _fmt_size(n: int) -> str:
     return f"{n} B"
 
 
-def _split_ckpt(path: str) -> tuple[LocalStorage, str]:
-    full = os.path.abspath(path).rstrip(os.sep)
-    parent, name = os.path.split(full)
-    return LocalStorage(parent), check_name(name, what="checkpoint directory name")
+def _table(header: list[str], rows: list[list[str]], *, left: int = 1) -> list[str]:
+    """Lines of a table whose columns are as wide as their content.
+
+    The first ``left`` columns are left-aligned, the others right-aligned; the last
+    column (free text such as metrics) is never padded.
+    """
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    out = []
+    for row in [header, *rows]:
+        cells = [
+            cell if i == len(row) - 1 else cell.ljust(w) if i < left else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        out.append("  ".join(cells).rstrip())
+    return out
+
+
+def _size(mgr: CheckpointManager, ckpt: Checkpoint) -> int | None:
+    """Bytes of a checkpoint; None when it was deleted (by retention) since listing."""
+    try:
+        if os.path.isfile(ckpt.path):  # a single file is its own payload
+            return os.path.getsize(ckpt.path)
+        return mgr.catalog.manifest(ckpt.name).nbytes()
+    except (FileNotFoundError, CheckpointNotFoundError):
+        return None
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    mgr = CheckpointManager(args.root, monitor=args.monitor, mode=args.mode)
-    ckpts = mgr.checkpoints()
-    best = mgr.best() if args.monitor else None
-    # A Keras single-file checkpoint is its own payload; a directory's payload is the
-    # sum of the files its manifest lists.
-    sizes = {
-        c.name: os.path.getsize(c.path)
-        if os.path.isfile(c.path)
-        else mgr.catalog.manifest(c.name).nbytes()
-        for c in ckpts
-    }
+    root = pathkind.need_root(args.root, "ls").path
+    mgr = CheckpointManager(root, monitor=args.monitor, mode=args.mode)
+    listed = mgr.checkpoints()
+    best = rank_best(listed, monitor=mgr.monitor, mode=mgr.mode) if args.monitor else []
+    best_name = best[0].name if best else None
+    # A writer's retention may delete a checkpoint after it was listed: it is gone,
+    # not an error, and is left out.
+    sized = [(c, n) for c in listed if (n := _size(mgr, c)) is not None]
     if args.json:
-        print(
-            json.dumps(
-                [
-                    {
-                        **{k: getattr(c, k) for k in ("name", "seq", "step", "epoch", "created")},
-                        "metrics": c.metrics,
-                        "bytes": sizes[c.name],
-                        "best": best is not None and c.name == best.name,
-                    }
-                    for c in ckpts
-                ],
-                default=str,
-                indent=1,
-            )
-        )
+        items = [
+            {
+                **{k: getattr(c, k) for k in ("name", "seq", "step", "epoch", "created")},
+                "metrics": c.metrics,
+                "bytes": n,
+                "best": c.name == best_name,
+            }
+            for c, n in sized
+        ]
+        print(json.dumps(items, default=str, indent=1))
         return 0
-    if not ckpts:
-        print(f"No committed checkpoints in {mgr.storage.root}.")
+    if not sized:
+        print(f"No committed checkpoints in {root}.")
         return 0
-    print(
-        f"{'name':<28} {'seq':>5} {'step':>9} {'epoch':>6} {'size':>10}  created              "
-        "metrics"
-    )
-    for c in ckpts:
-        when = _dt.datetime.fromtimestamp(c.created).strftime("%Y-%m-%d %H:%M:%S")
-        mark = "  (best)" if best is not None and c.name == best.name else ""
-        print(
-            f"{c.name:<28} {c.seq:>5} {c.step!s:>9} {c.epoch!s:>6} "
-            f"{_fmt_size(sizes[c.name]):>10}  {when}  {_fmt_metrics(c.metrics)}{mark}"
-        )
+    rows = [
+        [
+            c.name,
+            str(c.seq),
+            str(c.step),
+            str(c.epoch),
+            _fmt_size(n),
+            _dt.datetime.fromtimestamp(c.created).strftime("%Y-%m-%d %H:%M:%S"),
+            _fmt_metrics(c.metrics) + ("  (best)" if c.name == best_name else ""),
+        ]
+        for c, n in sized
+    ]
+    header = ["name", "seq", "step", "epoch", "size", "created", "metrics"]
+    for line in _table(header, rows):
+        print(line)
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    storage, name = _split_ckpt(args.checkpoint)
+    storage, name, _ = pathkind.need_checkpoint(args.checkpoint, "show")
     found = reader.read_manifest(storage, name)
+    record = found.extra.get(singlefile.KEY)
+    if isinstance(record, dict):
+        # A single file lists no tensors in its manifest: read (and verify) its weights.
+        arrays = report.weights(storage, name, found)
+        tensors = {k: (str(v.dtype), list(v.shape), "numpy") for k, v in arrays.items()}
+        kind = "Keras .keras zip" if record.get("container") == "zip" else "HDF5 file"
+        form = f"{kind}, layout {record.get('layout')}"
+    else:
+        tensors = {k: (e["dtype"], e["shape"], e["lib"]) for k, e in found.tensors.items()}
+        form = f"directory, format {found.payload}"
     if args.json:
-        print(json.dumps(found.to_json(), indent=1, sort_keys=True))
+        body = found.to_json()
+        if isinstance(record, dict):
+            body["weights"] = {k: {"dtype": d, "shape": s} for k, (d, s, _) in tensors.items()}
+        print(json.dumps(body, indent=1, sort_keys=True))
         return 0
     print(f"checkpoint {os.path.join(storage.root, name)}")
     print(
-        f"  seq {found.seq}, step {found.step}, epoch {found.epoch}, format "
-        f"{found.payload} (v{found.format_version}, safepoint {found.library_version})"
+        f"  seq {found.seq}, step {found.step}, epoch {found.epoch}; {form} "
+        f"(v{found.format_version}, safepoint {found.library_version})"
     )
     created = _dt.datetime.fromtimestamp(found.created).isoformat(timespec="seconds")
     print(f"  created {created}; metrics: {_fmt_metrics(found.metrics) or '-'}")
     for fname, info in sorted(found.files.items()):
         print(f"  file {fname}: {_fmt_size(int(info['size']))}, xxh3_64 {info['xxh3_64']}")
-    print(f"  {len(found.tensors)} tensors:")
-    for key, entry in found.tensors.items():
-        print(f"    {key:<48} {entry['dtype']:<10} {entry['shape']} ({entry['lib']})")
+    print(f"  {len(tensors)} tensors:")
+    width = max((len(k) for k in tensors), default=0)
+    for key, (dtype, shape, lib) in tensors.items():
+        print(f"    {key:<{width}}  {dtype:<10} {shape} ({lib})")
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    target = os.path.abspath(args.path)
-    is_file = os.path.isfile(target)
-    if is_file or os.path.isfile(os.path.join(target, "manifest.json")):
+    found = pathkind.classify(args.path)
+    gone = 0
+    if found.kind in ("checkpoint", "foreign", "pickle", "uncommitted"):
         # One checkpoint: a directory, or a single file (a Keras weights.best.hdf5)
         # checked against the manifest embedded in it.
-        storage, name = _split_ckpt(target)
+        storage, name, _ = pathkind.need_checkpoint(found.path, "verify")
         error: Exception | None = None
         try:
-            if is_file and singlefile.container(name) is None:
-                raise reader.refuse_pickle(target)
-            (singlefile.verify if is_file else reader.verify)(storage, name)
+            reader.verify(storage, name)
         except SafepointError as exc:
             error = exc
         results: list[tuple[str, Exception | None]] = [(name, error)]
         mgr = CheckpointManager(storage)
     else:
-        mgr = CheckpointManager(target)
+        root = pathkind.need_root(args.path, "verify").path
+        mgr = CheckpointManager(root)
         results = [(v.name, v.error) for v in mgr.verify()]
+        if not results:
+            raise CheckpointNotFoundError(
+                f"No checkpoints in {root} to verify. Expected a run root with at least one "
+                f"checkpoint. Received: path={args.path!r}. Check the path (a backup that "
+                "never ran looks like this)."
+            )
     if args.deep:
-        results = [(n, e if e is not None else _read_whole(mgr, n)) for n, e in results]
+        deep = [(n, e if e is not None else _read_whole(mgr, n)) for n, e in results]
+        # Deleted by the writer's retention since it was listed: gone, not an error
+        # (a checkpoint named on the command line is still reported missing).
+        kept = [(n, e) for n, e in deep if found.kind == "checkpoint" or e is not _GONE]
+        gone, results = len(deep) - len(kept), kept
     bad = [(n, e) for n, e in results if e is not None]
     if args.json:
         print(
@@ -142,7 +184,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     else:
         for n, e in results:
             print(f"{'ok     ' if e is None else 'FAILED '} {n}" + (f": {e}" if e else ""))
-        print(f"{len(results) - len(bad)} of {len(results)} checkpoints verified.")
+        note = f" ({gone} deleted by the writer's retention meanwhile)" if gone else ""
+        print(f"{len(results) - len(bad)} of {len(results)} checkpoints verified.{note}")
     if bad:
         first = bad[0][1]
         return (
@@ -151,6 +194,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
             else CorruptCheckpointError.exit_code
         )
     return 0
+
+
+#: ``_read_whole``'s answer for a checkpoint deleted while it was being read.
+_GONE = CheckpointNotFoundError("deleted while verifying")
 
 
 def _read_whole(mgr: CheckpointManager, name: str) -> Exception | None:
@@ -162,13 +209,15 @@ def _read_whole(mgr: CheckpointManager, name: str) -> Exception | None:
     """
     try:
         mgr.restore(checkpoint=name)
+    except CheckpointNotFoundError as exc:
+        return _GONE if not os.path.lexists(os.path.join(mgr.storage.root, name)) else exc
     except SafepointError as exc:
         return exc
     return None
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    storage = LocalStorage(args.root)
+    storage = LocalStorage(pathkind.need_root(args.root, "gc").path)
     storage.lock()
     try:
         removed = storage.cleanup_stale()
@@ -181,45 +230,54 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_log(args: argparse.Namespace) -> int:
-    for item in runlog.read(LocalStorage(args.root)):
-        print(
-            json.dumps(item, sort_keys=True)
-            if args.json
-            else f"{item.get('event', '?'):<7} {item.get('name', '')} "
-            f"{_fmt_metrics(item.get('metrics') or {})}".rstrip()
-        )
+    from .logview import describe, need_log
+
+    storage = LocalStorage(need_log(pathkind.need_root(args.root, "log").path))
+    for item in runlog.read(storage):
+        print(json.dumps(item, sort_keys=True) if args.json else describe(item))
     return 0
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from .report import diff
-
-    lines = diff(args.a, args.b)
-    for line in lines:
-        print(line)
-    if not lines:
-        print("identical: same tensors, state, metrics and step")
-    return 1 if lines else 0
+    sa, na, _ = pathkind.need_checkpoint(args.a, "diff")
+    sb, nb, _ = pathkind.need_checkpoint(args.b, "diff")
+    changes = report.diff(sa, na, sb, nb)
+    if args.json:
+        body = {
+            "a": os.path.join(sa.root, na),
+            "b": os.path.join(sb.root, nb),
+            "identical": not changes,
+            "changes": [c.to_json() for c in changes],
+        }
+        print(json.dumps(body, indent=1, default=str))
+    else:
+        for change in changes:
+            print(change.line(na, nb))
+        if not changes:
+            print("identical: same tensors, state, metrics and step")
+    return 1 if changes else 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .conversion import convert
 
-    src = os.path.abspath(args.checkpoint).rstrip(os.sep)
+    storage, name, _ = pathkind.need_checkpoint(args.checkpoint, "convert")
+    src = os.path.join(storage.root, name)
     # By default the copy goes to the current directory, not into the run's root, where
     # it would become one more (and the newest) checkpoint of the run.
-    out = args.out or os.path.join(os.getcwd(), f"{os.path.basename(src)}-{args.to}")
+    out = args.out or os.path.join(os.getcwd(), f"{name}-{args.to}")
     print(f"converted {src} -> {convert(src, out, to=args.to)} ({args.to})")
     return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .report import plot
+    from .logview import need_log
+    from .plot import plot
 
-    name = os.path.basename(os.path.abspath(args.root).rstrip(os.sep))
-    out = args.out or f"{name}-metrics.svg"
-    points = plot(args.root, out, metrics=args.metric or None)
-    print(f"wrote {out} ({points} points)")
+    root = need_log(pathkind.need_root(args.root, "plot").path)
+    out = args.out or f"{os.path.basename(root)}-metrics.svg"
+    points, series, renderer = plot(root, out, metrics=args.metric or None)
+    print(f"wrote {out} ({points} points, {series} series; {renderer})")
     return 0
 
 
@@ -244,7 +302,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(fn=cmd_ls)
     s = sub.add_parser("show", help="describe one checkpoint: metrics, files, tensors")
-    s.add_argument("checkpoint", help="path of a checkpoint directory")
+    s.add_argument("checkpoint", help="checkpoint directory or single file (.keras, .h5)")
     s.add_argument("--json", action="store_true", help="print the whole manifest")
     s.set_defaults(fn=cmd_show)
     s = sub.add_parser(
@@ -260,21 +318,28 @@ def parser() -> argparse.ArgumentParser:
         help="also read every tensor and rebuild each checkpoint's state, as a restore does",
     )
     s.set_defaults(fn=cmd_verify)
-    s = sub.add_parser("gc", help="remove staging and trash directories left by crashed writers")
+    s = sub.add_parser(
+        "gc", help="remove staging and trash entries left by crashed writers (takes the lock)"
+    )
     s.add_argument("root")
     s.set_defaults(fn=cmd_gc)
-    s = sub.add_parser("log", help="print the run log (saves, skips, deletions)")
+    s = sub.add_parser(
+        "log", help="print the run log (saves, skips with epoch and reason, deletions)"
+    )
     s.add_argument("root")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_log)
     s = sub.add_parser(
         "diff", help="compare two checkpoints: tensors, state, metrics (exit 1 when they differ)"
     )
-    s.add_argument("a")
-    s.add_argument("b")
+    s.add_argument("a", help="checkpoint directory or single file (.keras, .h5, .weights.h5)")
+    s.add_argument("b", help="the checkpoint to compare with A")
+    s.add_argument("--json", action="store_true", help="machine-readable list of changes")
     s.set_defaults(fn=cmd_diff)
-    s = sub.add_parser("convert", help="rewrite a checkpoint in another payload format")
-    s.add_argument("checkpoint", help="path of a checkpoint directory")
+    s = sub.add_parser(
+        "convert", help="rewrite a checkpoint (or a Keras file's weights) in a payload format"
+    )
+    s.add_argument("checkpoint", help="checkpoint directory or single file (.keras, .h5)")
     s.add_argument("--to", required=True, choices=("safetensors", "hdf5"))
     s.add_argument(
         "--out",
@@ -282,10 +347,19 @@ def parser() -> argparse.ArgumentParser:
         help="new checkpoint directory (default: ./NAME-FORMAT in the current directory)",
     )
     s.set_defaults(fn=cmd_convert)
-    s = sub.add_parser("plot", help="draw the run's metrics (from its log) into an SVG file")
+    s = sub.add_parser(
+        "plot",
+        help="draw the run's metrics (from its log), one series per name template, into an "
+        "image (matplotlib when installed, else a built-in SVG)",
+    )
     s.add_argument("root")
     s.add_argument("--metric", action="append", help="metric to draw (repeatable; default all)")
-    s.add_argument("--out", default=None, help="SVG path (default ./ROOTNAME-metrics.svg)")
+    s.add_argument(
+        "--out",
+        default=None,
+        help="output file; .svg always works, .png/.pdf need matplotlib "
+        "(default ./ROOTNAME-metrics.svg)",
+    )
     s.set_defaults(fn=cmd_plot)
     s = sub.add_parser(
         "demo",

@@ -8,6 +8,9 @@ tear the last line, and readers ignore a line that does not parse.
 from __future__ import annotations
 
 import json
+import logging
+import re
+import threading
 import time
 from typing import Any
 
@@ -48,3 +51,71 @@ def read(storage: Storage) -> list[dict[str, Any]]:
         if isinstance(item, dict):
             out.append(item)
     return out
+
+
+def _kind(reason: str) -> str:
+    """A reason with its numbers masked: "loss=0.5 not better than 0.4" -> one kind."""
+    return re.sub(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|nan|inf", "#", reason)
+
+
+class SkipSummary:
+    """Consecutive skips of one kind, coalesced into one ``skip`` record.
+
+    A save policy that runs every N batches would otherwise append a line per skipped
+    batch (about 177 bytes: 169 MiB over a million steps). Skips with the same reason
+    (numbers aside), epoch and series are counted; the record, written when a skip of
+    another kind arrives, before the next save or deletion record, at ``close`` or
+    after ``max_count`` skips or ``max_seconds``, holds the count, the first and last
+    step and the last skip's metrics and reason. A crash can lose only the summary not
+    yet written, never a save record: those are written directly, after this flushes.
+    """
+
+    def __init__(self, storage: Storage, *, max_count: int = 10_000, max_seconds: float = 60.0):
+        self.storage = storage
+        self.max_count = max_count
+        self.max_seconds = max_seconds
+        self._lock = threading.Lock()
+        self._pending: dict[str, Any] | None = None
+        self._key: tuple[Any, ...] | None = None
+        self._since = 0.0
+
+    def add(self, *, step: Any, epoch: Any, metrics: Any, reason: str, series: str) -> None:
+        key = (_kind(reason), epoch, series)
+        with self._lock:
+            if self._pending is not None and key != self._key:
+                self._write()
+            if self._pending is None:
+                self._key, self._since = key, time.monotonic()
+                self._pending = {"count": 0, "first_step": step, "epoch": epoch}
+            self._pending.update(
+                count=self._pending["count"] + 1,
+                step=step,
+                last_step=step,
+                metrics=metrics,
+                reason=reason,
+                series=series,
+            )
+            if (
+                self._pending["count"] >= self.max_count
+                or time.monotonic() - self._since >= self.max_seconds
+            ):
+                self._write()
+
+    def flush(self) -> None:
+        """Write the pending summary, if any (raises the storage's error)."""
+        with self._lock:
+            self._write()
+
+    def flush_quietly(self) -> None:
+        """``flush`` for finalizers (a manager collected or the process exiting)."""
+        try:
+            self.flush()
+        except Exception as exc:  # informational: never fail an exit over the log
+            logging.getLogger("safepoint").warning(
+                "safepoint: could not write the run log (skip): %s", exc
+            )
+
+    def _write(self) -> None:
+        pending, self._pending, self._key = self._pending, None, None
+        if pending is not None:
+            record(self.storage, "skip", **pending)
