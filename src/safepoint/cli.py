@@ -143,10 +143,14 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+Result = tuple[str, Exception | None]
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     found = pathkind.classify(args.path)
     gone = 0
-    if found.kind in ("checkpoint", "foreign", "pickle", "uncommitted"):
+    single = found.kind in ("checkpoint", "foreign", "pickle", "uncommitted")
+    if single:
         # One checkpoint: a directory, or a single file (a Keras weights.best.hdf5)
         # checked against the manifest embedded in it.
         storage, name, _ = pathkind.need_checkpoint(found.path, "verify")
@@ -155,24 +159,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
             reader.verify(storage, name)
         except SafepointError as exc:
             error = exc
-        results: list[tuple[str, Exception | None]] = [(name, error)]
+        results: list[Result] = [(name, error)]
         mgr = CheckpointManager(storage)
     else:
         root = pathkind.need_root(args.path, "verify").path
         mgr = CheckpointManager(root)
-        results = [(v.name, v.error) for v in mgr.verify()]
+        results, gone = _verify_root(mgr, deep=args.deep)
         if not results:
             raise CheckpointNotFoundError(
                 f"No checkpoints in {root} to verify. Expected a run root with at least one "
                 f"checkpoint. Received: path={args.path!r}. Check the path (a backup that "
                 "never ran looks like this)."
             )
-    if args.deep:
-        deep = [(n, e if e is not None else _read_whole(mgr, n)) for n, e in results]
-        # Deleted by the writer's retention since it was listed: gone, not an error
-        # (a checkpoint named on the command line is still reported missing).
-        kept = [(n, e) for n, e in deep if found.kind == "checkpoint" or e is not _GONE]
-        gone, results = len(deep) - len(kept), kept
+    if args.deep and single:
+        results = [(n, e if e is not None else _read_whole(mgr, n)) for n, e in results]
     bad = [(n, e) for n, e in results if e is not None]
     if args.json:
         print(
@@ -194,6 +194,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
             else CorruptCheckpointError.exit_code
         )
     return 0
+
+
+def _verify_root(mgr: CheckpointManager, *, deep: bool) -> tuple[list[Result], int]:
+    """Verify every checkpoint of a root; return the results and how many were gone.
+
+    A writer's retention may delete a checkpoint between listing and reading: it is
+    gone, not an error (the catalog already skips those). When everything listed went
+    (``Keep(last=1)``), list again rather than report an empty root.
+    """
+    gone = 0
+    for _ in range(5):
+        results: list[Result] = [(v.name, v.error) for v in mgr.verify()]
+        if deep:
+            read = [(n, e if e is not None else _read_whole(mgr, n)) for n, e in results]
+            results = [(n, e) for n, e in read if e is not _GONE]
+            gone += len(read) - len(results)
+        if results or not mgr.catalog.entries():
+            break
+    return results, gone
 
 
 #: ``_read_whole``'s answer for a checkpoint deleted while it was being read.
