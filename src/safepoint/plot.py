@@ -43,8 +43,17 @@ class Point:
 Data = dict[str, dict[str, list[Point]]]
 
 
-def _guess(name: str) -> str:
-    return re.sub(r"\d+", "#", name)
+_NUMBER = re.compile(r"\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+
+
+def _pattern(name: str) -> str:
+    """A checkpoint name with its numbers masked: the key of its series."""
+    return _NUMBER.sub("#", name)
+
+
+def _template_pattern(template: str) -> str:
+    """The same key for a name template: ``best-{step:08d}`` -> ``best-#``."""
+    return _pattern(re.sub(r"\{[^{}]*\}", "#", template))
 
 
 def _series_of(catalog: Catalog, name: str) -> str | None:
@@ -57,38 +66,43 @@ def _series_of(catalog: Catalog, name: str) -> str | None:
 
 
 def collect(root: str, *, metrics: list[str] | None = None) -> Data:
-    """Points of every numeric, finite metric of the run log, grouped by series."""
+    """Points of every numeric, finite metric of the run log, grouped by series.
+
+    A record's series is its ``series`` (a name template: skip records carry it) or
+    that of its checkpoint's manifest; for saves of checkpoints deleted since, the
+    name with its numbers masked, which is what the template masks to as well.
+    """
     storage = LocalStorage(root)
     catalog = Catalog(storage)
     events = [e for e in runlog.read(storage) if e.get("event") in ("save", "skip")]
-    labels: list[str] = []
-    templates: dict[str, str] = {}  # name guess -> template, learnt from live manifests
+    shown: dict[str, str] = {}  # series key -> label (the template, once one is known)
+    keys: list[str] = []
     last = "run"
     for e in events:
-        label = e.get("series")
-        name = e.get("name")
-        if not isinstance(label, str) and e["event"] == "save" and isinstance(name, str):
-            label = _series_of(catalog, name)
-            if label is not None:
-                templates[_guess(name)] = label
-            else:
-                label = _guess(name)
-        if not isinstance(label, str):
-            label = last  # an old skip record: the series of the save before it
-        labels.append(label)
-        last = label
+        template, name = e.get("series"), e.get("name")
+        if not isinstance(template, str) and e["event"] == "save" and isinstance(name, str):
+            template = _series_of(catalog, name)
+        if isinstance(template, str):
+            key = _template_pattern(template)
+            shown[key] = template
+        elif e["event"] == "save" and isinstance(name, str):
+            key = _pattern(name)
+        else:
+            key = last  # an old skip record: the series of the save before it
+        keys.append(key)
+        last = key
     data: Data = {}
-    for i, (e, label) in enumerate(zip(events, labels, strict=True)):
+    for i, (e, key) in enumerate(zip(events, keys, strict=True)):
         step = e.get("step")
         x = step if isinstance(step, int) and not isinstance(step, bool) else i
-        label = templates.get(label, label)
-        for key, value in (e.get("metrics") or {}).items():
-            if metrics and key not in metrics:
+        label = shown.get(key, key)
+        for metric, value in (e.get("metrics") or {}).items():
+            if metrics and metric not in metrics:
                 continue
             numeric = isinstance(value, int | float) and not isinstance(value, bool)
             if numeric and math.isfinite(value):
                 point = Point(float(x), float(value), e["event"] == "save")
-                data.setdefault(key, {}).setdefault(label, []).append(point)
+                data.setdefault(metric, {}).setdefault(label, []).append(point)
     missing = sorted(set(metrics or ()) - set(data))
     if missing:
         raise ConfigError(
@@ -141,10 +155,18 @@ def plot(root: str, out: str, *, metrics: list[str] | None = None) -> tuple[int,
 
 
 def _matplotlib(data: Data, title: str, out: str) -> None:
+    import matplotlib
     from matplotlib.figure import Figure
 
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # SVG text stays searchable
+        _draw(Figure, data, title, out)
+
+
+def _draw(figure: Any, data: Data, title: str, out: str) -> None:
+    """Draw with matplotlib's object API (``figure`` is its ``Figure`` class): no pyplot,
+    so no global backend or open-figure state in the caller's process."""
     panels = sorted(data) or [""]
-    fig = Figure(figsize=(8, 1.2 + 2.6 * len(panels)), layout="constrained")
+    fig = figure(figsize=(8, 1.2 + 2.6 * len(panels)), layout="constrained")
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
     fig.suptitle(title)
     if not data:
