@@ -17,7 +17,18 @@ import pytest
 import safepoint
 from safepoint.cli import main
 
-KINDS = ("missing", "empty", "root", "checkpoint", "file", "runlog", "foreign", "fifo", "pickle")
+KINDS = (
+    "missing",
+    "unreadable",
+    "empty",
+    "root",
+    "checkpoint",
+    "file",
+    "runlog",
+    "foreign",
+    "fifo",
+    "pickle",
+)
 
 
 @pytest.fixture
@@ -30,6 +41,7 @@ def paths(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("a user's notes\n")
     os.mkfifo(tmp_path / "pipe")
+    os.symlink("loop", tmp_path / "loop")  # stat fails with ELOOP
     (tmp_path / "model.pt").write_bytes(b"\x80\x04K\x01.")  # a pickle: never opened
     foreign = tmp_path / "weights.hdf5"
     try:
@@ -41,6 +53,7 @@ def paths(tmp_path):
             f["dense/kernel"] = np.ones((2, 2), np.float32)
     return {
         "missing": tmp_path / "nope",
+        "unreadable": tmp_path / "loop",
         "empty": tmp_path / "empty",
         "root": run,
         "checkpoint": run / "step-00000002",
@@ -52,9 +65,11 @@ def paths(tmp_path):
     }
 
 
-OK, CONFIG, NOT_FOUND, INCOMPATIBLE = 0, 2, 3, 6
+OK, CONFIG, NOT_FOUND, INCOMPATIBLE, STORAGE = 0, 2, 3, 6, 8
+UNREADABLE = (STORAGE, "cannot be examined: Too many levels of symbolic links")
 # For root commands, every non-root kind is a bad argument, said as what it is.
 _ROOT_WRONG = {
+    "unreadable": UNREADABLE,
     "checkpoint": (CONFIG, "is a checkpoint directory, not a run root"),
     "file": (CONFIG, "is a plain file, not a run root"),
     "runlog": (CONFIG, "is the run log of the run root"),
@@ -64,6 +79,7 @@ _ROOT_WRONG = {
 }
 _CKPT = {
     "missing": (NOT_FOUND, "does not exist"),
+    "unreadable": UNREADABLE,
     "empty": (NOT_FOUND, "is an empty directory"),
     "root": (CONFIG, "is a run root holding 2 committed checkpoint(s), not one checkpoint"),
     "checkpoint": (OK, ""),
@@ -85,7 +101,7 @@ EXPECTED = {
         "empty": (NOT_FOUND, "No checkpoints in"),
         "root": (OK, "2 of 2 checkpoints verified"),
         "checkpoint": (OK, "1 of 1 checkpoints verified"),
-        **{k: _ROOT_WRONG[k] for k in ("file", "runlog", "fifo")},
+        **{k: _ROOT_WRONG[k] for k in ("file", "runlog", "fifo", "unreadable")},
         "foreign": _CKPT["foreign"],
         "pickle": _CKPT["pickle"],
     },
@@ -143,7 +159,7 @@ def test_each_command_names_each_wrong_path_and_exits_right(
         assert "symlink" not in err
         assert str(paths[kind]) in err
     if kind == "missing":
-        assert not paths[kind].exists()  # gc and friends create nothing
+        assert not os.path.lexists(paths[kind])  # gc and friends create nothing
     if command not in ("convert", "plot") or code != OK:
         assert sorted(os.listdir(tmp_path)) == before
 

@@ -17,7 +17,13 @@ from typing import Any
 
 from . import pathkind, reader, report, runlog, singlefile
 from .checkpoint import Checkpoint
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, SafepointError
+from .errors import (
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    SafepointError,
+    StorageError,
+)
 from .manager import CheckpointManager
 from .retention import rank_best
 from .storage import LocalStorage
@@ -39,17 +45,17 @@ def _fmt_size(n: int) -> str:
     return f"{n} B"
 
 
-def _table(header: list[str], rows: list[list[str]], *, left: int = 1) -> list[str]:
+def _table(header: list[str], rows: list[list[str]], *, align: str) -> list[str]:
     """Lines of a table whose columns are as wide as their content.
 
-    The first ``left`` columns are left-aligned, the others right-aligned; the last
-    column (free text such as metrics) is never padded.
+    ``align`` has one letter per column, ``l`` or ``r``; the last column (free text
+    such as metrics) is never padded.
     """
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     out = []
     for row in [header, *rows]:
         cells = [
-            cell if i == len(row) - 1 else cell.ljust(w) if i < left else cell.rjust(w)
+            cell if i == len(row) - 1 else cell.ljust(w) if align[i] == "l" else cell.rjust(w)
             for i, (cell, w) in enumerate(zip(row, widths, strict=True))
         ]
         out.append("  ".join(cells).rstrip())
@@ -72,6 +78,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
     listed = mgr.checkpoints()
     best = rank_best(listed, monitor=mgr.monitor, mode=mgr.mode) if args.monitor else []
     best_name = best[0].name if best else None
+    known = sorted({k for c in listed for k in c.metrics})
+    if args.monitor and listed and args.monitor not in known:
+        raise ConfigError(
+            f"No checkpoint in {root} has the metric {args.monitor!r}, so none can be "
+            f"marked best. Expected one of {known}. Received: --monitor {args.monitor}. "
+            "Pick one of those names."
+        )
     # A writer's retention may delete a checkpoint after it was listed: it is gone,
     # not an error, and is left out.
     sized = [(c, n) for c in listed if (n := _size(mgr, c)) is not None]
@@ -103,7 +116,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         for c, n in sized
     ]
     header = ["name", "seq", "step", "epoch", "size", "created", "metrics"]
-    for line in _table(header, rows):
+    for line in _table(header, rows, align="lrrrrll"):
         print(line)
     return 0
 
@@ -326,8 +339,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_show)
     s = sub.add_parser(
         "verify",
-        help="check sizes and checksums of every checkpoint in a root "
-        "(or of one checkpoint directory)",
+        help="check sizes and checksums of every checkpoint in a root, or of one checkpoint "
+        "(exit 3 when there is none to check)",
     )
     s.add_argument("path")
     s.add_argument("--json", action="store_true")
@@ -398,6 +411,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SafepointError as exc:
         print(f"safepoint {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        # `safepoint log ROOT | head`: the reader left; that is not an error to report.
+        # Point stdout at /dev/null so the interpreter's final flush does not fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a pipe writer
+    except OSError as exc:  # the file system refused (EACCES, EIO...): no traceback
+        print(
+            f"safepoint {args.command}: StorageError: {exc}. Check the path and its permissions.",
+            file=sys.stderr,
+        )
+        return StorageError.exit_code
 
 
 if __name__ == "__main__":

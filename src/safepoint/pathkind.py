@@ -26,6 +26,7 @@ from .errors import (
     ConfigError,
     IncompatibleCheckpointError,
     IncompleteCheckpointError,
+    StorageError,
 )
 from .manifest import NAME as MANIFEST_NAME
 from .storage import LOG_NAME, TMP_MARK, TRASH_PREFIX, LocalStorage
@@ -38,7 +39,7 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle", ".tar")
 
 @dataclass(frozen=True)
 class PathKind:
-    """``kind`` is one of: missing, special, runlog, checkpoint, foreign, pickle, file,
+    """``kind`` is one of: missing, unreadable, special, runlog, checkpoint, foreign, pickle, file,
     root, empty, leftover, uncommitted, directory. ``detail`` says more (for a root:
     its newest checkpoint's name; for a single file: its container)."""
 
@@ -72,6 +73,8 @@ def classify(path: str) -> PathKind:
         return PathKind(full, "missing", "a dangling symlink" if os.path.islink(full) else "")
     except NotADirectoryError:
         return PathKind(full, "missing", "a path below a file")
+    except OSError as exc:  # a symlink loop, a name too long, a directory we may not search
+        return PathKind(full, "unreadable", exc.strerror or type(exc).__name__)
     if stat.S_ISREG(mode):
         if name == LOG_NAME:
             return PathKind(full, "runlog")
@@ -131,6 +134,14 @@ def _what(found: PathKind) -> str:
     }.get(found.kind, found.kind)
 
 
+def _unreadable(found: PathKind, expected: str) -> StorageError:
+    return StorageError(
+        f"{found.path} cannot be examined: {found.detail}. Expected {expected}. Received: "
+        f"path={found.path!r}. Check the path and its permissions.",
+        stage="stat",
+    )
+
+
 def _missing(found: PathKind, expected: str) -> CheckpointNotFoundError:
     why = f" ({found.detail})" if found.detail else ""
     return CheckpointNotFoundError(
@@ -149,6 +160,8 @@ def need_root(path: str, command: str) -> PathKind:
     expected = "a run root (the directory a CheckpointManager saves into)"
     if found.kind == "missing":
         raise _missing(found, expected)
+    if found.kind == "unreadable":
+        raise _unreadable(found, expected)
     if found.kind in ("root", "empty", "directory"):
         return found
     hint = f"Run 'safepoint {command} {found.parent}' for its run root"
@@ -181,6 +194,8 @@ def need_checkpoint(path: str, command: str) -> tuple[LocalStorage, str, PathKin
         )
     if found.kind == "missing":
         raise _missing(found, expected)
+    if found.kind == "unreadable":
+        raise _unreadable(found, expected)
     if found.kind == "checkpoint":
         return LocalStorage(found.parent), os.path.basename(found.path), found
     received = f"Received: path={found.path!r}."
