@@ -27,7 +27,7 @@ def records(root) -> list[dict]:
     return runlog.read(LocalStorage(root))
 
 
-def test_a_million_step_run_of_skips_is_one_record_before_the_save(tmp_path):
+def test_a_run_of_skips_is_two_records_before_the_save(tmp_path):
     mgr = safepoint.CheckpointManager(tmp_path, monitor="loss")
     for step in range(1, 2001):
         mgr.log_skip(step=step, epoch=1, metrics={"loss": 0.5 + step * 1e-4},
@@ -35,14 +35,11 @@ def test_a_million_step_run_of_skips_is_one_record_before_the_save(tmp_path):
     mgr.save({"w": np.zeros(2)}, step=2001, epoch=1, metrics={"loss": 0.3})
     mgr.close()
     items = records(tmp_path)
-    assert [i["event"] for i in items] == ["skip", "save"]
-    skip = items[0]
-    assert (skip["count"], skip["first_step"], skip["last_step"], skip["epoch"]) == (
-        2000,
-        1,
-        2000,
-        1,
-    )
+    assert [i["event"] for i in items] == ["skip", "skip", "save"]
+    first, skip = items[0], items[1]  # the first at once, then the summary of the rest
+    assert (first["count"], first["step"], first["epoch"]) == (1, 1, 1)
+    assert skip["count"] == 1999 and skip["epoch"] == 1
+    assert (skip["first_step"], skip["last_step"], skip["step"]) == (2, 2000, 2000)
     assert skip["reason"] == "loss=0.7000 not better than 0.40000"  # the last one's
     assert skip["series"] == "step-{step:08d}"
     assert os.path.getsize(tmp_path / LOG_NAME) < 1024
@@ -58,17 +55,28 @@ def test_skips_of_another_kind_or_epoch_start_a_new_record(tmp_path):
     assert [(i["epoch"], i["count"], i["reason"]) for i in items] == [
         (1, 1, "loss=1 not better"),
         (2, 1, "loss=1 not better"),
-        (2, 2, "not due"),
+        (2, 1, "not due"),
+        (2, 1, "not due"),
     ]
+
+
+def test_skips_before_the_root_exists_go_with_the_first_save(tmp_path):
+    mgr = safepoint.CheckpointManager(tmp_path / "new")
+    for step in range(3):
+        mgr.log_skip(step=step, epoch=0, reason="warming up")
+    mgr.save({"w": np.zeros(2)}, step=3, epoch=0)
+    mgr.close()
+    got = [(i["event"], i.get("count"), i.get("first_step")) for i in records(tmp_path / "new")]
+    assert got == [("skip", 3, 0), ("save", None, None)]
 
 
 def test_a_summary_is_written_after_max_count_skips(tmp_path):
     summary = runlog.SkipSummary(LocalStorage(tmp_path), max_count=10)
     for step in range(25):
         summary.add(step=step, epoch=0, metrics={}, reason="r", series="s")
-    assert [i["count"] for i in records(tmp_path)] == [10, 10]
+    assert [i["count"] for i in records(tmp_path)] == [1, 10, 10]
     summary.flush()
-    assert [i["count"] for i in records(tmp_path)] == [10, 10, 5]
+    assert [i["count"] for i in records(tmp_path)] == [1, 10, 10, 4]
 
 
 SCRIPT = textwrap.dedent(
@@ -90,11 +98,12 @@ SCRIPT = textwrap.dedent(
 def test_exit_without_close_writes_the_summary_and_a_kill_loses_only_it(tmp_path):
     for how in ("exit", "kill"):
         root = tmp_path / how
+        root.mkdir()
         proc = subprocess.run([sys.executable, "-c", SCRIPT, str(root), how], check=False)
         assert proc.returncode == (-signal.SIGKILL if how == "kill" else 0)
         got = [(i["event"], i.get("count")) for i in records(root)]
-        tail = [] if how == "kill" else [("skip", 50)]
-        assert got == [("skip", 100), ("save", None), *tail]
+        tail = [] if how == "kill" else [("skip", 49)]
+        assert got == [("skip", 1), ("skip", 99), ("save", None), ("skip", 1), *tail]
 
 
 def test_log_prints_epoch_reason_and_summaries(tmp_path, capsys):
@@ -108,8 +117,9 @@ def test_log_prints_epoch_reason_and_summaries(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:2] == ["save", "step-00000001"] and "epoch 1" in lines[0]
     assert lines[1] == "skip       step 2, epoch 2: loss=0.7 not better than 0.5  (loss=0.7)"
-    assert lines[2] == "skip x10   steps 3..12, epoch 3: last not due"
-    assert lines[3].startswith("save       step-00000013 [step 13, epoch 3]")
-    assert lines[4].startswith("delete     step-00000001") and "(retention)" in lines[4]
+    assert lines[2] == "skip       step 3, epoch 3: not due"
+    assert lines[3] == "skip x9    steps 4..12, epoch 3: last not due"
+    assert lines[4].startswith("save       step-00000013 [step 13, epoch 3]")
+    assert lines[5].startswith("delete     step-00000001") and "(retention)" in lines[5]
     assert main(["log", "--json", str(tmp_path)]) == 0
-    assert json.loads(capsys.readouterr().out.splitlines()[2])["count"] == 10
+    assert json.loads(capsys.readouterr().out.splitlines()[3])["count"] == 9

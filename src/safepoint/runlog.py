@@ -14,6 +14,7 @@ import threading
 import time
 from typing import Any
 
+from .errors import StorageError
 from .storage import Storage
 from .tree import encode_float
 
@@ -59,15 +60,17 @@ def _kind(reason: str) -> str:
 
 
 class SkipSummary:
-    """Consecutive skips of one kind, coalesced into one ``skip`` record.
+    """Consecutive skips of one kind, coalesced into few ``skip`` records.
 
     A save policy that runs every N batches would otherwise append a line per skipped
-    batch (about 177 bytes: 169 MiB over a million steps). Skips with the same reason
-    (numbers aside), epoch and series are counted; the record, written when a skip of
-    another kind arrives, before the next save or deletion record, at ``close`` or
-    after ``max_count`` skips or ``max_seconds``, holds the count, the first and last
-    step and the last skip's metrics and reason. A crash can lose only the summary not
-    yet written, never a save record: those are written directly, after this flushes.
+    batch (about 177 bytes: 169 MiB over a million steps). The first skip of a kind
+    (same reason but for its numbers, same epoch and series) is written at once, so a
+    reader of a live run sees it; the ones that follow are counted, and their summary
+    (count, first and last step, the last skip's metrics and reason) is written when a
+    skip of another kind arrives, before the next save or deletion record, at
+    ``close``, at exit, or after ``max_count`` skips or ``max_seconds``. A crash can
+    lose only a summary not yet written, never a save record: those are written
+    directly, after this flushes.
     """
 
     def __init__(self, storage: Storage, *, max_count: int = 10_000, max_seconds: float = 60.0):
@@ -81,28 +84,30 @@ class SkipSummary:
 
     def add(self, *, step: Any, epoch: Any, metrics: Any, reason: str, series: str) -> None:
         key = (_kind(reason), epoch, series)
+        fields = {"step": step, "metrics": metrics, "reason": reason, "series": series}
         with self._lock:
-            if self._pending is not None and key != self._key:
+            if key != self._key:
                 self._write()
+                self._key = key
+                try:
+                    record(self.storage, "skip", epoch=epoch, count=1, first_step=step,
+                           last_step=step, **fields)  # fmt: skip
+                    return
+                except StorageError:
+                    pass  # no root yet (skips before the first save): goes with the summary
             if self._pending is None:
-                self._key, self._since = key, time.monotonic()
+                self._since = time.monotonic()
                 self._pending = {"count": 0, "first_step": step, "epoch": epoch}
-            self._pending.update(
-                count=self._pending["count"] + 1,
-                step=step,
-                last_step=step,
-                metrics=metrics,
-                reason=reason,
-                series=series,
-            )
+            self._pending.update(count=self._pending["count"] + 1, last_step=step, **fields)
             if (
                 self._pending["count"] >= self.max_count
                 or time.monotonic() - self._since >= self.max_seconds
             ):
-                self._write()
+                self._write(keep_kind=True)
 
     def flush(self) -> None:
-        """Write the pending summary, if any (raises the storage's error)."""
+        """Write the pending summary, if any (raises the storage's error); the next
+        skip starts a new kind, written at once."""
         with self._lock:
             self._write()
 
@@ -115,7 +120,9 @@ class SkipSummary:
                 "safepoint: could not write the run log (skip): %s", exc
             )
 
-    def _write(self) -> None:
-        pending, self._pending, self._key = self._pending, None, None
+    def _write(self, *, keep_kind: bool = False) -> None:
+        pending, self._pending = self._pending, None
+        if not keep_kind:
+            self._key = None
         if pending is not None:
             record(self.storage, "skip", **pending)
