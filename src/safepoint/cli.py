@@ -34,9 +34,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if single:
         # One checkpoint: a directory, or a single file (a Keras weights.best.hdf5)
         # checked against the manifest embedded in it.
-        storage, name, _ = pathkind.need_checkpoint(found.path, "verify")
+        # Someone else's .h5 or a pickle is a verification failure like a bad checksum:
+        # one FAILED line (and JSON record) naming what the file is, exit 6.
+        name = os.path.basename(found.path)
+        storage = LocalStorage(found.parent)
         error: Exception | None = None
         try:
+            storage, name, _ = pathkind.need_checkpoint(found.path, "verify")
             reader.verify(storage, name)
         except SafepointError as exc:
             error = exc
