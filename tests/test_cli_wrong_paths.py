@@ -184,3 +184,14 @@ def test_a_missing_checkpoint_in_a_root_is_named(paths, capsys):
 def test_verify_json_of_a_missing_path_fails_too(paths, capsys):
     assert main(["verify", "--json", str(paths["missing"])]) == NOT_FOUND
     assert capsys.readouterr().out == ""
+
+
+def test_a_symlink_the_user_typed_is_followed(paths, tmp_path, capsys):
+    link, root_link = tmp_path / "latest", tmp_path / "run-link"
+    link.symlink_to(paths["checkpoint"])
+    root_link.symlink_to(paths["root"])
+    assert main(["show", str(link)]) == OK
+    assert main(["verify", str(link)]) == OK
+    assert main(["diff", str(link), str(paths["checkpoint"])]) == OK
+    assert main(["verify", str(root_link)]) == OK
+    assert "symbolic link" not in capsys.readouterr().out

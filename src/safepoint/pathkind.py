@@ -66,6 +66,10 @@ def _special(mode: int) -> str:
 def classify(path: str) -> PathKind:
     """Say what ``path`` is, reading as little as possible (never opening a FIFO)."""
     full = os.path.abspath(path).rstrip(os.sep) or os.sep
+    if os.path.islink(full) and os.path.exists(full):
+        # A link the user typed is theirs to follow (links *inside* a root are refused
+        # by the readers): work on what it points to, and name that in messages.
+        full = os.path.realpath(full)
     name = os.path.basename(full)
     try:
         mode = os.stat(full).st_mode  # the user named this path: follow a link they gave
