@@ -167,3 +167,14 @@ def test_plot_draws_every_saved_metric(root, tmp_path, capsys, monkeypatch):
     svg = out.read_text()
     assert svg.startswith("<svg") and 'data-metric="val_loss"' in svg
     assert svg.count("<circle") == 3
+
+
+def test_every_argument_of_every_command_says_what_it_takes():
+    import argparse
+
+    from safepoint.cli import parser
+
+    sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            assert action.help, (name, action.dest)

@@ -191,6 +191,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.run(args)
 
 
+_ROOT = "run root: the directory a CheckpointManager (or safepoint.keras) saves into"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="safepoint",
@@ -200,22 +203,29 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("ls", help="list the committed checkpoints of a root")
-    s.add_argument("root")
+    s.add_argument("root", help=_ROOT)
     s.add_argument("--monitor", default=None, help="metric that defines the best checkpoint")
-    s.add_argument("--mode", default="auto", choices=("auto", "min", "max"))
+    s.add_argument(
+        "--mode",
+        default="auto",
+        choices=("auto", "min", "max"),
+        help="min: lower is better; max: higher; auto: from the metric's name",
+    )
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(fn=cmd_ls)
     s = sub.add_parser("show", help="describe one checkpoint: metrics, files, tensors")
     s.add_argument("checkpoint", help="checkpoint directory or single file (.keras, .h5)")
-    s.add_argument("--json", action="store_true", help="print the whole manifest")
+    s.add_argument(
+        "--json", action="store_true", help="print the whole manifest (and a single file's weights)"
+    )
     s.set_defaults(fn=cmd_show)
     s = sub.add_parser(
         "verify",
         help="check sizes and checksums of every checkpoint in a root, or of one checkpoint "
         "(exit 3 when there is none to check)",
     )
-    s.add_argument("path")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("path", help="a run root, or one checkpoint (directory or single file)")
+    s.add_argument("--json", action="store_true", help="one record per checkpoint")
     s.add_argument(
         "--deep",
         action="store_true",
@@ -223,15 +233,17 @@ def parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(fn=cmd_verify)
     s = sub.add_parser(
-        "gc", help="remove staging and trash entries left by crashed writers (takes the lock)"
+        "gc",
+        help="remove staging and trash entries left by crashed writers (refused while "
+        "a writer holds the root)",
     )
-    s.add_argument("root")
+    s.add_argument("root", help=_ROOT)
     s.set_defaults(fn=cmd_gc)
     s = sub.add_parser(
         "log", help="print the run log (saves, skips with epoch and reason, deletions)"
     )
-    s.add_argument("root")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("root", help=_ROOT)
+    s.add_argument("--json", action="store_true", help="the records as JSON lines")
     s.set_defaults(fn=cmd_log)
     s = sub.add_parser(
         "diff", help="compare two checkpoints: tensors, state, metrics (exit 1 when they differ)"
@@ -244,7 +256,9 @@ def parser() -> argparse.ArgumentParser:
         "convert", help="rewrite a checkpoint (or a Keras file's weights) in a payload format"
     )
     s.add_argument("checkpoint", help="checkpoint directory or single file (.keras, .h5)")
-    s.add_argument("--to", required=True, choices=("safetensors", "hdf5"))
+    s.add_argument(
+        "--to", required=True, choices=("safetensors", "hdf5"), help="payload format to write"
+    )
     s.add_argument(
         "--out",
         default=None,
@@ -256,7 +270,7 @@ def parser() -> argparse.ArgumentParser:
         help="draw the run's metrics (from its log), one series per name template, into an "
         "image (matplotlib when installed, else a built-in SVG)",
     )
-    s.add_argument("root")
+    s.add_argument("root", help=_ROOT)
     s.add_argument("--metric", action="append", help="metric to draw (repeatable; default all)")
     s.add_argument(
         "--out",
