@@ -41,6 +41,12 @@ def test_ls_with_a_monitor_no_checkpoint_has_is_refused(tmp_path, capsys):
     assert main(["ls", str(tmp_path), "--monitor", "val_acc"]) == 2
     err = capsys.readouterr().err
     assert "has the metric 'val_acc'" in err and "['val_accuracy']" in err
+    assert main(["ls", str(tmp_path), "--monitor", "val_accuracy"]) == 0
+    assert "(best)" in capsys.readouterr().out
+    assert main(["ls", str(tmp_path), "--monitor", "val_score"]) == 2  # no direction known
+    err = capsys.readouterr().err
+    assert "Pass --mode min or --mode max" in err and "mode=" not in err
+    assert main(["ls", str(tmp_path), "--monitor", "val_accuracy", "--mode", "min"]) == 0
 
 
 def test_log_into_a_closed_pipe_is_quiet(tmp_path):

@@ -195,3 +195,18 @@ def test_a_symlink_the_user_typed_is_followed(paths, tmp_path, capsys):
     assert main(["diff", str(link), str(paths["checkpoint"])]) == OK
     assert main(["verify", str(root_link)]) == OK
     assert "symbolic link" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", ["fifo", "symlink"])
+def test_a_run_log_that_is_not_a_regular_file_is_never_opened(paths, tmp_path, capsys, bad):
+    log = paths["root"] / "safepoint-log.jsonl"
+    log.unlink()
+    if bad == "fifo":
+        os.mkfifo(log)  # opening it for reading would block forever
+    else:
+        log.symlink_to("/etc/passwd")
+    for command in (["log"], ["plot", "--out", str(tmp_path / "p.svg")]):
+        assert main([command[0], str(paths["root"]), *command[1:]]) == CONFIG
+        err = capsys.readouterr().err
+        assert "The run log" in err and ("FIFO" in err if bad == "fifo" else "symlink" in err)
+    assert main(["ls", str(paths["root"])]) == OK  # the checkpoints still list

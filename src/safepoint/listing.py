@@ -18,6 +18,7 @@ from . import pathkind, reader, report, singlefile
 from .checkpoint import Checkpoint
 from .errors import CheckpointNotFoundError, ConfigError
 from .manager import CheckpointManager
+from .monitor import resolve_mode
 from .retention import rank_best
 
 __all__ = ["cmd_ls", "cmd_show"]
@@ -68,6 +69,14 @@ def _size(mgr: CheckpointManager, ckpt: Checkpoint) -> int | None:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     root = pathkind.need_root(args.root, "ls").path
+    try:
+        resolve_mode(args.monitor, args.mode)
+    except ConfigError:  # its message names the Python argument: say the CLI flag
+        raise ConfigError(
+            f"Cannot tell whether --monitor {args.monitor} should be minimised or maximised. "
+            "Expected a loss-like or accuracy-like name with --mode auto. Received: "
+            f"--monitor {args.monitor} --mode {args.mode}. Pass --mode min or --mode max."
+        ) from None
     mgr = CheckpointManager(root, monitor=args.monitor, mode=args.mode)
     listed = mgr.checkpoints()
     best = rank_best(listed, monitor=mgr.monitor, mode=mgr.mode) if args.monitor else []

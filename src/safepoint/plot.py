@@ -77,11 +77,14 @@ def collect(root: str, *, metrics: list[str] | None = None) -> Data:
     events = [e for e in runlog.read(storage) if e.get("event") in ("save", "skip")]
     shown: dict[str, str] = {}  # series key -> label (the template, once one is known)
     keys: list[str] = []
+    looked_up: dict[str, str | None] = {}
     last = "run"
     for e in events:
         template, name = e.get("series"), e.get("name")
         if not isinstance(template, str) and e["event"] == "save" and isinstance(name, str):
-            template = _series_of(catalog, name)
+            if name not in looked_up:  # a re-saved name (weights.best.h5): read it once
+                looked_up[name] = _series_of(catalog, name)
+            template = looked_up[name]
         if isinstance(template, str):
             key = _template_pattern(template)
             shown[key] = template
