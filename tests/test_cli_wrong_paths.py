@@ -210,3 +210,17 @@ def test_a_run_log_that_is_not_a_regular_file_is_never_opened(paths, tmp_path, c
         err = capsys.readouterr().err
         assert "The run log" in err and ("FIFO" in err if bad == "fifo" else "symlink" in err)
     assert main(["ls", str(paths["root"])]) == OK  # the checkpoints still list
+
+
+def test_a_checkpoint_whose_manifest_is_gone_is_incomplete_never_deletable(paths, capsys):
+    ckpt = paths["root"] / "step-00000001"
+    (ckpt / "manifest.json").unlink()
+    assert main(["show", str(ckpt)]) == 4
+    err = capsys.readouterr().err
+    assert "no manifest.json" in err and "elete" not in err
+    assert main(["verify", str(ckpt)]) == 4
+    assert "FAILED  step-00000001" in capsys.readouterr().out
+    assert main(["verify", str(paths["root"])]) == 4
+    capsys.readouterr()
+    assert main(["ls", str(paths["root"])]) == OK
+    assert [ln.split()[0] for ln in capsys.readouterr().out.splitlines()[1:]] == ["step-00000002"]

@@ -28,7 +28,7 @@ Result = tuple[str, Exception | None]
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    found = pathkind.classify(args.path)
+    found = pathkind.classify(args.path, listing=False)
     gone = 0
     single = found.kind in ("checkpoint", "foreign", "pickle", "uncommitted")
     if single:

@@ -16,6 +16,7 @@ recognised by ``stat`` and never opened (opening one would block).
 from __future__ import annotations
 
 import os
+import re
 import stat
 from dataclasses import dataclass
 
@@ -63,8 +64,23 @@ def _special(mode: int) -> str:
     return "not a regular file or directory"
 
 
-def classify(path: str) -> PathKind:
-    """Say what ``path`` is, reading as little as possible (never opening a FIFO)."""
+_PAYLOAD = re.compile(r"^model-\d{5}\.(safetensors|h5)$")
+
+
+def _payload_only(full: str, names: list[str]) -> bool:
+    """Payload files and nothing else (no run log, no subdirectory): the body of a
+    checkpoint directory whose manifest is missing, not a run root."""
+    return any(_PAYLOAD.match(n) for n in names) and all(
+        n != LOG_NAME and os.path.isfile(os.path.join(full, n)) for n in names
+    )
+
+
+def classify(path: str, *, listing: bool = True) -> PathKind:
+    """Say what ``path`` is, reading as little as possible (never opening a FIFO).
+
+    ``listing=False`` tells a run root from other directories by its names alone,
+    without reading every manifest (the command about to list it will).
+    """
     full = os.path.abspath(path).rstrip(os.sep) or os.sep
     if os.path.islink(full) and os.path.exists(full):
         # A link the user typed is theirs to follow (links *inside* a root are refused
@@ -96,6 +112,14 @@ def classify(path: str) -> PathKind:
     if os.path.lexists(os.path.join(full, MANIFEST_NAME)):
         return PathKind(full, "checkpoint", "directory")
     names = os.listdir(full)
+    if not names:
+        return PathKind(full, "empty")
+    if TMP_MARK in name or name.startswith(TRASH_PREFIX):
+        return PathKind(full, "leftover")
+    if _payload_only(full, names):
+        return PathKind(full, "uncommitted")
+    if not listing:
+        return PathKind(full, "root")
     catalog = Catalog(LocalStorage(full))
     listed = catalog.checkpoints()
     if listed:
@@ -107,12 +131,6 @@ def classify(path: str) -> PathKind:
     ]
     if LOG_NAME in names or damaged:
         return PathKind(full, "root")  # a run whose checkpoints are gone or all damaged
-    if not names:
-        return PathKind(full, "empty")
-    if TMP_MARK in name or name.startswith(TRASH_PREFIX):
-        return PathKind(full, "leftover")
-    if any(n.startswith("model-") for n in names):
-        return PathKind(full, "uncommitted")
     return PathKind(full, "directory")
 
 
@@ -160,7 +178,7 @@ def need_root(path: str, command: str) -> PathKind:
     An empty or checkpoint-less directory is a root (with nothing in it yet); whether
     that is an error is the command's call (``verify`` finds nothing to verify).
     """
-    found = classify(path)
+    found = classify(path, listing=False)
     expected = "a run root (the directory a CheckpointManager saves into)"
     if found.kind == "missing":
         raise _missing(found, expected)
