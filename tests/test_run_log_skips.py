@@ -123,3 +123,19 @@ def test_log_prints_epoch_reason_and_summaries(tmp_path, capsys):
     assert lines[5].startswith("delete     step-00000001") and "(retention)" in lines[5]
     assert main(["log", "--json", str(tmp_path)]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[3])["count"] == 9
+
+
+def test_a_per_batch_best_only_loop_logs_a_few_records_not_one_per_batch(tmp_path, capsys):
+    state = {"w": np.zeros(4)}
+    cb = safepoint.ModelCheckpoint(tmp_path, state=state, monitor="loss", save_best_only=True,
+                                   save_freq=1)  # fmt: skip
+    cb.on_epoch_begin(0)
+    for batch in range(5000):  # improves once, then never again
+        cb.on_batch_end(batch, {"loss": 1.0 if batch == 0 else 1.0 + batch * 1e-3})
+    cb.manager.close()
+    items = records(tmp_path)
+    assert [(i["event"], i.get("count")) for i in items] == [("save", None), ("skip", 1),
+                                                             ("skip", 4998)]  # fmt: skip
+    assert os.path.getsize(tmp_path / LOG_NAME) < 2048  # one line per batch: ~900 KB
+    assert main(["log", str(tmp_path)]) == 0
+    assert "skip x4998" in capsys.readouterr().out
