@@ -90,3 +90,6 @@ def test_convert_writes_a_keras_files_weights_as_a_checkpoint_directory(tmp_path
     assert original and flatten_arrays(converted).keys() == original.keys()
     for key, value in original.items():
         np.testing.assert_array_equal(flatten_arrays(converted)[key], value)
+    capsys.readouterr()
+    assert main(["diff", str(src), str(out)]) == 1  # same weights, another layout
+    assert capsys.readouterr().out == "~ layout differs (zip/keras-v3 -> directory)\n"
