@@ -98,3 +98,28 @@ def test_an_unknown_metric_is_named(two_runs, tmp_path, capsys):
 )
 def test_ticks_are_round_numbers(lo, hi, expected):
     assert ticks(lo, hi) == pytest.approx(expected)
+
+
+def test_a_manifest_series_names_the_series_and_survives_deletion(tmp_path):
+    """Saves group by the manifest's extra["series"] (the manager's name template);
+    a save whose checkpoint is gone joins it by its masked name."""
+    from safepoint import formats, runlog
+    from safepoint.manifest import Manifest
+    from safepoint.storage import LocalStorage
+    from safepoint.tree import flatten
+    from safepoint.writer import write_checkpoint
+
+    storage = LocalStorage(tmp_path)
+    for step in (1, 2):
+        name = f"snap-{step:04d}"
+        tree, leaves = flatten({"w": np.zeros(2)})
+        draft = Manifest(name=name, seq=step, step=step, epoch=None, created=0.0,
+                         metrics={"loss": 1.0 / step}, tree=tree, tensors={}, files={},
+                         extra={"series": "snap-{step:04d}"})  # fmt: skip
+        write_checkpoint(storage, formats.get("safetensors"), draft, leaves,
+                         shard_bytes=formats.SHARD_BYTES)  # fmt: skip
+        runlog.record(storage, "save", name=name, step=step, metrics={"loss": 1.0 / step})
+    storage.remove("snap-0001")  # retention took the first: its series is still known
+    data = collect(str(tmp_path))
+    assert list(data["loss"]) == ["snap-{step:04d}"]
+    assert [p.x for p in data["loss"]["snap-{step:04d}"]] == [1, 2]
