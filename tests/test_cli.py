@@ -178,3 +178,18 @@ def test_every_argument_of_every_command_says_what_it_takes():
     for name, command in sub.choices.items():
         for action in command._actions:
             assert action.help, (name, action.dest)
+
+
+def test_diff_json_lists_each_change_as_a_record(root, tmp_path, capsys):
+    mgr = safepoint.CheckpointManager(tmp_path / "other")
+    mgr.save({"w": np.full((4, 4), 2, np.float32), "v": np.ones(2), "step": 2}, step=2, epoch=2,
+             metrics={"val_loss": 0.5})  # fmt: skip
+    mgr.close()
+    a, b = root / "step-00000002", tmp_path / "other" / "step-00000002"
+    assert main(["diff", "--json", str(a), str(b)]) == 1
+    body = json.loads(capsys.readouterr().out)
+    assert body["identical"] is False and body["a"] == str(a) and body["b"] == str(b)
+    assert {"kind": "tensor", "key": "v", "change": "only_in_b"} in body["changes"]
+    assert any(c["kind"] == "state" for c in body["changes"])
+    assert main(["diff", "--json", str(a), str(a)]) == 0
+    assert json.loads(capsys.readouterr().out)["changes"] == []
