@@ -139,3 +139,21 @@ def test_a_per_batch_best_only_loop_logs_a_few_records_not_one_per_batch(tmp_pat
     assert os.path.getsize(tmp_path / LOG_NAME) < 2048  # one line per batch: ~900 KB
     assert main(["log", str(tmp_path)]) == 0
     assert "skip x4998" in capsys.readouterr().out
+
+
+def test_a_forked_child_does_not_write_the_parents_pending_summary(tmp_path):
+    script = textwrap.dedent(
+        """
+        import os, sys, safepoint
+        mgr = safepoint.CheckpointManager(sys.argv[1])
+        for step in range(5):
+            mgr.log_skip(step=step, epoch=1, reason="not due")
+        pid = os.fork()
+        if pid == 0:
+            sys.exit(0)  # a helper that exits normally, running the exit hooks
+        os.waitpid(pid, 0)
+        mgr.close()
+        """
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True)
+    assert [i["count"] for i in records(tmp_path)] == [1, 4]

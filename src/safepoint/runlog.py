@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -81,6 +82,7 @@ class SkipSummary:
         self._pending: dict[str, Any] | None = None
         self._key: tuple[Any, ...] | None = None
         self._since = 0.0
+        self._pid = os.getpid()
 
     def add(self, *, step: Any, epoch: Any, metrics: Any, reason: str, series: str) -> None:
         key = (_kind(reason), epoch, series)
@@ -112,7 +114,13 @@ class SkipSummary:
             self._write()
 
     def flush_quietly(self) -> None:
-        """``flush`` for finalizers (a manager collected or the process exiting)."""
+        """``flush`` for finalizers (a manager collected or the process exiting).
+
+        A ``fork()`` child inherits the pending summary; only the process that counted
+        the skips writes it, so it is never logged twice.
+        """
+        if os.getpid() != self._pid:
+            return
         try:
             self.flush()
         except Exception as exc:  # informational: never fail an exit over the log
