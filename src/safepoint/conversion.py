@@ -22,6 +22,7 @@ from . import dtypes, formats, singlefile
 from .catalog import Catalog
 from .errors import ConfigError
 from .reader import read_manifest, refuse_pickle
+from .report import weights_tree
 from .storage import LocalStorage, check_name
 from .tree import TensorLeaf, flatten
 from .writer import write_checkpoint
@@ -50,7 +51,7 @@ def convert(src: str, dst: str, *, to: str) -> str:
     found = read_manifest(src_storage, src_name)
     if singlefile.KEY in found.extra:
         # A Keras file: its verified weights, as a tree of numpy arrays by HDF5 path.
-        tree, leaves = flatten(singlefile.read_state(src_storage, src_name, found))
+        tree, leaves = flatten(weights_tree(src_storage, src_name, found))
         extra = {k: v for k, v in found.extra.items() if k != singlefile.KEY}
         found = replace(found, tree=tree, extra=extra, payload=to)
     else:

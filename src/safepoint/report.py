@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 
 from . import formats, reader, singlefile
+from .errors import IncompatibleCheckpointError
 from .manifest import Manifest
 from .storage import Storage
 
-__all__ = ["Change", "diff", "flatten_arrays", "weights"]
+__all__ = ["Change", "diff", "flatten_arrays", "weights", "weights_tree"]
 
 
 @dataclass(frozen=True)
@@ -80,9 +81,24 @@ def flatten_arrays(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
     return out
 
 
+def weights_tree(storage: Storage, name: str, found: Manifest) -> Any:
+    """The verified weights of single-file checkpoint ``name`` as nested dicts.
+
+    Listing and verifying a single file needs no h5py; reading its weights does. Its
+    absence is this process's limit, not damage: ``IncompatibleCheckpointError``.
+    """
+    try:
+        return singlefile.read_state(storage, name, found)
+    except ImportError as exc:
+        raise IncompatibleCheckpointError(
+            f"Reading the weights of {name} needs h5py, which is not installed. Expected "
+            f"h5py importable. Received: {exc}. Install it: pip install 'safepoint[hdf5]'."
+        ) from None
+
+
 def weights(storage: Storage, name: str, found: Manifest) -> dict[str, np.ndarray]:
     """The verified weights of single-file checkpoint ``name``, by HDF5 path."""
-    return flatten_arrays(singlefile.read_state(storage, name, found))
+    return flatten_arrays(weights_tree(storage, name, found))
 
 
 @dataclass

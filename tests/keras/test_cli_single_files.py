@@ -5,6 +5,7 @@ lists their tensors and names the container (a `.keras` zip is not "hdf5")."""
 from __future__ import annotations
 
 import json
+import sys
 
 import keras
 import numpy as np
@@ -93,3 +94,13 @@ def test_convert_writes_a_keras_files_weights_as_a_checkpoint_directory(tmp_path
     capsys.readouterr()
     assert main(["diff", str(src), str(out)]) == 1  # same weights, another layout
     assert capsys.readouterr().out == "~ layout differs (zip/keras-v3 -> directory)\n"
+
+
+def test_without_h5py_reading_weights_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    path = write(tmp_path / "run", "w.weights.h5", 1)
+    monkeypatch.setitem(sys.modules, "h5py", None)
+    convert = ["convert", str(path), "--to", "safetensors", "--out", str(tmp_path / "o")]
+    for argv in (["show", str(path)], ["diff", str(path), str(path)], convert):
+        assert main(argv) == safepoint.IncompatibleCheckpointError.exit_code
+        assert "needs h5py" in capsys.readouterr().err
+    assert main(["verify", str(path)]) == 0  # checksums need no h5py
