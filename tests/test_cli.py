@@ -193,3 +193,22 @@ def test_diff_json_lists_each_change_as_a_record(root, tmp_path, capsys):
     assert any(c["kind"] == "state" for c in body["changes"])
     assert main(["diff", "--json", str(a), str(a)]) == 0
     assert json.loads(capsys.readouterr().out)["changes"] == []
+
+
+def test_an_hdf5_checkpoint_without_h5py_is_incompatible_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    pytest.importorskip("h5py")
+    mgr = safepoint.CheckpointManager(tmp_path, format="hdf5")
+    ckpt = mgr.save({"w": np.zeros(3)}, step=1)
+    mgr.close()
+    script = (
+        "import sys; sys.modules['h5py'] = None\n"
+        "from safepoint.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    for argv in (["diff", ckpt.path, ckpt.path], ["verify", "--deep", ckpt.path]):
+        proc = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True)
+        assert proc.returncode == safepoint.IncompatibleCheckpointError.exit_code, proc.stderr
+        assert "Traceback" not in proc.stderr and "h5py" in proc.stderr + proc.stdout

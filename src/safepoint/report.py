@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import formats, reader, singlefile
-from .errors import IncompatibleCheckpointError
+from .errors import ConfigError, IncompatibleCheckpointError
 from .manifest import Manifest
 from .storage import Storage
 
@@ -144,7 +144,11 @@ def _load(storage: Storage, name: str) -> _Side:
             "",
             f"{record.get('container')}/{record.get('layout')}",
         )
-    raw = formats.get(found.payload).read(storage, name, found)
+    try:
+        fmt = formats.get(found.payload)
+    except ConfigError as exc:  # its reader (h5py) is not installed: as in reader.read_state
+        raise IncompatibleCheckpointError(str(exc)) from exc
+    raw = fmt.read(storage, name, found)
 
     def numeric(key: str) -> np.ndarray | None:
         try:
