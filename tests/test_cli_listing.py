@@ -65,3 +65,12 @@ def test_log_into_a_closed_pipe_is_quiet(tmp_path):
     proc.stderr.close()
     assert proc.wait(timeout=60) in (0, 141)
     assert first.startswith(b"save") and "Traceback" not in err and err == ""
+
+
+def test_ls_shows_a_missing_epoch_as_a_dash(tmp_path, capsys):
+    with safepoint.CheckpointManager(tmp_path) as mgr:
+        mgr.save({"w": np.zeros(2)}, step=5)
+    assert main(["ls", str(tmp_path)]) == 0
+    assert "None" not in capsys.readouterr().out
+    assert main(["show", str(tmp_path / "step-00000005")]) == 0
+    assert "epoch -;" in capsys.readouterr().out

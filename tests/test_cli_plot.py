@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import sys
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -55,6 +56,7 @@ def test_fallback_svg_has_axes_ticks_labels_and_a_legend(two_runs, tmp_path, cap
     assert main(["plot", str(two_runs), "--out", str(out)]) == 0
     assert "(10 points, 2 series; built-in SVG)" in capsys.readouterr().out
     svg = out.read_text()
+    ElementTree.fromstring(svg)  # well-formed XML
     assert svg.count('class="xtick"') >= 3 and svg.count('class="ytick"') >= 3
     assert re.search(r'class="xlabel"[^>]*>step<', svg)
     assert re.search(r'class="ylabel"[^>]*>loss<', svg)

@@ -111,7 +111,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             c.name,
             str(c.seq),
             str(c.step),
-            str(c.epoch),
+            "-" if c.epoch is None else str(c.epoch),
             _fmt_size(n),
             _dt.datetime.fromtimestamp(c.created).strftime("%Y-%m-%d %H:%M:%S"),
             _fmt_metrics(c.metrics) + ("  (best)" if c.name == best_name else ""),
@@ -144,8 +144,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(json.dumps(body, indent=1, sort_keys=True))
         return 0
     print(f"checkpoint {os.path.join(storage.root, name)}")
+    epoch = "-" if found.epoch is None else found.epoch
     print(
-        f"  seq {found.seq}, step {found.step}, epoch {found.epoch}; {form} "
+        f"  seq {found.seq}, step {found.step}, epoch {epoch}; {form} "
         f"(v{found.format_version}, safepoint {found.library_version})"
     )
     created = _dt.datetime.fromtimestamp(found.created).isoformat(timespec="seconds")
