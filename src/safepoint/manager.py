@@ -310,11 +310,11 @@ class CheckpointManager:
     ) -> None:
         """Record in the run log that a checkpoint was considered and not saved.
 
-        Consecutive skips of one kind (same reason but for its numbers, same epoch) are
-        coalesced into one record with a count and the first and last step
-        (:class:`~safepoint.runlog.SkipSummary`), written before the next save or
-        deletion record, at ``close()``, at exit, or after 10,000 skips or 60 s: a
-        per-batch save policy would otherwise append a line per skipped batch.
+        The first skip of a kind (same reason but for its numbers, same epoch) is written
+        at once; the ones that follow are coalesced into one record with a count and the
+        first and last step (:class:`~safepoint.runlog.SkipSummary`), written before the
+        next save or deletion record, at ``close()``, at exit, or every 10,000 skips or
+        60 s: a per-batch save policy would otherwise append a line per skipped batch.
         """
         metrics = metrics_arg(metrics)
         skips = self.__dict__.get("_skips")

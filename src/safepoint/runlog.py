@@ -69,9 +69,9 @@ class SkipSummary:
     reader of a live run sees it; the ones that follow are counted, and their summary
     (count, first and last step, the last skip's metrics and reason) is written when a
     skip of another kind arrives, before the next save or deletion record, at
-    ``close``, at exit, or after ``max_count`` skips or ``max_seconds``. A crash can
-    lose only a summary not yet written, never a save record: those are written
-    directly, after this flushes.
+    ``close``, at exit, with the ``max_count``-th skip, or with the first skip that
+    comes ``max_seconds`` after the summary began. A crash can lose only a summary not
+    yet written, never a save record: those are written directly, after this flushes.
     """
 
     def __init__(self, storage: Storage, *, max_count: int = 10_000, max_seconds: float = 60.0):
