@@ -157,3 +157,10 @@ def test_a_forked_child_does_not_write_the_parents_pending_summary(tmp_path):
     )
     subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True)
     assert [i["count"] for i in records(tmp_path)] == [1, 4]
+
+
+def test_a_summary_is_written_once_max_seconds_have_passed(tmp_path):
+    summary = runlog.SkipSummary(LocalStorage(tmp_path), max_seconds=0.0)
+    for step in range(3):
+        summary.add(step=step, epoch=0, metrics={}, reason="r", series="s")
+    assert [(i["count"], i["first_step"]) for i in records(tmp_path)] == [(1, 0), (1, 1), (1, 2)]
