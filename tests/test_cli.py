@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -44,8 +45,10 @@ def test_ls_json(root, capsys):
 
 
 def test_ls_empty_root(tmp_path, capsys):
-    assert main(["ls", str(tmp_path / "nothing")]) == 0
+    assert main(["ls", str(tmp_path)]) == 0
     assert "No committed checkpoints" in capsys.readouterr().out
+    assert main(["ls", str(tmp_path / "nothing")]) == 3  # a typo is not an empty run
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_show_prints_tensors_and_metrics(root, capsys):
@@ -156,10 +159,56 @@ def test_convert_refuses_pickle_files_without_opening_them(tmp_path, capsys):
     assert not marker.exists()
 
 
-def test_plot_draws_every_saved_metric(root, tmp_path, capsys):
+def test_plot_draws_every_saved_metric(root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the built-in SVG renderer
     out = tmp_path / "m.svg"
     assert main(["plot", str(root), "--out", str(out)]) == 0
-    assert "(3 points)" in capsys.readouterr().out
+    assert "(3 points, 1 series; built-in SVG)" in capsys.readouterr().out
     svg = out.read_text()
-    assert svg.startswith("<svg") and "val_loss (min 0.5, max 0.9)" in svg
+    assert svg.startswith("<svg") and 'data-metric="val_loss"' in svg
     assert svg.count("<circle") == 3
+
+
+def test_every_argument_of_every_command_says_what_it_takes():
+    import argparse
+
+    from safepoint.cli import parser
+
+    sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            assert action.help, (name, action.dest)
+
+
+def test_diff_json_lists_each_change_as_a_record(root, tmp_path, capsys):
+    mgr = safepoint.CheckpointManager(tmp_path / "other")
+    mgr.save({"w": np.full((4, 4), 2, np.float32), "v": np.ones(2), "step": 2}, step=2, epoch=2,
+             metrics={"val_loss": 0.5})  # fmt: skip
+    mgr.close()
+    a, b = root / "step-00000002", tmp_path / "other" / "step-00000002"
+    assert main(["diff", "--json", str(a), str(b)]) == 1
+    body = json.loads(capsys.readouterr().out)
+    assert body["identical"] is False and body["a"] == str(a) and body["b"] == str(b)
+    assert {"kind": "tensor", "key": "v", "change": "only_in_b"} in body["changes"]
+    assert any(c["kind"] == "state" for c in body["changes"])
+    assert main(["diff", "--json", str(a), str(a)]) == 0
+    assert json.loads(capsys.readouterr().out)["changes"] == []
+
+
+def test_an_hdf5_checkpoint_without_h5py_is_incompatible_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    pytest.importorskip("h5py")
+    mgr = safepoint.CheckpointManager(tmp_path, format="hdf5")
+    ckpt = mgr.save({"w": np.zeros(3)}, step=1)
+    mgr.close()
+    script = (
+        "import sys; sys.modules['h5py'] = None\n"
+        "from safepoint.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    for argv in (["diff", ckpt.path, ckpt.path], ["verify", "--deep", ckpt.path]):
+        proc = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True)
+        assert proc.returncode == safepoint.IncompatibleCheckpointError.exit_code, proc.stderr
+        assert "Traceback" not in proc.stderr and "h5py" in proc.stderr + proc.stdout

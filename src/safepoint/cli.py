@@ -8,128 +8,55 @@ Exit codes come from the error classes (``SafepointError.exit_code``): 0 success
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
-from . import reader, runlog, singlefile
-from .errors import CorruptCheckpointError, SafepointError
+from . import pathkind, reader, report, runlog
+from .errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    SafepointError,
+    StorageError,
+)
+from .listing import cmd_ls, cmd_show
 from .manager import CheckpointManager
-from .storage import LocalStorage, check_name
+from .storage import LocalStorage
 
-
-def _fmt_metrics(metrics: dict[str, Any]) -> str:
-    parts = []
-    for k, v in sorted(metrics.items()):
-        parts.append(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}")
-    return " ".join(parts)
-
-
-def _fmt_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
-
-
-def _split_ckpt(path: str) -> tuple[LocalStorage, str]:
-    full = os.path.abspath(path).rstrip(os.sep)
-    parent, name = os.path.split(full)
-    return LocalStorage(parent), check_name(name, what="checkpoint directory name")
-
-
-def cmd_ls(args: argparse.Namespace) -> int:
-    mgr = CheckpointManager(args.root, monitor=args.monitor, mode=args.mode)
-    ckpts = mgr.checkpoints()
-    best = mgr.best() if args.monitor else None
-    # A Keras single-file checkpoint is its own payload; a directory's payload is the
-    # sum of the files its manifest lists.
-    sizes = {
-        c.name: os.path.getsize(c.path)
-        if os.path.isfile(c.path)
-        else mgr.catalog.manifest(c.name).nbytes()
-        for c in ckpts
-    }
-    if args.json:
-        print(
-            json.dumps(
-                [
-                    {
-                        **{k: getattr(c, k) for k in ("name", "seq", "step", "epoch", "created")},
-                        "metrics": c.metrics,
-                        "bytes": sizes[c.name],
-                        "best": best is not None and c.name == best.name,
-                    }
-                    for c in ckpts
-                ],
-                default=str,
-                indent=1,
-            )
-        )
-        return 0
-    if not ckpts:
-        print(f"No committed checkpoints in {mgr.storage.root}.")
-        return 0
-    print(
-        f"{'name':<28} {'seq':>5} {'step':>9} {'epoch':>6} {'size':>10}  created              "
-        "metrics"
-    )
-    for c in ckpts:
-        when = _dt.datetime.fromtimestamp(c.created).strftime("%Y-%m-%d %H:%M:%S")
-        mark = "  (best)" if best is not None and c.name == best.name else ""
-        print(
-            f"{c.name:<28} {c.seq:>5} {c.step!s:>9} {c.epoch!s:>6} "
-            f"{_fmt_size(sizes[c.name]):>10}  {when}  {_fmt_metrics(c.metrics)}{mark}"
-        )
-    return 0
-
-
-def cmd_show(args: argparse.Namespace) -> int:
-    storage, name = _split_ckpt(args.checkpoint)
-    found = reader.read_manifest(storage, name)
-    if args.json:
-        print(json.dumps(found.to_json(), indent=1, sort_keys=True))
-        return 0
-    print(f"checkpoint {os.path.join(storage.root, name)}")
-    print(
-        f"  seq {found.seq}, step {found.step}, epoch {found.epoch}, format "
-        f"{found.payload} (v{found.format_version}, safepoint {found.library_version})"
-    )
-    created = _dt.datetime.fromtimestamp(found.created).isoformat(timespec="seconds")
-    print(f"  created {created}; metrics: {_fmt_metrics(found.metrics) or '-'}")
-    for fname, info in sorted(found.files.items()):
-        print(f"  file {fname}: {_fmt_size(int(info['size']))}, xxh3_64 {info['xxh3_64']}")
-    print(f"  {len(found.tensors)} tensors:")
-    for key, entry in found.tensors.items():
-        print(f"    {key:<48} {entry['dtype']:<10} {entry['shape']} ({entry['lib']})")
-    return 0
+Result = tuple[str, Exception | None]
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    target = os.path.abspath(args.path)
-    is_file = os.path.isfile(target)
-    if is_file or os.path.isfile(os.path.join(target, "manifest.json")):
+    found = pathkind.classify(args.path, listing=False)
+    gone = 0
+    single = found.kind in ("checkpoint", "foreign", "pickle", "uncommitted")
+    if single:
         # One checkpoint: a directory, or a single file (a Keras weights.best.hdf5)
         # checked against the manifest embedded in it.
-        storage, name = _split_ckpt(target)
+        # Someone else's .h5 or a pickle is a verification failure like a bad checksum:
+        # one FAILED line (and JSON record) naming what the file is, exit 6.
+        name = os.path.basename(found.path)
+        storage = LocalStorage(found.parent)
         error: Exception | None = None
         try:
-            if is_file and singlefile.container(name) is None:
-                raise reader.refuse_pickle(target)
-            (singlefile.verify if is_file else reader.verify)(storage, name)
+            storage, name, _ = pathkind.need_checkpoint(found.path, "verify")
+            reader.verify(storage, name)
         except SafepointError as exc:
             error = exc
-        results: list[tuple[str, Exception | None]] = [(name, error)]
+        results: list[Result] = [(name, error)]
         mgr = CheckpointManager(storage)
     else:
-        mgr = CheckpointManager(target)
-        results = [(v.name, v.error) for v in mgr.verify()]
-    if args.deep:
+        root = pathkind.need_root(args.path, "verify").path
+        mgr = CheckpointManager(root)
+        results, gone = _verify_root(mgr, deep=args.deep)
+        if not results:
+            raise CheckpointNotFoundError(
+                f"No checkpoints in {root} to verify. Expected a run root with at least one "
+                f"checkpoint. Received: path={args.path!r}. Check the path (a backup that "
+                "never ran looks like this)."
+            )
+    if args.deep and single:
         results = [(n, e if e is not None else _read_whole(mgr, n)) for n, e in results]
     bad = [(n, e) for n, e in results if e is not None]
     if args.json:
@@ -142,7 +69,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     else:
         for n, e in results:
             print(f"{'ok     ' if e is None else 'FAILED '} {n}" + (f": {e}" if e else ""))
-        print(f"{len(results) - len(bad)} of {len(results)} checkpoints verified.")
+        note = f" ({gone} deleted by the writer's retention meanwhile)" if gone else ""
+        print(f"{len(results) - len(bad)} of {len(results)} checkpoints verified.{note}")
     if bad:
         first = bad[0][1]
         return (
@@ -151,6 +79,29 @@ def cmd_verify(args: argparse.Namespace) -> int:
             else CorruptCheckpointError.exit_code
         )
     return 0
+
+
+def _verify_root(mgr: CheckpointManager, *, deep: bool) -> tuple[list[Result], int]:
+    """Verify every checkpoint of a root; return the results and how many were gone.
+
+    A writer's retention may delete a checkpoint between listing and reading: it is
+    gone, not an error (the catalog already skips those). When everything listed went
+    (``Keep(last=1)``), list again rather than report an empty root.
+    """
+    gone = 0
+    for _ in range(5):
+        results: list[Result] = [(v.name, v.error) for v in mgr.verify()]
+        if deep:
+            read = [(n, e if e is not None else _read_whole(mgr, n)) for n, e in results]
+            results = [(n, e) for n, e in read if e is not _GONE]
+            gone += len(read) - len(results)
+        if results or not mgr.catalog.entries():
+            break
+    return results, gone
+
+
+#: ``_read_whole``'s answer for a checkpoint deleted while it was being read.
+_GONE = CheckpointNotFoundError("deleted while verifying")
 
 
 def _read_whole(mgr: CheckpointManager, name: str) -> Exception | None:
@@ -162,13 +113,15 @@ def _read_whole(mgr: CheckpointManager, name: str) -> Exception | None:
     """
     try:
         mgr.restore(checkpoint=name)
+    except CheckpointNotFoundError as exc:
+        return _GONE if not os.path.lexists(os.path.join(mgr.storage.root, name)) else exc
     except SafepointError as exc:
         return exc
     return None
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    storage = LocalStorage(args.root)
+    storage = LocalStorage(pathkind.need_root(args.root, "gc").path)
     storage.lock()
     try:
         removed = storage.cleanup_stale()
@@ -181,45 +134,54 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_log(args: argparse.Namespace) -> int:
-    for item in runlog.read(LocalStorage(args.root)):
-        print(
-            json.dumps(item, sort_keys=True)
-            if args.json
-            else f"{item.get('event', '?'):<7} {item.get('name', '')} "
-            f"{_fmt_metrics(item.get('metrics') or {})}".rstrip()
-        )
+    from .logview import describe, need_log
+
+    storage = LocalStorage(need_log(pathkind.need_root(args.root, "log").path))
+    for item in runlog.read(storage):
+        print(json.dumps(item, sort_keys=True) if args.json else describe(item))
     return 0
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from .report import diff
-
-    lines = diff(args.a, args.b)
-    for line in lines:
-        print(line)
-    if not lines:
-        print("identical: same tensors, state, metrics and step")
-    return 1 if lines else 0
+    sa, na, _ = pathkind.need_checkpoint(args.a, "diff")
+    sb, nb, _ = pathkind.need_checkpoint(args.b, "diff")
+    changes = report.diff(sa, na, sb, nb)
+    if args.json:
+        body = {
+            "a": os.path.join(sa.root, na),
+            "b": os.path.join(sb.root, nb),
+            "identical": not changes,
+            "changes": [c.to_json() for c in changes],
+        }
+        print(json.dumps(body, indent=1, default=str))
+    else:
+        for change in changes:
+            print(change.line(na, nb))
+        if not changes:
+            print("identical: same tensors, state, metrics and step")
+    return 1 if changes else 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .conversion import convert
 
-    src = os.path.abspath(args.checkpoint).rstrip(os.sep)
+    storage, name, _ = pathkind.need_checkpoint(args.checkpoint, "convert")
+    src = os.path.join(storage.root, name)
     # By default the copy goes to the current directory, not into the run's root, where
     # it would become one more (and the newest) checkpoint of the run.
-    out = args.out or os.path.join(os.getcwd(), f"{os.path.basename(src)}-{args.to}")
+    out = args.out or os.path.join(os.getcwd(), f"{name}-{args.to}")
     print(f"converted {src} -> {convert(src, out, to=args.to)} ({args.to})")
     return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .report import plot
+    from .logview import need_log
+    from .plot import plot
 
-    name = os.path.basename(os.path.abspath(args.root).rstrip(os.sep))
-    out = args.out or f"{name}-metrics.svg"
-    points = plot(args.root, out, metrics=args.metric or None)
-    print(f"wrote {out} ({points} points)")
+    root = need_log(pathkind.need_root(args.root, "plot").path)
+    out = args.out or f"{os.path.basename(root)}-metrics.svg"
+    points, series, renderer = plot(root, out, metrics=args.metric or None)
+    print(f"wrote {out} ({points} points, {series} series; {renderer})")
     return 0
 
 
@@ -227,6 +189,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
     return demo.run(args)
+
+
+_ROOT = "run root: the directory a CheckpointManager (or safepoint.keras) saves into"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -238,54 +203,81 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("ls", help="list the committed checkpoints of a root")
-    s.add_argument("root")
+    s.add_argument("root", help=_ROOT)
     s.add_argument("--monitor", default=None, help="metric that defines the best checkpoint")
-    s.add_argument("--mode", default="auto", choices=("auto", "min", "max"))
+    s.add_argument(
+        "--mode",
+        default="auto",
+        choices=("auto", "min", "max"),
+        help="min: lower is better; max: higher; auto: from the metric's name",
+    )
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(fn=cmd_ls)
     s = sub.add_parser("show", help="describe one checkpoint: metrics, files, tensors")
-    s.add_argument("checkpoint", help="path of a checkpoint directory")
-    s.add_argument("--json", action="store_true", help="print the whole manifest")
+    s.add_argument("checkpoint", help="checkpoint directory or single file (.keras, .h5)")
+    s.add_argument(
+        "--json", action="store_true", help="print the whole manifest (and a single file's weights)"
+    )
     s.set_defaults(fn=cmd_show)
     s = sub.add_parser(
         "verify",
-        help="check sizes and checksums of every checkpoint in a root "
-        "(or of one checkpoint directory)",
+        help="check sizes and checksums of every checkpoint in a root, or of one checkpoint "
+        "(exit 3 when there is none to check)",
     )
-    s.add_argument("path")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("path", help="a run root, or one checkpoint (directory or single file)")
+    s.add_argument("--json", action="store_true", help="one record per checkpoint")
     s.add_argument(
         "--deep",
         action="store_true",
         help="also read every tensor and rebuild each checkpoint's state, as a restore does",
     )
     s.set_defaults(fn=cmd_verify)
-    s = sub.add_parser("gc", help="remove staging and trash directories left by crashed writers")
-    s.add_argument("root")
+    s = sub.add_parser(
+        "gc",
+        help="remove staging and trash entries left by crashed writers (refused while "
+        "a writer holds the root)",
+    )
+    s.add_argument("root", help=_ROOT)
     s.set_defaults(fn=cmd_gc)
-    s = sub.add_parser("log", help="print the run log (saves, skips, deletions)")
-    s.add_argument("root")
-    s.add_argument("--json", action="store_true")
+    s = sub.add_parser(
+        "log", help="print the run log (saves, skips with epoch and reason, deletions)"
+    )
+    s.add_argument("root", help=_ROOT)
+    s.add_argument("--json", action="store_true", help="the records as JSON lines")
     s.set_defaults(fn=cmd_log)
     s = sub.add_parser(
         "diff", help="compare two checkpoints: tensors, state, metrics (exit 1 when they differ)"
     )
-    s.add_argument("a")
-    s.add_argument("b")
+    s.add_argument("a", help="checkpoint directory or single file (.keras, .h5, .weights.h5)")
+    s.add_argument("b", help="the checkpoint to compare with A")
+    s.add_argument("--json", action="store_true", help="machine-readable list of changes")
     s.set_defaults(fn=cmd_diff)
-    s = sub.add_parser("convert", help="rewrite a checkpoint in another payload format")
-    s.add_argument("checkpoint", help="path of a checkpoint directory")
-    s.add_argument("--to", required=True, choices=("safetensors", "hdf5"))
+    s = sub.add_parser(
+        "convert", help="rewrite a checkpoint (or a Keras file's weights) in a payload format"
+    )
+    s.add_argument("checkpoint", help="checkpoint directory or single file (.keras, .h5)")
+    s.add_argument(
+        "--to", required=True, choices=("safetensors", "hdf5"), help="payload format to write"
+    )
     s.add_argument(
         "--out",
         default=None,
         help="new checkpoint directory (default: ./NAME-FORMAT in the current directory)",
     )
     s.set_defaults(fn=cmd_convert)
-    s = sub.add_parser("plot", help="draw the run's metrics (from its log) into an SVG file")
-    s.add_argument("root")
+    s = sub.add_parser(
+        "plot",
+        help="draw the run's metrics (from its log), one series per name template, into an "
+        "image (matplotlib when installed, else a built-in SVG)",
+    )
+    s.add_argument("root", help=_ROOT)
     s.add_argument("--metric", action="append", help="metric to draw (repeatable; default all)")
-    s.add_argument("--out", default=None, help="SVG path (default ./ROOTNAME-metrics.svg)")
+    s.add_argument(
+        "--out",
+        default=None,
+        help="output file; .svg always works, .png/.pdf need matplotlib "
+        "(default ./ROOTNAME-metrics.svg)",
+    )
     s.set_defaults(fn=cmd_plot)
     s = sub.add_parser(
         "demo",
@@ -305,6 +297,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SafepointError as exc:
         print(f"safepoint {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        # `safepoint log ROOT | head`: the reader left; that is not an error to report.
+        # Point stdout at /dev/null so the interpreter's final flush does not fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a pipe writer
+    except OSError as exc:  # the file system refused (EACCES, EIO...): no traceback
+        print(
+            f"safepoint {args.command}: StorageError: {exc}. Check the path and its permissions.",
+            file=sys.stderr,
+        )
+        return StorageError.exit_code
 
 
 if __name__ == "__main__":

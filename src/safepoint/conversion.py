@@ -5,6 +5,9 @@ same key, dtype and shape by the other format, so no value passes through a floa
 conversion and no framework is imported. The result is committed with the same
 protocol as a save (staged in the destination root, fsynced, renamed into place).
 
+A single-file Keras checkpoint (``.keras``, ``.h5``, ``.weights.h5`` written by
+safepoint) converts to a checkpoint directory holding its weights by HDF5 path.
+
 Pickle files (``torch.save`` outputs, ``.pt``/``.pth``/``.ckpt``/``.bin``) are never
 opened: loading one can run arbitrary code. The error explains the safe way in.
 """
@@ -15,19 +18,20 @@ import os
 from dataclasses import replace
 from typing import Any
 
-from . import dtypes, formats
+from . import dtypes, formats, singlefile
 from .catalog import Catalog
 from .errors import ConfigError
 from .reader import read_manifest, refuse_pickle
+from .report import weights_tree
 from .storage import LocalStorage, check_name
-from .tree import TensorLeaf
+from .tree import TensorLeaf, flatten
 from .writer import write_checkpoint
 
 
 def convert(src: str, dst: str, *, to: str) -> str:
     """Write checkpoint ``src`` as a new checkpoint directory ``dst`` in format ``to``."""
     src = os.path.abspath(src).rstrip(os.sep)
-    if os.path.isfile(src):
+    if os.path.isfile(src) and singlefile.container(src) is None:
         raise refuse_pickle(src)
     if to not in ("safetensors", "hdf5"):
         raise ConfigError(
@@ -45,18 +49,24 @@ def convert(src: str, dst: str, *, to: str) -> str:
         )
     src_storage = LocalStorage(src_root)
     found = read_manifest(src_storage, src_name)
-    raw = formats.get(found.payload).read(src_storage, src_name, found)
-    leaves = [
-        TensorLeaf(
-            key,
-            _dtype(entry),
-            tuple(entry["shape"]),
-            entry["lib"],
-            raw[key],
-            bool(entry.get("requires_grad")),
-        )
-        for key, entry in found.tensors.items()
-    ]
+    if singlefile.KEY in found.extra:
+        # A Keras file: its verified weights, as a tree of numpy arrays by HDF5 path.
+        tree, leaves = flatten(weights_tree(src_storage, src_name, found))
+        extra = {k: v for k, v in found.extra.items() if k != singlefile.KEY}
+        found = replace(found, tree=tree, extra=extra, payload=to)
+    else:
+        raw = formats.get(found.payload).read(src_storage, src_name, found)
+        leaves = [
+            TensorLeaf(
+                key,
+                _dtype(entry),
+                tuple(entry["shape"]),
+                entry["lib"],
+                raw[key],
+                bool(entry.get("requires_grad")),
+            )
+            for key, entry in found.tensors.items()
+        ]
     fmt = formats.get(to)
     out = LocalStorage(dst_root)
     # The output may land in a live run's root: take its writer lock (so its cleanup

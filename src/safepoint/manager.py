@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -152,6 +153,7 @@ class CheckpointManager:
             try:
                 self.wait()
             finally:
+                self._flush_skips()
                 self._staging.release()
                 self.storage.unlock()
 
@@ -301,6 +303,7 @@ class CheckpointManager:
     def _log(self, event: str, **fields: Any) -> None:
         """Append to the run log, best effort: the log is informational, and a committed
         checkpoint must never be reported as failed because its log line was not written."""
+        self._flush_skips()
         try:
             runlog.record(self.storage, event, **fields)
         except SafepointError as exc:
@@ -314,14 +317,35 @@ class CheckpointManager:
         metrics: dict[str, Any] | None = None,
         reason: str = "",
     ) -> None:
-        """Record in the run log that a checkpoint was considered and not saved."""
-        self._log(
-            "skip",
-            step=step,
-            epoch=epoch,
-            metrics=metrics_arg(metrics),
-            reason=reason,
-        )
+        """Record in the run log that a checkpoint was considered and not saved.
+
+        The first skip of a kind (same reason but for its numbers, same epoch) is written
+        at once; the ones that follow are coalesced into one record with a count and the
+        first and last step (:class:`~safepoint.runlog.SkipSummary`), written before the
+        next save or deletion record, at ``close()``, at exit, or every 10,000 skips or
+        60 s: a per-batch save policy would otherwise append a line per skipped batch.
+        """
+        metrics = metrics_arg(metrics)
+        skips = self.__dict__.get("_skips")
+        if skips is None:
+            skips = self._skips = runlog.SkipSummary(self.storage)
+            weakref.finalize(self, skips.flush_quietly)
+        try:
+            skips.add(
+                step=step,
+                epoch=epoch,
+                metrics=metrics,
+                reason=reason,
+                series=self.template.template,
+            )
+        except SafepointError as exc:
+            log.warning("safepoint: could not write the run log (skip): %s", exc)
+
+    def _flush_skips(self) -> None:
+        """Write the pending skip summary first, so the log stays in order."""
+        skips = self.__dict__.get("_skips")
+        if skips is not None:
+            skips.flush_quietly()
 
     def next_seq(self) -> int:
         """The seq of a new save: after every committed one, and unique in this process

@@ -1,38 +1,127 @@
-"""Human-facing reports on checkpoints: ``diff`` of two checkpoints, ``plot`` of a run.
+"""``safepoint diff``: how one checkpoint differs from another.
 
-Both read only verified data and import no framework: tensors are compared as numpy
-arrays (bfloat16 and float8 through their raw bytes when numpy cannot spell them), and
-the plot is a self-contained SVG drawn from the run log, which remembers every save and
-skip, including checkpoints that retention has since deleted.
+Reads only verified data and imports no framework. Checkpoint directories are compared
+tensor by tensor from their payloads (bfloat16 and float8 through their raw bytes when
+numpy cannot spell them); single-file checkpoints (Keras ``.keras``, ``.h5``,
+``.weights.h5``) through the weights the file holds, keyed by their HDF5 path, so two
+files with different weights never compare equal because their manifests list no
+tensors. The result is a list of :class:`Change` records, printed as lines or as JSON.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import math
-import os
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
-from . import formats, runlog
-from .reader import read_manifest
-from .storage import LocalStorage, check_name
+from . import formats, reader, singlefile
+from .errors import ConfigError, IncompatibleCheckpointError
+from .manifest import Manifest
+from .storage import Storage
+
+__all__ = ["Change", "diff", "flatten_arrays", "weights", "weights_tree"]
 
 
-def _open(path: str) -> tuple[LocalStorage, str]:
-    full = os.path.abspath(path).rstrip(os.sep)
-    parent, name = os.path.split(full)
-    return LocalStorage(parent), check_name(name, what="checkpoint directory name")
+@dataclass(frozen=True)
+class Change:
+    """One difference. ``kind``: tensor, state, metric or step; ``change``: only_in_a,
+    only_in_b, dtype_shape, values, bytes or value."""
+
+    kind: str
+    key: str
+    change: str
+    a: Any = None
+    b: Any = None
+    changed: int | None = None
+    size: int | None = None
+    max_abs_diff: float | None = None
+
+    def line(self, name_a: str, name_b: str) -> str:
+        if self.change == "only_in_a":
+            return f"- {self.kind} {self.key} (only in {name_a})"
+        if self.change == "only_in_b":
+            return f"+ {self.kind} {self.key} (only in {name_b})"
+        if self.change == "dtype_shape":
+            return f"~ tensor {self.key}: {self.a} -> {self.b}"
+        if self.change == "values":
+            return (
+                f"~ tensor {self.key}: {self.changed} of {self.size} values differ, "
+                f"max |a-b| = {self.max_abs_diff:.6g}"
+            )
+        if self.change == "bytes":
+            return f"~ tensor {self.key}: bytes differ"
+        if self.kind == "state":
+            return (
+                f"~ {self.key} differs ({self.a} -> {self.b})"
+                if self.a
+                else ("~ non-tensor state differs (step counters, settings or structure)")
+            )
+        if self.kind == "step":
+            return f"~ step/epoch: {self.a} -> {self.b}"
+        return f"~ {self.kind} {self.key}: {self.a} -> {self.b}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def _numeric(entry: dict[str, Any], raw: np.ndarray) -> np.ndarray | None:
+def flatten_arrays(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
+    """``{"layers/dense/vars/0": array}`` from the nested dicts a single file reads as."""
+    out: dict[str, np.ndarray] = {}
+    items = tree.items() if isinstance(tree, Mapping) else enumerate(tree)
+    for key, value in items:
+        path = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Mapping | list | tuple):
+            out.update(flatten_arrays(value, path))
+        else:
+            out[path] = np.asarray(value)
+    return out
+
+
+def weights_tree(storage: Storage, name: str, found: Manifest) -> Any:
+    """The verified weights of single-file checkpoint ``name`` as nested dicts.
+
+    Listing and verifying a single file needs no h5py; reading its weights does. Its
+    absence is this process's limit, not damage: ``IncompatibleCheckpointError``.
+    """
     try:
-        value = formats.materialize(entry, raw, as_numpy=True)
-    except Exception:
-        return None
-    arr = np.asarray(value)
+        return singlefile.read_state(storage, name, found)
+    except ImportError as exc:
+        raise IncompatibleCheckpointError(
+            f"Reading the weights of {name} needs h5py, which is not installed. Expected "
+            f"h5py importable. Received: {exc}. Install it: pip install 'safepoint[hdf5]'."
+        ) from None
+
+
+def weights(storage: Storage, name: str, found: Manifest) -> dict[str, np.ndarray]:
+    """The verified weights of single-file checkpoint ``name``, by HDF5 path."""
+    return flatten_arrays(weights_tree(storage, name, found))
+
+
+@dataclass
+class _Side:
+    """One checkpoint, reduced to what diff compares."""
+
+    name: str
+    found: Manifest
+    entries: dict[str, tuple[str, list[int]]]  # key -> (dtype, shape)
+    raw: Callable[[str], np.ndarray]  # bytes-level view, for equality
+    numeric: Callable[[str], np.ndarray | None]
+    state: str  # the non-tensor state, as canonical JSON
+    layout: str
+
+
+def _bytes_of(arr: np.ndarray) -> np.ndarray:
+    try:
+        return np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+    except (TypeError, ValueError):  # object arrays (variable-length strings)
+        return np.frombuffer(repr(arr.tolist()).encode(), np.uint8)
+
+
+def _as_number(arr: np.ndarray) -> np.ndarray | None:
     if arr.dtype.kind in "biufc":
         return arr
     try:
@@ -41,52 +130,100 @@ def _numeric(entry: dict[str, Any], raw: np.ndarray) -> np.ndarray | None:
         return None
 
 
-def diff(a: str, b: str) -> list[str]:
-    """Lines describing how checkpoint ``b`` differs from ``a`` (empty when identical)."""
-    (sa, na), (sb, nb) = _open(a), _open(b)
-    ma, mb = read_manifest(sa, na), read_manifest(sb, nb)
-    ra = formats.get(ma.payload).read(sa, na, ma)
-    rb = formats.get(mb.payload).read(sb, nb, mb)
-    lines: list[str] = []
-    for key in sorted(set(ma.tensors) - set(mb.tensors)):
-        lines.append(f"- tensor {key} (only in {na})")
-    for key in sorted(set(mb.tensors) - set(ma.tensors)):
-        lines.append(f"+ tensor {key} (only in {nb})")
-    for key in sorted(set(ma.tensors) & set(mb.tensors)):
-        ea, eb = ma.tensors[key], mb.tensors[key]
-        if (ea["dtype"], ea["shape"]) != (eb["dtype"], eb["shape"]):
-            lines.append(
-                f"~ tensor {key}: {ea['dtype']}{ea['shape']} -> {eb['dtype']}{eb['shape']}"
+def _load(storage: Storage, name: str) -> _Side:
+    found = reader.read_manifest(storage, name)
+    if singlefile.KEY in found.extra:
+        arrays = weights(storage, name, found)
+        record = found.extra[singlefile.KEY]
+        return _Side(
+            name,
+            found,
+            {k: (str(v.dtype), list(v.shape)) for k, v in arrays.items()},
+            lambda k: _bytes_of(arrays[k]),
+            lambda k: _as_number(arrays[k]),
+            "",
+            f"{record.get('container')}/{record.get('layout')}",
+        )
+    try:
+        fmt = formats.get(found.payload)
+    except ConfigError as exc:  # its reader (h5py) is not installed: as in reader.read_state
+        raise IncompatibleCheckpointError(str(exc)) from exc
+    raw = fmt.read(storage, name, found)
+
+    def numeric(key: str) -> np.ndarray | None:
+        try:
+            value = formats.materialize(found.tensors[key], raw[key], as_numpy=True)
+        except Exception:  # a dtype numpy cannot spell: compared by bytes
+            return None
+        return _as_number(np.asarray(value))
+
+    return _Side(
+        name,
+        found,
+        {k: (str(e["dtype"]), list(e["shape"])) for k, e in found.tensors.items()},
+        lambda k: raw[k],
+        numeric,
+        json.dumps(_strip_refs(found.tree), sort_keys=True, default=str),
+        "directory",
+    )
+
+
+def _tensor_change(key: str, a: _Side, b: _Side) -> Change | None:
+    ea, eb = a.entries[key], b.entries[key]
+    if ea != eb:
+        return Change("tensor", key, "dtype_shape", f"{ea[0]}{ea[1]}", f"{eb[0]}{eb[1]}")
+    ra, rb = a.raw(key), b.raw(key)
+    if np.array_equal(ra, rb):
+        return None
+    va, vb = a.numeric(key), b.numeric(key)
+    if va is None or vb is None or not va.size:
+        return Change("tensor", key, "bytes")
+    wide = np.complex128 if "c" in (va.dtype.kind, vb.dtype.kind) else np.float64
+    delta = np.abs(va.astype(wide) - vb.astype(wide))
+    rows = ra.reshape(va.size, -1) != rb.reshape(vb.size, -1)
+    biggest = float(np.nanmax(delta)) if delta.size and not np.isnan(delta).all() else math.nan
+    return Change(
+        "tensor",
+        key,
+        "values",
+        changed=int(rows.any(axis=1).sum()),
+        size=int(va.size),
+        max_abs_diff=biggest,
+    )
+
+
+def diff(storage_a: Storage, name_a: str, storage_b: Storage, name_b: str) -> list[Change]:
+    """How checkpoint ``b`` differs from ``a`` (empty when identical)."""
+    a, b = _load(storage_a, name_a), _load(storage_b, name_b)
+    out: list[Change] = []
+    for key in sorted(set(a.entries) - set(b.entries)):
+        out.append(Change("tensor", key, "only_in_a"))
+    for key in sorted(set(b.entries) - set(a.entries)):
+        out.append(Change("tensor", key, "only_in_b"))
+    for key in sorted(set(a.entries) & set(b.entries)):
+        change = _tensor_change(key, a, b)
+        if change is not None:
+            out.append(change)
+    if a.layout != b.layout:
+        out.append(Change("state", "layout", "value", a.layout, b.layout))
+    elif a.state != b.state:
+        out.append(Change("state", "state", "value"))
+    ma, mb = a.found.metrics, b.found.metrics
+    for key in sorted(set(ma) | set(mb)):
+        va, vb = ma.get(key), mb.get(key)
+        if va != vb and not (_isnan(va) and _isnan(vb)):
+            out.append(Change("metric", key, "value", va, vb))
+    if (a.found.step, a.found.epoch) != (b.found.step, b.found.epoch):
+        out.append(
+            Change(
+                "step",
+                "step/epoch",
+                "value",
+                f"{a.found.step}/{a.found.epoch}",
+                f"{b.found.step}/{b.found.epoch}",
             )
-            continue
-        if np.array_equal(ra[key], rb[key]):
-            continue
-        va, vb = _numeric(ea, ra[key]), _numeric(eb, rb[key])
-        if va is not None and vb is not None and va.size:
-            delta = np.abs(
-                va.astype(np.complex128 if va.dtype.kind == "c" else np.float64)
-                - vb.astype(np.complex128 if vb.dtype.kind == "c" else np.float64)
-            )
-            rows = ra[key].reshape(va.size, -1) != rb[key].reshape(vb.size, -1)
-            changed = int(rows.any(axis=1).sum())
-            lines.append(
-                f"~ tensor {key}: {changed} of {va.size} values differ, max |a-b| = "
-                f"{float(np.nanmax(delta)) if delta.size else 0.0:.6g}"
-            )
-        else:
-            lines.append(f"~ tensor {key}: bytes differ")
-    ta = json.dumps(_strip_refs(ma.tree), sort_keys=True, default=str)
-    tb = json.dumps(_strip_refs(mb.tree), sort_keys=True, default=str)
-    if ta != tb:
-        lines.append("~ non-tensor state differs (step counters, settings or structure)")
-    for key in sorted(set(ma.metrics) | set(mb.metrics)):
-        if ma.metrics.get(key) != mb.metrics.get(key) and not (
-            _isnan(ma.metrics.get(key)) and _isnan(mb.metrics.get(key))
-        ):
-            lines.append(f"~ metric {key}: {ma.metrics.get(key)} -> {mb.metrics.get(key)}")
-    if (ma.step, ma.epoch) != (mb.step, mb.epoch):
-        lines.append(f"~ step/epoch: {ma.step}/{ma.epoch} -> {mb.step}/{mb.epoch}")
-    return lines
+        )
+    return out
 
 
 def _isnan(value: Any) -> bool:
@@ -101,69 +238,3 @@ def _strip_refs(node: Any) -> Any:
     if isinstance(node, list):
         return [_strip_refs(v) for v in node]
     return node
-
-
-_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
-
-
-def plot(root: str, out: str, *, metrics: list[str] | None = None) -> int:
-    """Draw each metric of the run log against its step into the SVG file ``out``.
-
-    Returns the number of points drawn. Saved checkpoints are filled dots, skipped
-    (not saved) evaluations hollow ones.
-    """
-    events = [e for e in runlog.read(LocalStorage(root)) if e.get("event") in ("save", "skip")]
-    series: dict[str, list[tuple[float, float, bool]]] = {}
-    for i, e in enumerate(events):
-        step = e.get("step")
-        x = step if isinstance(step, int) else i
-        for k, v in (e.get("metrics") or {}).items():
-            if metrics and k not in metrics:
-                continue
-            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
-                series.setdefault(k, []).append((float(x), float(v), e["event"] == "save"))
-    width, height, pad = 720, 120 + 180 * max(len(series), 1), 50
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'font-family="sans-serif" font-size="12">',
-        f'<text x="{pad}" y="24" font-size="15">safepoint run {html.escape(root)}</text>',
-    ]
-    if not series:
-        parts.append(f'<text x="{pad}" y="70">No metrics in the run log yet.</text>')
-    for n, (name, pts) in enumerate(sorted(series.items())):
-        top = 50 + n * 180
-        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-        y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
-
-        def sx(x: float, x0: float = x0, x1: float = x1) -> float:
-            return pad + (x - x0) / (x1 - x0) * (width - 2 * pad)
-
-        def sy(y: float, y0: float = y0, y1: float = y1, top: int = top) -> float:
-            return top + 140 - (y - y0) / (y1 - y0) * 130
-
-        color = _COLORS[n % len(_COLORS)]
-        parts.append(
-            f'<text x="{pad}" y="{top}" fill="{color}">{html.escape(name)} '
-            f"(min {min(ys):.5g}, max {max(ys):.5g})</text>"
-        )
-        parts.append(
-            f'<rect x="{pad}" y="{top + 8}" width="{width - 2 * pad}" height="134" '
-            'fill="none" stroke="#ccc"/>'
-        )
-        line = " ".join(f"{sx(px):.1f},{sy(py):.1f}" for px, py, _ in pts)
-        parts.append(f'<polyline points="{line}" fill="none" stroke="{color}"/>')
-        for px, py, saved in pts:
-            fill = color if saved else "white"
-            parts.append(
-                f'<circle cx="{sx(px):.1f}" cy="{sy(py):.1f}" r="2.5" fill="{fill}" '
-                f'stroke="{color}"/>'
-            )
-        parts.append(f'<text x="{pad}" y="{top + 158}">step {x0:g}</text>')
-        parts.append(
-            f'<text x="{width - pad}" y="{top + 158}" text-anchor="end">step {max(xs):g}</text>'
-        )
-    parts.append("</svg>")
-    with open(out, "w", encoding="utf-8") as f:
-        f.write("\n".join(parts) + "\n")
-    return sum(len(p) for p in series.values())

@@ -94,7 +94,7 @@ def test_safepoint_verify_checks_a_single_file_checkpoint(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == [{"name": path.name, "ok": True, "error": None}]
     build(2).save_weights(tmp_path / "theirs.weights.h5")  # not written by safepoint
     code = main(["verify", str(tmp_path / "theirs.weights.h5")])
-    assert code == safepoint.IncompleteCheckpointError.exit_code
+    assert code == safepoint.IncompatibleCheckpointError.exit_code  # not ours: not "incomplete"
     assert "no embedded safepoint manifest" in capsys.readouterr().out
     (tmp_path / "model.pt").write_bytes(b"\x80\x04 a pickle")
     assert main(["verify", str(tmp_path / "model.pt")]) != 0
