@@ -33,7 +33,7 @@ import secrets
 import zipfile
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -46,6 +46,7 @@ ZIP_ENTRY = "safepoint-manifest.json"
 WEIGHTS_ENTRY = "model.weights.h5"
 KEY = "single_file"
 _MAX_DEPTH = 64
+_MAX_OBJECTS = 1 << 20  # groups and datasets in one HDF5 file: far beyond any model
 _NUMERIC = "biufcS"
 _CHUNK = 8 << 20
 _BIG = 10**15  # wider than any offset or size a seal records
@@ -83,9 +84,9 @@ def _open_h5(source: Any, name: str, mode: str = "r") -> Any:
         raise corrupt(name, "not a readable HDF5 file", actual=str(exc)[:120]) from None
 
 
-def _open_zip(path: str, name: str) -> zipfile.ZipFile:
+def _open_zip(source: Any, name: str) -> zipfile.ZipFile:
     try:
-        return zipfile.ZipFile(path)
+        return zipfile.ZipFile(source)
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise corrupt(name, "not a readable zip file", actual=str(exc)[:120]) from None
 
@@ -177,17 +178,17 @@ def read_h5_manifest(path: str, name: str) -> bytes:
     return value.tobytes()
 
 
-def _mapped(path: str) -> Any:
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return b""
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+def _mapped(f: BinaryIO) -> Any:
+    """The whole file ``f`` mapped read-only (the file itself, not whatever its name is now)."""
+    if os.fstat(f.fileno()).st_size == 0:
+        return b""
+    return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
-def _check_h5(path: str, name: str, record: dict[str, Any]) -> None:
+def _check_h5(f: BinaryIO, name: str, record: dict[str, Any]) -> None:
     """Checksum the raw bytes; HDF5 parses nothing of a file that fails this."""
     offset, length, size = (int(record.get(k, -1)) for k in ("offset", "length", "size"))
-    view = _mapped(path)
+    view = _mapped(f)
     try:
         checksum.check_size(name, expected=size, actual=len(view))
         if not 0 <= offset <= offset + length <= size or size == 0:
@@ -204,28 +205,56 @@ def _check_h5(path: str, name: str, record: dict[str, Any]) -> None:
     checksum.check(name, expected=str(record.get("digest")), actual=digest)
 
 
-def _walk(group: Any, name: str, prefix: str = "", depth: int = 0) -> Iterator[tuple[str, Any]]:
-    """Every object below ``group`` as ``(path, object)``, sorted, links refused."""
+def _walk(h5: Any, name: str) -> Iterator[tuple[str, Any]]:
+    """Every object below the file's root as ``(path, object)``, sorted, links refused.
+
+    Each object is visited once, by its address in the file: a second hard link to
+    one (an alias, a cycle, the "diamonds" that make a naive walk exponential) is
+    refused, as Keras never writes one. ``_MAX_OBJECTS`` bounds the whole walk.
+    """
     import h5py
 
-    if depth > _MAX_DEPTH:
-        raise corrupt(name, "HDF5 groups nest too deep", expected=f"<= {_MAX_DEPTH} levels")
-    for key in sorted(group.keys()):
-        path = f"{prefix}{key}"
-        if not isinstance(group.get(key, getlink=True), h5py.HardLink):
-            raise corrupt(name, f"{path!r} is a soft or external link", expected="hard links")
-        obj = group[key]
-        yield path, obj
-        if isinstance(obj, h5py.Group):
-            yield from _walk(obj, name, f"{path}/", depth + 1)
+    seen = {h5py.h5o.get_info(h5.id).addr}
+    stack: list[tuple[Any, str, int]] = [(h5, "", 0)]
+    while stack:
+        group, prefix, depth = stack.pop()
+        if depth > _MAX_DEPTH:
+            raise corrupt(name, "HDF5 groups nest too deep", expected=f"<= {_MAX_DEPTH} levels")
+        children = []
+        for key in sorted(group.keys()):
+            path = f"{prefix}{key}"
+            if not isinstance(group.get(key, getlink=True), h5py.HardLink):
+                raise corrupt(name, f"{path!r} is a soft or external link", expected="hard links")
+            obj = group[key]
+            addr = h5py.h5o.get_info(obj.id).addr
+            if addr in seen:
+                raise corrupt(
+                    name, f"{path!r} links to an object already linked", expected="a tree"
+                )
+            seen.add(addr)
+            if len(seen) > _MAX_OBJECTS:
+                raise corrupt(name, "too many HDF5 objects", expected=f"<= {_MAX_OBJECTS}")
+            yield path, obj
+            if isinstance(obj, h5py.Group):
+                children.append((obj, f"{path}/", depth + 1))
+        stack.extend(reversed(children))
 
 
 def _h5_arrays(h5: Any, name: str, budget: int) -> dict[str, Any]:
     """Every dataset as a nested dict of numpy arrays, refusing anything unsafe.
 
     ``budget`` bounds the bytes allocated (a dataset cannot hold more than the file),
-    checked before each dataset is read.
+    checked before each dataset is read. h5py reports damage it meets while reading
+    (a failed fletcher32 check, a broken B-tree) as several exception types: each is
+    this checkpoint's damage, so that ``restore('latest')`` can skip it.
     """
+    try:
+        return _h5_read(h5, name, budget)
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise corrupt(name, "HDF5 structure is unreadable", actual=str(exc)[:120]) from None
+
+
+def _h5_read(h5: Any, name: str, budget: int) -> dict[str, Any]:
     import h5py
 
     out: dict[str, Any] = {}
@@ -235,6 +264,8 @@ def _h5_arrays(h5: Any, name: str, budget: int) -> dict[str, Any]:
             continue
         if dset.dtype.kind not in _NUMERIC or dset.dtype.fields:
             raise corrupt(name, f"dataset {path!r} is not numeric", actual=str(dset.dtype))
+        if dset.shape is None:
+            raise corrupt(name, f"dataset {path!r} has a null dataspace", expected="an array")
         if dset.external is not None or dset.is_virtual:
             raise corrupt(name, f"dataset {path!r} uses external or virtual storage")
         # Python ints: numpy's int64 product wraps for huge declared dims and could
@@ -254,8 +285,18 @@ def _h5_arrays(h5: Any, name: str, budget: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- zip
-def _zip_entries(z: zipfile.ZipFile, name: str, recorded: dict[str, Any] | None) -> dict[str, Any]:
-    """Each entry's size and digest (ours excluded), bounded by ``recorded`` sizes."""
+def _zip_entries(
+    z: zipfile.ZipFile,
+    name: str,
+    recorded: dict[str, Any] | None,
+    keep: dict[str, bytes] | None = None,
+) -> dict[str, Any]:
+    """Each entry's size and digest (ours excluded), bounded by ``recorded`` sizes.
+
+    Entries are inflated in chunks and stop at the size the manifest vouches for, so
+    a zip bomb costs at most that much work and one chunk of memory. The entries
+    named in ``keep`` are also kept there, as the very bytes hashed.
+    """
     out: dict[str, Any] = {}
     for info in z.infolist():
         if info.filename == ZIP_ENTRY:
@@ -267,18 +308,23 @@ def _zip_entries(z: zipfile.ZipFile, name: str, recorded: dict[str, Any] | None)
             limit = int(recorded[info.filename]["size"])
         hasher = checksum.Hasher()
         size = 0
+        chunks: list[bytes] | None = [] if keep is not None and info.filename in keep else None
         try:
             with z.open(info) as f:
-                while chunk := f.read(_CHUNK):
+                while chunk := f.read(_CHUNK if limit is None else min(_CHUNK, limit - size + 1)):
                     size += len(chunk)
                     if limit is not None and size > limit:
                         raise corrupt(name, f"zip entry {info.filename!r} grew", expected=limit)
                     hasher.update(chunk)
+                    if chunks is not None:
+                        chunks.append(chunk)
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
             raise corrupt(
                 name, f"zip entry {info.filename!r} is unreadable", actual=str(exc)
             ) from None
         out[info.filename] = {"size": size, checksum.ALGORITHM: hasher.hexdigest()}
+        if keep is not None and chunks is not None:
+            keep[info.filename] = b"".join(chunks)
     if recorded is not None:
         missing = sorted(set(recorded) - set(out))
         if missing:
@@ -308,25 +354,25 @@ def seal(path: str, kind: str, name: str, body: Manifest, layout: str) -> tuple[
     return sealed, data
 
 
-def manifest_bytes(path: str, kind: str, name: str) -> bytes:
+def manifest_bytes(f: BinaryIO, kind: str, name: str) -> bytes:
     """The embedded manifest's bytes; ``FileNotFoundError`` when the file has none."""
     if kind == "hdf5":
-        view = _mapped(path)
+        view = _mapped(f)
         try:
             return _find_h5_manifest(view, name)[1]
         finally:
             if isinstance(view, mmap.mmap):
                 view.close()
-    with _open_zip(path, name) as z:
+    with _open_zip(f, name) as z:
         try:
             entry = z.getinfo(ZIP_ENTRY)
         except KeyError:
-            raise FileNotFoundError(f"{path} has no embedded safepoint manifest") from None
+            raise FileNotFoundError(f"{name} has no embedded safepoint manifest") from None
         if entry.file_size > manifest.MAX_BYTES:
             raise corrupt(name, "embedded manifest too large", actual=entry.file_size)
         try:
-            return z.read(entry)
-        except (zipfile.BadZipFile, OSError) as exc:
+            return z.read(entry)  # zipfile inflates no more than the declared file_size
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
             raise corrupt(name, "embedded manifest unreadable", actual=str(exc)) from None
 
 
@@ -343,7 +389,7 @@ def check_record(name: str, record: Any, kind: str | None) -> None:
             for f in fields
         )
         and (kind != "hdf5" or isinstance(record.get("digest"), str))
-        and (kind != "zip" or isinstance(record.get("entries"), dict))
+        and (kind != "zip" or _entries_ok(record.get("entries")))
     )
     if not ok:
         raise corrupt(
@@ -351,24 +397,44 @@ def check_record(name: str, record: Any, kind: str | None) -> None:
         )
 
 
-def check(path: str, name: str, record: dict[str, Any]) -> None:
-    """Verify the file at ``path`` against its manifest's record."""
+def _entries_ok(entries: Any) -> bool:
+    """A zip record: each entry's size (what bounds its inflation) and digest."""
+    return isinstance(entries, dict) and all(
+        isinstance(info, dict)
+        and isinstance(info.get("size"), int)
+        and not isinstance(info.get("size"), bool)
+        and info["size"] >= 0
+        and isinstance(info.get(checksum.ALGORITHM), str)
+        for info in entries.values()
+    )
+
+
+def check(f: BinaryIO, name: str, record: dict[str, Any]) -> None:
+    """Verify the open file ``f`` against its manifest's record."""
     if record["container"] == "hdf5":
-        _check_h5(path, name, record)
+        _check_h5(f, name, record)
         return
-    with _open_zip(path, name) as z:
+    with _open_zip(f, name) as z:
         _zip_entries(z, name, record.get("entries", {}))
 
 
-def arrays(path: str, name: str, record: dict[str, Any]) -> dict[str, Any]:
-    """Verify the file, then read its weights as a nested dict of numpy arrays."""
-    check(path, name, record)
+def arrays(f: BinaryIO, name: str, record: dict[str, Any]) -> dict[str, Any]:
+    """Verify the open file ``f``, then read its weights as a nested dict of numpy arrays.
+
+    Everything is read through ``f``: a file re-committed under the same name
+    meanwhile (a new inode) does not mix into this one.
+    """
     if record["container"] == "hdf5":
-        with _open_h5(path, name) as h5:
-            return _h5_arrays(h5, name, os.path.getsize(path))
-    with _open_zip(path, name) as z:
-        if WEIGHTS_ENTRY not in z.namelist():
-            return {}
-        data = z.read(WEIGHTS_ENTRY)  # size and checksum verified above
+        _check_h5(f, name, record)
+        f.seek(0)
+        with _open_h5(f, name) as h5:
+            return _h5_arrays(h5, name, os.fstat(f.fileno()).st_size)
+    kept: dict[str, bytes] = {WEIGHTS_ENTRY: b""}
+    with _open_zip(f, name) as z:
+        has_weights = WEIGHTS_ENTRY in z.namelist()
+        _zip_entries(z, name, record.get("entries", {}), keep=kept)
+    if not has_weights:
+        return {}
+    data = kept[WEIGHTS_ENTRY]  # the bytes whose size and checksum were verified
     with _open_h5(io.BytesIO(data), name) as h5:
         return _h5_arrays(h5, name, len(data))

@@ -27,6 +27,7 @@ component) and never accept a path with ``..``, ``/`` or NUL in a component.
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import fcntl
 import os
@@ -37,6 +38,7 @@ import weakref
 from collections.abc import Sequence
 from typing import BinaryIO, Protocol
 
+from . import held
 from .errors import CorruptCheckpointError, StorageError
 
 # translate_read, LOG_NAME, check_name...: re-exported for the formats, catalog, adapters.
@@ -84,6 +86,7 @@ class LocalStorage:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.path.abspath(os.fspath(root))
         self._lock_fd: int | None = None
+        self._held: held.Held | None = None
 
     # -- hooks -------------------------------------------------------------------------
     def _fault(self, stage: str, target: str) -> None:
@@ -116,26 +119,52 @@ class LocalStorage:
             return False
 
     def _open(self, relpath: str, flags: int, mode: int = 0o644) -> int:
-        """Open ``relpath`` below the root without following any link below it."""
+        """Open ``relpath`` below the root without following any link below it.
+
+        Reads add ``O_NONBLOCK``: opening a FIFO planted where a file belongs would
+        otherwise wait forever for a writer (callers check the opened descriptor's
+        type). Inside :meth:`holding`, the held checkpoint is the directory opened then.
+        """
         parts = _split(relpath)
-        dirfd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        if not flags & (os.O_WRONLY | os.O_RDWR):
+            flags |= os.O_NONBLOCK
+        view = self._held
+        if view is not None and len(parts) > 1 and parts[0] == view.name:
+            fd = view.files.pop(relpath, None) if flags == held.READ else None
+            if fd is not None:
+                return fd
+            dirfd, owned, rest = view.fd, False, parts[1:]
+        else:
+            dirfd, owned, rest = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY), True, parts
         try:
-            for part in parts[:-1]:
+            for part in rest[:-1]:
                 nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dirfd)
-                os.close(dirfd)
-                dirfd = nxt
-            return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
+                if owned:
+                    os.close(dirfd)
+                dirfd, owned = nxt, True
+            return os.open(rest[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise CorruptCheckpointError(
-                    f"Refusing to follow a symbolic link inside the checkpoint root: "
-                    f"{self.describe(relpath)}. Expected regular files and directories. "
-                    "Received: a link. Replace the link with the file it points to.",
-                    file=relpath,
-                ) from exc
+                raise held.refusal(self.root, relpath) from exc
             raise
         finally:
-            os.close(dirfd)
+            if owned:
+                os.close(dirfd)
+
+    def _open_file(self, relpath: str) -> int:
+        """Open a regular file for reading; anything else (a FIFO, a device) is refused."""
+        fd = self._open(relpath, os.O_RDONLY)
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise held.not_a_file(self.describe(relpath), relpath, mode)
+            # Regular files ignore O_NONBLOCK, but a descriptor handed to other code
+            # should behave as an ordinary one.
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def exists(self, relpath: str) -> bool:
         try:
@@ -147,7 +176,7 @@ class LocalStorage:
 
     def size(self, relpath: str) -> int:
         with translate_read(self.describe(relpath)):
-            fd = self._open(relpath, os.O_RDONLY)
+            fd = self._open_file(relpath)
             try:
                 return os.fstat(fd).st_size
             finally:
@@ -158,13 +187,9 @@ class LocalStorage:
             return self._read_bytes(relpath, max_size=max_size)
 
     def _read_bytes(self, relpath: str, *, max_size: int) -> bytes:
-        fd = self._open(relpath, os.O_RDONLY)
+        fd = self._open_file(relpath)
         try:
             info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise CorruptCheckpointError(
-                    f"{self.describe(relpath)} is not a regular file.", file=relpath
-                )
             if info.st_size > max_size:
                 raise CorruptCheckpointError(
                     f"{self.describe(relpath)} is {info.st_size} bytes. Expected at most "
@@ -193,13 +218,48 @@ class LocalStorage:
 
     def open_read(self, relpath: str) -> BinaryIO:
         with translate_read(self.describe(relpath)):
-            fd = self._open(relpath, os.O_RDONLY)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise CorruptCheckpointError(
-                f"{self.describe(relpath)} is not a regular file.", file=relpath
-            )
+            fd = self._open_file(relpath)
         return os.fdopen(fd, "rb", buffering=0)
+
+    def hold(self, name: str) -> LocalStorage:
+        """A view of this root in which checkpoint ``name`` is the directory open now.
+
+        A writer may re-save the same name meanwhile (an atomic swap, then the old
+        directory is deleted). Every read of ``name/...`` through the view is relative
+        to the directory descriptor opened here, so a reader sees one committed version
+        whole, or fails on a file already deleted and can tell by :meth:`replaced` that
+        it should start again. The view is a copy of this storage (a subclass keeps its
+        hooks), for reading in one thread until :meth:`release`.
+        """
+        check_name(name, what="checkpoint name")
+        with translate_read(self.describe(name)):
+            rootfd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                fd = os.open(name, held.DIR | os.O_NOFOLLOW, dir_fd=rootfd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise held.refusal(self.root, name) from exc
+                raise
+            finally:
+                os.close(rootfd)
+        view = copy.copy(self)
+        view._held = held.Held(self.root, name, fd)
+        return view
+
+    def replaced(self) -> bool:
+        """A view only: True when its checkpoint's name now stands for another directory."""
+        return self._held is not None and self._held.replaced()
+
+    def release(self) -> None:
+        """A view only: close what :meth:`hold` and :meth:`preopen` opened."""
+        if self._held is not None:
+            self._held.close()
+
+    def preopen(self, relpaths: Sequence[str]) -> None:
+        """A view only: open files of its checkpoint now, before a writer replacing the
+        checkpoint deletes them; the reader's later opens take these descriptors."""
+        if self._held is not None:
+            self._held.preopen(relpaths)
 
     def local_path(self, relpath: str) -> str | None:
         _split(relpath)
