@@ -30,6 +30,7 @@ import math
 import mmap
 import os
 import secrets
+import struct
 import zipfile
 from collections.abc import Iterator
 from dataclasses import replace
@@ -47,6 +48,7 @@ WEIGHTS_ENTRY = "model.weights.h5"
 KEY = "single_file"
 _MAX_DEPTH = 64
 _MAX_OBJECTS = 1 << 20  # groups and datasets in one HDF5 file: far beyond any model
+_MAX_ZIP_DIRECTORY = 1 << 20  # a .keras holds a few entries (~100 bytes of directory each)
 _NUMERIC = "biufcS"
 _CHUNK = 8 << 20
 _BIG = 10**15  # wider than any offset or size a seal records
@@ -84,7 +86,39 @@ def _open_h5(source: Any, name: str, mode: str = "r") -> Any:
         raise corrupt(name, "not a readable HDF5 file", actual=str(exc)[:120]) from None
 
 
+def _zip_directory_size(f: Any) -> int:
+    """The central directory's size as the end records declare it (0 if none is found).
+
+    Found as ``zipfile`` finds it (the last end-of-directory signature, then the
+    zip64 record it points to), so the bound checked here is the one ``zipfile``
+    then parses: it builds an object per entry, and a small file can declare a
+    million entries.
+    """
+    fd = f.fileno()
+    size = os.fstat(fd).st_size
+    tail = os.pread(fd, min(size, 22 + 0xFFFF), max(0, size - 22 - 0xFFFF))
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or at + 22 > len(tail):
+        return 0
+    directory: int = struct.unpack_from("<L", tail, at + 12)[0]
+    if at >= 20 and tail[at - 20 : at - 16] == b"PK\x06\x07":
+        (where,) = struct.unpack_from("<Q", tail, at - 12)
+        record = os.pread(fd, 56, where) if where < size else b""
+        if len(record) == 56 and record[:4] == b"PK\x06\x06":
+            directory = max(directory, struct.unpack_from("<Q", record, 40)[0])
+    return directory
+
+
 def _open_zip(source: Any, name: str) -> zipfile.ZipFile:
+    if hasattr(source, "fileno"):
+        directory = _zip_directory_size(source)
+        if directory > _MAX_ZIP_DIRECTORY:
+            raise corrupt(
+                name,
+                "the zip directory is too large",
+                expected=_MAX_ZIP_DIRECTORY,
+                actual=directory,
+            )
     try:
         return zipfile.ZipFile(source)
     except (zipfile.BadZipFile, OSError, ValueError) as exc:

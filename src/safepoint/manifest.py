@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from . import checksum, dtypes
 from .errors import CorruptCheckpointError, IncompatibleCheckpointError
 from .storage import component_problem
@@ -31,6 +33,12 @@ NAME = "manifest.json"
 FORMAT = "safepoint"
 FORMAT_VERSION = 1
 MAX_BYTES = 64 << 20
+#: What parsing may build (see :func:`parse_cost`): about what the largest real
+#: manifest within ``MAX_BYTES`` holds (~1 container per 65 bytes, a member per 15),
+#: so a hostile one costs no more memory than that (a few hundred MB), not gigabytes.
+MAX_CONTAINERS = 1 << 20
+MAX_MEMBERS = 1 << 22
+_SCAN = 8 << 20  # bytes per step of parse_cost's exact count
 MAX_DIMS = 64
 PAYLOADS = ("safetensors", "hdf5")
 LIBS = ("numpy", "numpy-scalar", "torch")
@@ -140,10 +148,43 @@ def _int(value: Any, where: str, what: str, *, optional: bool = False) -> int | 
     return value
 
 
+def parse_cost(data: bytes, limits: tuple[int, int]) -> tuple[int, int] | None:
+    """The containers and members ``json.loads(data)`` would build, if over ``limits``.
+
+    A few bytes of ``[],`` or ``{"a":0},`` each become an object of 50-400 bytes, so
+    a file within the byte cap could otherwise parse into gigabytes. Counted before
+    parsing: first every bracket and separator (an upper bound, fast), and only when
+    that exceeds a limit, those outside strings (a JSON parse stops at its first
+    error, so text past it does not matter). Returns None when within the limits.
+    """
+    containers = data.count(b"{") + data.count(b"[")
+    members = data.count(b",") + data.count(b":")
+    if containers <= limits[0] and members <= limits[1]:
+        return None
+    text = np.frombuffer(data.replace(b"\\\\", b"").replace(b'\\"', b""), dtype=np.uint8)
+    containers = members = inside = 0
+    for begin in range(0, len(text), _SCAN):
+        chunk = text[begin : begin + _SCAN]
+        parity = np.cumsum(chunk == ord('"'), dtype=np.uint8)  # wraps: parity survives
+        parity += inside
+        outside = (parity & 1) == 0
+        containers += int(np.count_nonzero(outside & ((chunk == ord("{")) | (chunk == ord("[")))))
+        members += int(np.count_nonzero(outside & ((chunk == ord(",")) | (chunk == ord(":")))))
+        inside = int(parity[-1]) & 1
+    if containers <= limits[0] and members <= limits[1]:
+        return None
+    return containers, members
+
+
 def parse(data: bytes, *, where: str) -> Manifest:
     """Validate and parse manifest bytes; raise Corrupt/Incompatible errors, nothing else."""
     if len(data) > MAX_BYTES:
         raise _fail(where, f"larger than {MAX_BYTES} bytes", len(data))
+    cost = parse_cost(data, (MAX_CONTAINERS, MAX_MEMBERS))
+    if cost is not None:
+        raise _fail(
+            where, f"more than {MAX_CONTAINERS} JSON objects/arrays or {MAX_MEMBERS} members", cost
+        )
     try:
         body = json.loads(
             data.decode("utf-8"),

@@ -7,6 +7,7 @@ here writes: restoring from a read-only root works and leaves it untouched.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -257,10 +258,12 @@ def load(path: str | os.PathLike[str], *, as_numpy: bool = True, mmap: bool = Fa
     storage = LocalStorage(parent)
     if singlefile.is_single_file(storage, name):
         return singlefile.read_checkpoint(storage, name)[1]
-    if not os.path.isdir(full) or os.path.islink(full):
-        if os.path.islink(full):  # never followed out of its directory, as in a root
-            raise held.refusal(storage.root, name)
-        if os.path.exists(full):
-            raise refuse_pickle(full)
-        raise CheckpointNotFoundError(f"No checkpoint at {full}. Expected a directory.")
+    try:
+        mode = os.lstat(full).st_mode
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"No checkpoint at {full}. Expected a directory.") from None
+    if stat.S_ISREG(mode):
+        raise refuse_pickle(full)
+    if not stat.S_ISDIR(mode):  # a link (never followed, as in a root), a FIFO...
+        raise held.refusal(storage.root, name)
     return read_checkpoint(storage, name, as_numpy=as_numpy, lazy=mmap)[1]
