@@ -2,8 +2,9 @@
 
 A reader that opens a checkpoint's files by path can meet two versions of it: a
 writer re-saving the same name swaps a new directory in and deletes the old one.
-:meth:`safepoint.storage.LocalStorage.hold` opens the directory once and reads every
-file relative to that descriptor (``openat``); :class:`Held` is what it holds.
+:func:`hold` opens the directory once and returns a view of the storage whose reads
+of that checkpoint are relative to the descriptor (``openat``); :class:`Held` is what
+the view holds.
 
 Entries that are not regular files or directories (a FIFO, a device, a symbolic
 link) are refused, never followed or opened in a way that could block.
@@ -12,11 +13,19 @@ link) are refused, never followed or opened in a way that could block.
 from __future__ import annotations
 
 import contextlib
+import copy
+import errno
 import os
 import stat
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .errors import CorruptCheckpointError
+from .localfile import translate_read
+from .names import check_name
+
+if TYPE_CHECKING:  # only for annotations: storage imports this module
+    from .storage import LocalStorage
 
 #: A plain read-only open, as ``LocalStorage._open`` makes it: ``O_NONBLOCK`` so that a
 #: FIFO where a file belongs cannot block the open.
@@ -26,7 +35,19 @@ DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 #: Files of one checkpoint opened ahead of reading: well below the usual 1024 descriptors.
 PREOPEN = 64
 
-__all__ = ["DIR", "PREOPEN", "READ", "Held", "kind", "not_a_file", "refusal"]
+__all__ = [
+    "DIR",
+    "PREOPEN",
+    "READ",
+    "Held",
+    "hold",
+    "kind",
+    "not_a_file",
+    "preopen",
+    "refusal",
+    "release",
+    "replaced",
+]
 
 
 def kind(mode: int) -> str:
@@ -116,3 +137,46 @@ class Held:
             os.close(fd)
         self.files.clear()
         os.close(self.fd)
+
+
+def hold(storage: LocalStorage, name: str) -> LocalStorage:
+    """A view of ``storage`` in which checkpoint ``name`` is the directory open now.
+
+    Every read of ``name/...`` through the view is relative to the directory opened
+    here, so a writer that re-saves the name meanwhile (an atomic swap, then the old
+    directory deleted) cannot mix two versions: the reader sees one whole, or fails on
+    a file already deleted and can tell by :func:`replaced` to start again. The view
+    is a copy of the storage (a subclass keeps its hooks), for reading in one thread
+    until :func:`release`.
+    """
+    check_name(name, what="checkpoint name")
+    with translate_read(storage.describe(name)):
+        rootfd = os.open(storage.root, DIR)
+        try:
+            fd = os.open(name, DIR | os.O_NOFOLLOW, dir_fd=rootfd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise refusal(storage.root, name) from exc
+            raise
+        finally:
+            os.close(rootfd)
+    view = copy.copy(storage)
+    view._held = Held(storage.root, name, fd)
+    return view
+
+
+def preopen(view: LocalStorage, relpaths: Sequence[str]) -> None:
+    """Open files of the view's checkpoint now, before a writer replacing it deletes them."""
+    if view._held is not None:
+        view._held.preopen(relpaths)
+
+
+def replaced(view: LocalStorage) -> bool:
+    """True when the view's checkpoint name now stands for another directory, or none."""
+    return view._held is not None and view._held.replaced()
+
+
+def release(view: LocalStorage) -> None:
+    """Close what :func:`hold` and :func:`preopen` opened."""
+    if view._held is not None:
+        view._held.close()

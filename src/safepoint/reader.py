@@ -65,16 +65,15 @@ def _consistent(storage: Storage, name: str, read: Callable[[Storage], _T]) -> _
     """``read(view)`` of checkpoint directory ``name``, held open so it sees one version.
 
     The view reads every file relative to the directory opened once (see
-    ``LocalStorage.hold``). A writer re-saving the same name swaps a new directory
+    ``held.hold``). A writer re-saving the same name swaps a new directory
     in and deletes the old one; a read of the old one that then misses a file is
     started again from the top when the name has meanwhile changed hands.
     """
-    hold = getattr(storage, "hold", None)
-    if hold is None:  # a backend without directory descriptors (an object store)
+    if not isinstance(storage, LocalStorage):  # no directory descriptors (an object store)
         return read(storage)
     for attempt in range(_ATTEMPTS):
         try:
-            view = hold(name)
+            view = held.hold(storage, name)
         except FileNotFoundError:
             if attempt:
                 raise _deleted(storage, name) from None
@@ -83,13 +82,14 @@ def _consistent(storage: Storage, name: str, read: Callable[[Storage], _T]) -> _
                 "'safepoint ls ROOT' prints."
             ) from None
         try:
+            held.preopen(view, [f"{name}/{manifest.NAME}"])
             result = read(view)
         except _RACED:
-            if attempt + 1 == _ATTEMPTS or not view.replaced():
+            if attempt + 1 == _ATTEMPTS or not held.replaced(view):
                 raise
             continue
         finally:
-            view.release()
+            held.release(view)
         if not storage.is_dir(name):
             # Read whole, but deleted meanwhile (the writer's retention): a newer
             # checkpoint exists, which restore('latest') finds by listing again.
@@ -99,9 +99,8 @@ def _consistent(storage: Storage, name: str, read: Callable[[Storage], _T]) -> _
 
 
 def _preopen(view: Storage, name: str, found: Manifest) -> None:
-    preopen = getattr(view, "preopen", None)
-    if preopen is not None:
-        preopen([f"{name}/{fname}" for fname in found.files])
+    if isinstance(view, LocalStorage):
+        held.preopen(view, [f"{name}/{fname}" for fname in found.files])
 
 
 def read_checkpoint(

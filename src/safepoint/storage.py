@@ -27,7 +27,6 @@ component) and never accept a path with ``..``, ``/`` or NUL in a component.
 from __future__ import annotations
 
 import contextlib
-import copy
 import errno
 import fcntl
 import os
@@ -220,46 +219,6 @@ class LocalStorage:
         with translate_read(self.describe(relpath)):
             fd = self._open_file(relpath)
         return os.fdopen(fd, "rb", buffering=0)
-
-    def hold(self, name: str) -> LocalStorage:
-        """A view of this root in which checkpoint ``name`` is the directory open now.
-
-        A writer may re-save the same name meanwhile (an atomic swap, then the old
-        directory is deleted). Every read of ``name/...`` through the view is relative
-        to the directory descriptor opened here, so a reader sees one committed version
-        whole, or fails on a file already deleted and can tell by :meth:`replaced` that
-        it should start again. The view is a copy of this storage (a subclass keeps its
-        hooks), for reading in one thread until :meth:`release`.
-        """
-        check_name(name, what="checkpoint name")
-        with translate_read(self.describe(name)):
-            rootfd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                fd = os.open(name, held.DIR | os.O_NOFOLLOW, dir_fd=rootfd)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise held.refusal(self.root, name) from exc
-                raise
-            finally:
-                os.close(rootfd)
-        view = copy.copy(self)
-        view._held = held.Held(self.root, name, fd)
-        return view
-
-    def replaced(self) -> bool:
-        """A view only: True when its checkpoint's name now stands for another directory."""
-        return self._held is not None and self._held.replaced()
-
-    def release(self) -> None:
-        """A view only: close what :meth:`hold` and :meth:`preopen` opened."""
-        if self._held is not None:
-            self._held.close()
-
-    def preopen(self, relpaths: Sequence[str]) -> None:
-        """A view only: open files of its checkpoint now, before a writer replacing the
-        checkpoint deletes them; the reader's later opens take these descriptors."""
-        if self._held is not None:
-            self._held.preopen(relpaths)
 
     def local_path(self, relpath: str) -> str | None:
         _split(relpath)

@@ -402,3 +402,26 @@ def test_safetensors_header_that_parses_into_gigabytes(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert "more JSON than its tensors need" in str(error)
     assert peak < 512 << 20, peak
+
+
+@pytest.mark.parametrize("dtype", [["F32"], {"F32": 1}])
+def test_safetensors_header_with_an_unhashable_dtype(tmp_path: Path, dtype: Any) -> None:
+    root = good_root(tmp_path)
+    payload = root / NEW / "model-00000.safetensors"
+    raw = payload.read_bytes()
+    (hlen,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + hlen])
+    header["w"]["dtype"] = dtype
+    del header["__metadata__"]  # one container less: as many as the tensors need
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    data = struct.pack("<Q", len(text)) + text + raw[8 + hlen :]
+    payload.write_bytes(data)
+    body = read_manifest(root / NEW)
+    body["files"]["model-00000.safetensors"] = {
+        "size": len(data),
+        checksum.ALGORITHM: checksum.digest_bytes(data),
+    }
+    write_manifest(root / NEW, body)
+    error = falls_back(root, NEW, listed=True, checksums_hold=True)
+    assert "allow-list" in str(error)

@@ -263,7 +263,7 @@ def parse_header(
         expect(isinstance(entry, dict), relpath, f"entry {name!r} is not an object")
         code = entry.get("dtype")
         expect(
-            code in dtypes.BY_SAFETENSORS,
+            isinstance(code, str) and code in dtypes.BY_SAFETENSORS,
             relpath,
             f"entry {name!r} has a dtype outside the allow-list",
             expected=sorted(dtypes.BY_SAFETENSORS),
