@@ -143,7 +143,9 @@ class LocalStorage:
                 dirfd, owned = nxt, True
             return os.open(rest[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
         except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            # ELOOP: a link (O_NOFOLLOW); ENOTDIR: a file or FIFO where a directory
+            # belongs; ENXIO: a socket, which no open() can read.
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENXIO):
                 raise held.refusal(self.root, relpath) from exc
             raise
         finally:

@@ -425,3 +425,14 @@ def test_safetensors_header_with_an_unhashable_dtype(tmp_path: Path, dtype: Any)
     write_manifest(root / NEW, body)
     error = falls_back(root, NEW, listed=True, checksums_hold=True)
     assert "allow-list" in str(error)
+
+
+def test_socket_where_a_manifest_belongs(tmp_path: Path) -> None:
+    import socket
+
+    root = good_root(tmp_path)
+    (root / NEW / "manifest.json").unlink()
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(root / NEW / "manifest.json"))
+        error = falls_back(root, NEW)
+    assert "socket" in str(error)
