@@ -26,11 +26,13 @@ records (timestamps, offsets) are checked only by ``zipfile`` as it reads.
 from __future__ import annotations
 
 import io
+import lzma
 import mmap
 import os
 import secrets
 import struct
 import zipfile
+import zlib
 from dataclasses import replace
 from typing import Any, BinaryIO
 
@@ -67,7 +69,7 @@ def _open_h5(source: Any, name: str, mode: str = "r") -> Any:
 
     try:
         return h5py.File(source, mode)
-    except (OSError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise corrupt(name, "not a readable HDF5 file", actual=str(exc)[:120]) from None
 
 
@@ -94,6 +96,21 @@ def _zip_directory_size(f: Any) -> int:
     return directory
 
 
+#: What ``zipfile`` raises for a damaged or unreadable entry: an encrypted flag
+#: (RuntimeError), an unknown compression method (NotImplementedError), a broken
+#: compressed stream (zlib.error, LZMAError, OSError for bzip2) as well as its own.
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    OSError,
+    EOFError,
+    ValueError,
+    RuntimeError,
+    NotImplementedError,
+    zlib.error,
+    lzma.LZMAError,
+)
+
+
 def _open_zip(source: Any, name: str) -> zipfile.ZipFile:
     if hasattr(source, "fileno"):
         directory = _zip_directory_size(source)
@@ -106,7 +123,7 @@ def _open_zip(source: Any, name: str) -> zipfile.ZipFile:
             )
     try:
         return zipfile.ZipFile(source)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+    except _ZIP_ERRORS as exc:
         raise corrupt(name, "not a readable zip file", actual=str(exc)[:120]) from None
 
 
@@ -258,7 +275,7 @@ def _zip_entries(
                     hasher.update(chunk)
                     if chunks is not None:
                         chunks.append(chunk)
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        except _ZIP_ERRORS as exc:
             raise corrupt(
                 name, f"zip entry {info.filename!r} is unreadable", actual=str(exc)
             ) from None
@@ -312,7 +329,7 @@ def manifest_bytes(f: BinaryIO, kind: str, name: str) -> bytes:
             raise corrupt(name, "embedded manifest too large", actual=entry.file_size)
         try:
             return z.read(entry)  # zipfile inflates no more than the declared file_size
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        except _ZIP_ERRORS as exc:
             raise corrupt(name, "embedded manifest unreadable", actual=str(exc)) from None
 
 

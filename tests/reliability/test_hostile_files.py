@@ -287,22 +287,29 @@ def sealed_keras(mgr: safepoint.CheckpointManager, name: str) -> Path:
     return Path(mgr.storage.root) / name
 
 
-def zip_bytes(entries: list[tuple[str, bytes, int, int, int]], *, extra_names: int = 0) -> bytes:
+def zip_bytes(
+    entries: list[tuple[str, bytes, int, int, int]],
+    *,
+    extra_names: int = 0,
+    flags: dict[str, int] | None = None,
+) -> bytes:
     """A zip built by hand: ``(name, stored bytes, method, crc, size)`` per entry.
 
     ``extra_names`` more directory records all point at the first entry: a small
-    file whose directory declares that many entries.
+    file whose directory declares that many entries. ``flags``: general purpose
+    bits by entry name (bit 0: encrypted).
     """
     out: list[bytes] = []
     directory: list[bytes] = []
     offset = 0
     for name, data, method, crc, size in entries:
         raw = name.encode()
+        bits = (flags or {}).get(name, 0)
         head = struct.pack(
-            "<4s5H3L2H", b"PK\x03\x04", 20, 0, method, 0, 0x21, crc, len(data), size, len(raw), 0
+            "<4s5H3L2H", b"PK\x03\x04", 20, bits, method, 0, 0x21, crc, len(data), size, len(raw), 0
         )
         record = (method, crc, len(data), size, offset)
-        directory.append(_central(raw, *record))
+        directory.append(_central(raw, *record, bits=bits))
         out += [head, raw, data]
         offset += len(head) + len(raw) + len(data)
     first = entries[0]
@@ -314,14 +321,23 @@ def zip_bytes(entries: list[tuple[str, bytes, int, int, int]], *, extra_names: i
     return b"".join(out) + cd + end
 
 
-def _central(raw: bytes, method: int, crc: int, stored: int, size: int, offset: int) -> bytes:
+def _central(
+    raw: bytes, method: int, crc: int, stored: int, size: int, offset: int, *, bits: int = 0
+) -> bytes:
     """One central directory record for entry name ``raw``."""
-    fields = (20, 20, 0, method, 0, 0x21, crc, stored, size, len(raw), 0, 0, 0, 0, 0, offset)
+    fields = (20, 20, bits, method, 0, 0x21, crc, stored, size, len(raw), 0, 0, 0, 0, 0, offset)
     return struct.pack("<4s6H3L5H2L", b"PK\x01\x02", *fields) + raw
 
 
-def rebuilt(path: Path, *, bomb: bool = False, extra_names: int = 0) -> None:
-    """Rebuild the sealed zip at ``path``; ``bomb``: its weights inflate to 3.9 GB."""
+def rebuilt(
+    path: Path, *, bomb: bool = False, extra_names: int = 0, damage: str | None = None
+) -> None:
+    """Rebuild the sealed zip at ``path``; ``bomb``: its weights inflate to 3.9 GB.
+
+    ``damage``: "deflate" flips a byte of the weights' deflate stream (bit rot),
+    "encrypted" marks the manifest entry encrypted, "method" gives the weights an
+    unknown compression method.
+    """
     with zipfile.ZipFile(path) as z:
         entries = [(i.filename, z.read(i)) for i in z.infolist()]
     out = []
@@ -333,12 +349,29 @@ def rebuilt(path: Path, *, bomb: bool = False, extra_names: int = 0) -> None:
             block = c.compress(bytes(1 << 20)) + c.flush(zlib.Z_FULL_FLUSH)
             data = block * 3900 + zlib.compressobj(1, zlib.DEFLATED, -15).flush()
             out.append((name, data, zipfile.ZIP_DEFLATED, 0, 3900 << 20))
+        elif damage == "deflate" and name == "model.weights.h5":
+            c = zlib.compressobj(6, zlib.DEFLATED, -15)
+            packed = bytearray(c.compress(data) + c.flush())
+            packed[len(packed) // 2] ^= 0x55
+            out.append((name, bytes(packed), zipfile.ZIP_DEFLATED, zlib.crc32(data), len(data)))
+        elif damage == "method" and name == "model.weights.h5":
+            out.append((name, data, 99, zlib.crc32(data), len(data)))
         else:
             out.append((name, data, zipfile.ZIP_STORED, zlib.crc32(data), len(data)))
-    path.write_bytes(zip_bytes(out, extra_names=extra_names))
+    flags = {"safepoint-manifest.json": 1} if damage == "encrypted" else {}
+    path.write_bytes(zip_bytes(out, extra_names=extra_names, flags=flags))
 
 
-@pytest.mark.parametrize("how", [{"bomb": True}, {"extra_names": 200_000}])
+@pytest.mark.parametrize(
+    "how",
+    [
+        {"bomb": True},
+        {"extra_names": 200_000},
+        {"damage": "deflate"},
+        {"damage": "encrypted"},
+        {"damage": "method"},
+    ],
+)
 def test_hostile_keras_zip(tmp_path: Path, how: dict[str, Any]) -> None:
     root = good_root(tmp_path)
     mgr = safepoint.CheckpointManager(root)
