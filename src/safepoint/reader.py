@@ -2,6 +2,10 @@
 
 Shared by :class:`~safepoint.CheckpointManager` and :func:`safepoint.load`. Nothing
 here writes: restoring from a read-only root works and leaves it untouched.
+
+A writer may re-save a name while it is read (a directory swapped in, a single file
+replaced): :func:`read_checkpoint` and :func:`verify` read one version whole, through
+the directory or file descriptor they opened first (:mod:`safepoint.held`).
 """
 
 from __future__ import annotations
