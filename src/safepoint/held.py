@@ -28,8 +28,9 @@ if TYPE_CHECKING:  # only for annotations: storage imports this module
     from .storage import LocalStorage
 
 #: A plain read-only open, as ``LocalStorage._open`` makes it: ``O_NONBLOCK`` so that a
-#: FIFO where a file belongs cannot block the open.
-READ = os.O_RDONLY | os.O_NONBLOCK
+#: FIFO where a file belongs cannot block the open, ``O_NOCTTY`` so that a terminal
+#: device cannot become the process's controlling terminal before it is refused.
+READ = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY
 #: A checkpoint directory; ``O_DIRECTORY`` refuses a FIFO before it is opened.
 DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 #: Files of one checkpoint opened ahead of reading: well below the usual 1024 descriptors.

@@ -126,7 +126,7 @@ class LocalStorage:
         """
         parts = _split(relpath)
         if not flags & (os.O_WRONLY | os.O_RDWR):
-            flags |= os.O_NONBLOCK
+            flags |= held.READ
         view = self._held
         if view is not None and len(parts) > 1 and parts[0] == view.name:
             fd = view.files.pop(relpath, None) if flags == held.READ else None

@@ -469,3 +469,15 @@ def test_socket_where_a_manifest_belongs(tmp_path: Path) -> None:
         sock.bind(str(root / NEW / "manifest.json"))
         error = falls_back(root, NEW)
     assert "socket" in str(error)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creating a device node needs root")
+def test_device_where_a_payload_belongs(tmp_path: Path) -> None:
+    import stat
+
+    root = good_root(tmp_path)
+    payload = root / NEW / "model-00000.safetensors"
+    payload.unlink()
+    os.mknod(payload, stat.S_IFCHR | 0o600, os.makedev(1, 5))  # /dev/zero: endless bytes
+    error = falls_back(root, NEW, listed=True)
+    assert "character device" in str(error)
