@@ -406,7 +406,7 @@ def test_manifest_that_parses_into_gigabytes(tmp_path: Path) -> None:
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert "JSON objects/arrays" in str(error)
+    assert "JSON objects/arrays" in str(error) and "MiB" in str(error)
     assert peak < 256 << 20, peak
 
 
@@ -481,3 +481,14 @@ def test_device_where_a_payload_belongs(tmp_path: Path) -> None:
     os.mknod(payload, stat.S_IFCHR | 0o600, os.makedev(1, 5))  # /dev/zero: endless bytes
     error = falls_back(root, NEW, listed=True)
     assert "character device" in str(error)
+
+
+@pytest.mark.slow  # ~30 s: the state tree codec walks 5 million list items twice
+def test_large_real_manifests_stay_within_the_parse_cap(tmp_path: Path) -> None:
+    # The cap refuses what parses into more than a real manifest can: a state with a
+    # long plain list (5 million small ints, ~25 MB of manifest) still round-trips.
+    labels = [index % 10 for index in range(5_000_000)]
+    mgr = safepoint.CheckpointManager(tmp_path / "run")
+    mgr.save({"labels": labels, "w": np.arange(4.0)}, step=1)
+    got = bounded(lambda: safepoint.CheckpointManager(tmp_path / "run").restore(), seconds=60)
+    assert got.state["labels"] == labels

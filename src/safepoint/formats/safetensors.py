@@ -27,7 +27,15 @@ import numpy as np
 
 from .. import checksum, directio, dtypes, fileimage
 from ..errors import ConfigError
-from ..manifest import MAX_CONTAINERS, MAX_DIMS, MAX_MEMBERS, Manifest, no_duplicates, parse_cost
+from ..manifest import (
+    CONTAINER_COST,
+    MAX_DIMS,
+    MAX_PARSE_COST,
+    MEMBER_COST,
+    Manifest,
+    no_duplicates,
+    parse_cost,
+)
 from ..storage import Storage, translate_read
 from ..tree import TensorLeaf
 from . import Files, Locations, expect, shards
@@ -229,12 +237,11 @@ def parse_header(
     build only what so many entries need (an object and two short arrays each), so
     a header within the size cap cannot parse into gigabytes of Python objects.
     """
-    limits = (
-        (MAX_CONTAINERS, MAX_MEMBERS)
-        if tensors is None
-        else (3 * tensors + 2, (8 + MAX_DIMS) * tensors + _METADATA_MEMBERS)
-    )
-    cost = parse_cost(raw, limits)
+    if tensors is None:
+        limits = (MAX_PARSE_COST // CONTAINER_COST, MAX_PARSE_COST // MEMBER_COST)
+    else:
+        limits = (3 * tensors + 2, (8 + MAX_DIMS) * tensors + _METADATA_MEMBERS)
+    cost = parse_cost(raw, lambda c, m: c <= limits[0] and m <= limits[1])
     expect(
         cost is None,
         relpath,
