@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -34,6 +35,7 @@ _T = TypeVar("_T")
 _ATTEMPTS = 3
 #: What a reader racing that deletion may meet, before it looks at the name again.
 _RACED = (CorruptCheckpointError, IncompleteCheckpointError, FileNotFoundError)
+_ABSENT_WAIT = 0.01  # seconds: far longer than the gap between two renames
 
 
 def read_manifest(storage: Storage, name: str) -> Manifest:
@@ -75,16 +77,24 @@ def _consistent(storage: Storage, name: str, read: Callable[[Storage], _T]) -> _
     """
     if not isinstance(storage, LocalStorage):  # no directory descriptors (an object store)
         return read(storage)
+    absent = opened = False
     for attempt in range(_ATTEMPTS):
         try:
             view = held.hold(storage, name)
         except FileNotFoundError:
-            if attempt:
+            if opened:
                 raise _deleted(storage, name) from None
+            if not absent:
+                # Without RENAME_EXCHANGE a re-save renames the old directory away and
+                # the new one in: look again once, after that moment has passed.
+                absent = True
+                time.sleep(_ABSENT_WAIT)
+                continue
             raise CheckpointNotFoundError(
                 f"No checkpoint named {name!r} in {storage.root}. Expected one of the names "
                 "'safepoint ls ROOT' prints."
             ) from None
+        opened = True
         try:
             held.preopen(view, [f"{name}/{manifest.NAME}"])
             result = read(view)
