@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import numpy as np
+
 from . import checksum, formats, held, manifest, singlefile
 from .errors import (
     CheckpointNotFoundError,
@@ -149,6 +151,39 @@ def read_state(
     """
     if singlefile.KEY in found.extra:
         return singlefile.read_state(storage, name, found)
+    raw = _payloads(storage, name, found, lazy=lazy)
+    cache: dict[str, Any] = {}
+
+    def tensor(key: str) -> Any:
+        if key not in cache:
+            if key not in raw:
+                raise CorruptCheckpointError(
+                    f"{name}: tensor {key!r} is listed in the manifest but was not read from "
+                    "its payload file.",
+                    file=name,
+                )
+            cache[key] = formats.materialize(found.tensors[key], raw[key], as_numpy=as_numpy)
+        return cache[key]
+
+    return unflatten(found.tree, tensor)
+
+
+def read_raw(storage: Storage, name: str) -> tuple[Manifest, dict[str, np.ndarray]]:
+    """The manifest and every tensor's verified raw bytes of checkpoint directory ``name``,
+    both of one version (as :func:`read_checkpoint`): for tools that copy or compare
+    payloads (``convert``, ``diff``) without rebuilding the state."""
+
+    def read(view: Storage) -> tuple[Manifest, dict[str, np.ndarray]]:
+        found = _dir_manifest(view, name)
+        _preopen(view, name, found)
+        return found, _payloads(view, name, found)
+
+    return _consistent(storage, name, read)
+
+
+def _payloads(
+    storage: Storage, name: str, found: Manifest, *, lazy: bool = False
+) -> dict[str, np.ndarray]:
     try:
         fmt = formats.get(found.payload)
     except ConfigError as exc:  # its reader is not installed (h5py): this process cannot
@@ -169,20 +204,7 @@ def read_state(
             file=f"{name}/{fname}",
             actual=None,
         ) from None
-    cache: dict[str, Any] = {}
-
-    def tensor(key: str) -> Any:
-        if key not in cache:
-            if key not in raw:
-                raise CorruptCheckpointError(
-                    f"{name}: tensor {key!r} is listed in the manifest but was not read from "
-                    "its payload file.",
-                    file=name,
-                )
-            cache[key] = formats.materialize(found.tensors[key], raw[key], as_numpy=as_numpy)
-        return cache[key]
-
-    return unflatten(found.tree, tensor)
+    return raw
 
 
 def _raise_if_deleted(storage: Storage, name: str) -> None:
