@@ -122,7 +122,8 @@ class LocalStorage:
 
         Reads add ``O_NONBLOCK``: opening a FIFO planted where a file belongs would
         otherwise wait forever for a writer (callers check the opened descriptor's
-        type). Inside :meth:`holding`, the held checkpoint is the directory opened then.
+        type). In a view from :func:`safepoint.held.hold`, the held checkpoint is the
+        directory opened then, and files it opened ahead are taken from it.
         """
         parts = _split(relpath)
         if not flags & (os.O_WRONLY | os.O_RDWR):
