@@ -159,8 +159,7 @@ class Catalog:
             name = candidates.pop(0)
             tried.add(name)
             try:
-                found = reader.read_manifest(self.storage, name)
-                loaded = reader.read_state(self.storage, name, found)
+                found, loaded = reader.read_checkpoint(self.storage, name)
             except CheckpointNotFoundError:
                 if checkpoint != "latest":
                     raise
@@ -181,6 +180,11 @@ class Catalog:
                     len(errors),
                 )
             return replace(self.to_checkpoint(found, name), state=loaded)
+        if not errors:  # every one listed was deleted while read, and none is left
+            raise CheckpointNotFoundError(
+                f"No committed checkpoint left in {self.storage.root} to restore: the ones "
+                "listed were deleted while being read. Expected at least one. List it again."
+            )
         raise CorruptCheckpointError(
             f"No checkpoint in {self.storage.root} verifies; tried {len(errors)}: "
             + " | ".join(errors)

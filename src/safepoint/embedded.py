@@ -26,42 +26,32 @@ records (timestamps, offsets) are checked only by ``zipfile`` as it reads.
 from __future__ import annotations
 
 import io
-import math
+import lzma
 import mmap
 import os
 import secrets
+import struct
 import zipfile
-from collections.abc import Iterator
+import zlib
 from dataclasses import replace
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
-from . import checksum, manifest
-from .errors import CorruptCheckpointError, StorageError
+from . import checksum, h5tree, manifest
+from .errors import StorageError
+from .h5tree import corrupt
 from .manifest import Manifest
 
 ATTR = "safepoint_manifest"
 ZIP_ENTRY = "safepoint-manifest.json"
 WEIGHTS_ENTRY = "model.weights.h5"
 KEY = "single_file"
-_MAX_DEPTH = 64
-_NUMERIC = "biufcS"
+_MAX_ZIP_DIRECTORY = 1 << 20  # a .keras holds a few entries (~100 bytes of directory each)
 _CHUNK = 8 << 20
 _BIG = 10**15  # wider than any offset or size a seal records
 _PREFIX = b'{\n "format": "safepoint"'  # how Manifest.to_bytes() begins
 _proven: set[str] = set()
-
-
-def corrupt(name: str, why: str, *, expected: Any = None, actual: Any = None) -> Exception:
-    return CorruptCheckpointError(
-        f"Checkpoint file {name} is invalid: {why}. Expected {expected!r}. Received: "
-        f"{actual!r}. It was damaged after it was written; restore another checkpoint "
-        "(restore('latest') skips it).",
-        file=name,
-        expected=expected,
-        actual=actual,
-    )
 
 
 def unsealed(name: str, why: str, *, expected: str, actual: str) -> StorageError:
@@ -79,14 +69,61 @@ def _open_h5(source: Any, name: str, mode: str = "r") -> Any:
 
     try:
         return h5py.File(source, mode)
-    except (OSError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise corrupt(name, "not a readable HDF5 file", actual=str(exc)[:120]) from None
 
 
-def _open_zip(path: str, name: str) -> zipfile.ZipFile:
+def _zip_directory_size(f: Any) -> int:
+    """The central directory's size as the end records declare it (0 if none is found).
+
+    Found as ``zipfile`` finds it (the last end-of-directory signature, then the
+    zip64 record it points to), so the bound checked here is the one ``zipfile``
+    then parses: it builds an object per entry, and a small file can declare a
+    million entries.
+    """
+    fd = f.fileno()
+    size = os.fstat(fd).st_size
+    tail = os.pread(fd, min(size, 22 + 0xFFFF), max(0, size - 22 - 0xFFFF))
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or at + 22 > len(tail):
+        return 0
+    directory: int = struct.unpack_from("<L", tail, at + 12)[0]
+    if at >= 20 and tail[at - 20 : at - 16] == b"PK\x06\x07":
+        (where,) = struct.unpack_from("<Q", tail, at - 12)
+        record = os.pread(fd, 56, where) if where < size else b""
+        if len(record) == 56 and record[:4] == b"PK\x06\x06":
+            directory = max(directory, struct.unpack_from("<Q", record, 40)[0])
+    return directory
+
+
+#: What ``zipfile`` raises for a damaged or unreadable entry: an encrypted flag
+#: (RuntimeError), an unknown compression method (NotImplementedError), a broken
+#: compressed stream (zlib.error, LZMAError, OSError for bzip2) as well as its own.
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    OSError,
+    EOFError,
+    ValueError,
+    RuntimeError,
+    NotImplementedError,
+    zlib.error,
+    lzma.LZMAError,
+)
+
+
+def _open_zip(source: Any, name: str) -> zipfile.ZipFile:
+    if hasattr(source, "fileno"):
+        directory = _zip_directory_size(source)
+        if directory > _MAX_ZIP_DIRECTORY:
+            raise corrupt(
+                name,
+                "the zip directory is too large",
+                expected=_MAX_ZIP_DIRECTORY,
+                actual=directory,
+            )
     try:
-        return zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        return zipfile.ZipFile(source)
+    except _ZIP_ERRORS as exc:
         raise corrupt(name, "not a readable zip file", actual=str(exc)[:120]) from None
 
 
@@ -177,17 +214,17 @@ def read_h5_manifest(path: str, name: str) -> bytes:
     return value.tobytes()
 
 
-def _mapped(path: str) -> Any:
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return b""
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+def _mapped(f: BinaryIO) -> Any:
+    """The whole file ``f`` mapped read-only (the file itself, not whatever its name is now)."""
+    if os.fstat(f.fileno()).st_size == 0:
+        return b""
+    return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
-def _check_h5(path: str, name: str, record: dict[str, Any]) -> None:
+def _check_h5(f: BinaryIO, name: str, record: dict[str, Any]) -> None:
     """Checksum the raw bytes; HDF5 parses nothing of a file that fails this."""
     offset, length, size = (int(record.get(k, -1)) for k in ("offset", "length", "size"))
-    view = _mapped(path)
+    view = _mapped(f)
     try:
         checksum.check_size(name, expected=size, actual=len(view))
         if not 0 <= offset <= offset + length <= size or size == 0:
@@ -204,58 +241,19 @@ def _check_h5(path: str, name: str, record: dict[str, Any]) -> None:
     checksum.check(name, expected=str(record.get("digest")), actual=digest)
 
 
-def _walk(group: Any, name: str, prefix: str = "", depth: int = 0) -> Iterator[tuple[str, Any]]:
-    """Every object below ``group`` as ``(path, object)``, sorted, links refused."""
-    import h5py
-
-    if depth > _MAX_DEPTH:
-        raise corrupt(name, "HDF5 groups nest too deep", expected=f"<= {_MAX_DEPTH} levels")
-    for key in sorted(group.keys()):
-        path = f"{prefix}{key}"
-        if not isinstance(group.get(key, getlink=True), h5py.HardLink):
-            raise corrupt(name, f"{path!r} is a soft or external link", expected="hard links")
-        obj = group[key]
-        yield path, obj
-        if isinstance(obj, h5py.Group):
-            yield from _walk(obj, name, f"{path}/", depth + 1)
-
-
-def _h5_arrays(h5: Any, name: str, budget: int) -> dict[str, Any]:
-    """Every dataset as a nested dict of numpy arrays, refusing anything unsafe.
-
-    ``budget`` bounds the bytes allocated (a dataset cannot hold more than the file),
-    checked before each dataset is read.
-    """
-    import h5py
-
-    out: dict[str, Any] = {}
-    total = 0
-    for path, dset in _walk(h5, name):
-        if not isinstance(dset, h5py.Dataset):
-            continue
-        if dset.dtype.kind not in _NUMERIC or dset.dtype.fields:
-            raise corrupt(name, f"dataset {path!r} is not numeric", actual=str(dset.dtype))
-        if dset.external is not None or dset.is_virtual:
-            raise corrupt(name, f"dataset {path!r} uses external or virtual storage")
-        # Python ints: numpy's int64 product wraps for huge declared dims and could
-        # slip under the budget right before the allocation below.
-        total += math.prod(int(n) for n in dset.shape) * int(dset.dtype.itemsize)
-        if total > budget:
-            raise corrupt(name, "datasets declare more bytes than the file", expected=budget)
-        data = np.empty(dset.shape, dtype=dset.dtype)
-        if data.size:
-            dset.read_direct(data)
-        node = out
-        *parents, leaf = path.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = data[()] if data.shape == () else data
-    return out
-
-
 # ---------------------------------------------------------------------------- zip
-def _zip_entries(z: zipfile.ZipFile, name: str, recorded: dict[str, Any] | None) -> dict[str, Any]:
-    """Each entry's size and digest (ours excluded), bounded by ``recorded`` sizes."""
+def _zip_entries(
+    z: zipfile.ZipFile,
+    name: str,
+    recorded: dict[str, Any] | None,
+    keep: dict[str, bytes] | None = None,
+) -> dict[str, Any]:
+    """Each entry's size and digest (ours excluded), bounded by ``recorded`` sizes.
+
+    Entries are inflated in chunks and stop at the size the manifest vouches for, so
+    a zip bomb costs at most that much work and one chunk of memory. The entries
+    named in ``keep`` are also kept there, as the very bytes hashed.
+    """
     out: dict[str, Any] = {}
     for info in z.infolist():
         if info.filename == ZIP_ENTRY:
@@ -267,18 +265,23 @@ def _zip_entries(z: zipfile.ZipFile, name: str, recorded: dict[str, Any] | None)
             limit = int(recorded[info.filename]["size"])
         hasher = checksum.Hasher()
         size = 0
+        chunks: list[bytes] | None = [] if keep is not None and info.filename in keep else None
         try:
             with z.open(info) as f:
-                while chunk := f.read(_CHUNK):
+                while chunk := f.read(_CHUNK if limit is None else min(_CHUNK, limit - size + 1)):
                     size += len(chunk)
                     if limit is not None and size > limit:
                         raise corrupt(name, f"zip entry {info.filename!r} grew", expected=limit)
                     hasher.update(chunk)
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                    if chunks is not None:
+                        chunks.append(chunk)
+        except _ZIP_ERRORS as exc:
             raise corrupt(
                 name, f"zip entry {info.filename!r} is unreadable", actual=str(exc)
             ) from None
         out[info.filename] = {"size": size, checksum.ALGORITHM: hasher.hexdigest()}
+        if keep is not None and chunks is not None:
+            keep[info.filename] = b"".join(chunks)
     if recorded is not None:
         missing = sorted(set(recorded) - set(out))
         if missing:
@@ -309,25 +312,25 @@ def seal(path: str, kind: str, name: str, body: Manifest, layout: str) -> tuple[
     return sealed, data
 
 
-def manifest_bytes(path: str, kind: str, name: str) -> bytes:
+def manifest_bytes(f: BinaryIO, kind: str, name: str) -> bytes:
     """The embedded manifest's bytes; ``FileNotFoundError`` when the file has none."""
     if kind == "hdf5":
-        view = _mapped(path)
+        view = _mapped(f)
         try:
             return _find_h5_manifest(view, name)[1]
         finally:
             if isinstance(view, mmap.mmap):
                 view.close()
-    with _open_zip(path, name) as z:
+    with _open_zip(f, name) as z:
         try:
             entry = z.getinfo(ZIP_ENTRY)
         except KeyError:
-            raise FileNotFoundError(f"{path} has no embedded safepoint manifest") from None
+            raise FileNotFoundError(f"{name} has no embedded safepoint manifest") from None
         if entry.file_size > manifest.MAX_BYTES:
             raise corrupt(name, "embedded manifest too large", actual=entry.file_size)
         try:
-            return z.read(entry)
-        except (zipfile.BadZipFile, OSError) as exc:
+            return z.read(entry)  # zipfile inflates no more than the declared file_size
+        except _ZIP_ERRORS as exc:
             raise corrupt(name, "embedded manifest unreadable", actual=str(exc)) from None
 
 
@@ -344,7 +347,7 @@ def check_record(name: str, record: Any, kind: str | None) -> None:
             for f in fields
         )
         and (kind != "hdf5" or isinstance(record.get("digest"), str))
-        and (kind != "zip" or isinstance(record.get("entries"), dict))
+        and (kind != "zip" or _entries_ok(record.get("entries")))
     )
     if not ok:
         raise corrupt(
@@ -352,24 +355,44 @@ def check_record(name: str, record: Any, kind: str | None) -> None:
         )
 
 
-def check(path: str, name: str, record: dict[str, Any]) -> None:
-    """Verify the file at ``path`` against its manifest's record."""
+def _entries_ok(entries: Any) -> bool:
+    """A zip record: each entry's size (what bounds its inflation) and digest."""
+    return isinstance(entries, dict) and all(
+        isinstance(info, dict)
+        and isinstance(info.get("size"), int)
+        and not isinstance(info.get("size"), bool)
+        and info["size"] >= 0
+        and isinstance(info.get(checksum.ALGORITHM), str)
+        for info in entries.values()
+    )
+
+
+def check(f: BinaryIO, name: str, record: dict[str, Any]) -> None:
+    """Verify the open file ``f`` against its manifest's record."""
     if record["container"] == "hdf5":
-        _check_h5(path, name, record)
+        _check_h5(f, name, record)
         return
-    with _open_zip(path, name) as z:
+    with _open_zip(f, name) as z:
         _zip_entries(z, name, record.get("entries", {}))
 
 
-def arrays(path: str, name: str, record: dict[str, Any]) -> dict[str, Any]:
-    """Verify the file, then read its weights as a nested dict of numpy arrays."""
-    check(path, name, record)
+def arrays(f: BinaryIO, name: str, record: dict[str, Any]) -> dict[str, Any]:
+    """Verify the open file ``f``, then read its weights as a nested dict of numpy arrays.
+
+    Everything is read through ``f``: a file re-committed under the same name
+    meanwhile (a new inode) does not mix into this one.
+    """
     if record["container"] == "hdf5":
-        with _open_h5(path, name) as h5:
-            return _h5_arrays(h5, name, os.path.getsize(path))
-    with _open_zip(path, name) as z:
-        if WEIGHTS_ENTRY not in z.namelist():
-            return {}
-        data = z.read(WEIGHTS_ENTRY)  # size and checksum verified above
+        _check_h5(f, name, record)
+        f.seek(0)
+        with _open_h5(f, name) as h5:
+            return h5tree.arrays(h5, name, os.fstat(f.fileno()).st_size)
+    kept: dict[str, bytes] = {WEIGHTS_ENTRY: b""}
+    with _open_zip(f, name) as z:
+        has_weights = WEIGHTS_ENTRY in z.namelist()
+        _zip_entries(z, name, record.get("entries", {}), keep=kept)
+    if not has_weights:
+        return {}
+    data = kept[WEIGHTS_ENTRY]  # the bytes whose size and checksum were verified
     with _open_h5(io.BytesIO(data), name) as h5:
-        return _h5_arrays(h5, name, len(data))
+        return h5tree.arrays(h5, name, len(data))

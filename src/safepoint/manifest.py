@@ -18,8 +18,11 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from . import checksum, dtypes
 from .errors import CorruptCheckpointError, IncompatibleCheckpointError
@@ -31,6 +34,14 @@ NAME = "manifest.json"
 FORMAT = "safepoint"
 FORMAT_VERSION = 1
 MAX_BYTES = 64 << 20
+#: Python memory a manifest's parse may build, estimated from its JSON (see
+#: :func:`parse_cost`): each object or array as ~200 bytes (a small dict is ~180),
+#: each member as 32 (a pointer and a float, or a dict slot). The largest real
+#: manifests within ``MAX_BYTES`` (~360k tensors, or a list of 13M small ints in the
+#: state) estimate below 450 MiB; a hostile one may then cost that, not gigabytes.
+MAX_PARSE_COST = 512 << 20
+CONTAINER_COST, MEMBER_COST = 200, 32
+_SCAN = 8 << 20  # bytes per step of parse_cost's exact count
 MAX_DIMS = 64
 PAYLOADS = ("safetensors", "hdf5")
 LIBS = ("numpy", "numpy-scalar", "torch")
@@ -140,10 +151,48 @@ def _int(value: Any, where: str, what: str, *, optional: bool = False) -> int | 
     return value
 
 
+def parse_cost(data: bytes, within: Callable[[int, int], bool]) -> tuple[int, int] | None:
+    """The containers and members ``json.loads(data)`` would build, unless ``within``.
+
+    A few bytes of ``[],`` or ``{"a":0},`` each become an object of 50-400 bytes, so
+    a file within the byte cap could otherwise parse into gigabytes. Counted before
+    parsing: first every bracket and separator (an upper bound, fast), and only when
+    ``within(containers, members)`` refuses those, the ones outside strings (a JSON
+    parse stops at its first error, so text past it does not matter). Returns None
+    when the parse is within bounds.
+    """
+    containers = data.count(b"{") + data.count(b"[")
+    members = data.count(b",") + data.count(b":")
+    if within(containers, members):
+        return None
+    text = np.frombuffer(data.replace(b"\\\\", b"").replace(b'\\"', b""), dtype=np.uint8)
+    containers = members = inside = 0
+    for begin in range(0, len(text), _SCAN):
+        chunk = text[begin : begin + _SCAN]
+        parity = np.cumsum(chunk == ord('"'), dtype=np.uint8)  # wraps: parity survives
+        parity += inside
+        outside = (parity & 1) == 0
+        containers += int(np.count_nonzero(outside & ((chunk == ord("{")) | (chunk == ord("[")))))
+        members += int(np.count_nonzero(outside & ((chunk == ord(",")) | (chunk == ord(":")))))
+        inside = int(parity[-1]) & 1
+    return None if within(containers, members) else (containers, members)
+
+
+def _affordable(containers: int, members: int) -> bool:
+    return containers * CONTAINER_COST + members * MEMBER_COST <= MAX_PARSE_COST
+
+
 def parse(data: bytes, *, where: str) -> Manifest:
     """Validate and parse manifest bytes; raise Corrupt/Incompatible errors, nothing else."""
     if len(data) > MAX_BYTES:
         raise _fail(where, f"larger than {MAX_BYTES} bytes", len(data))
+    cost = parse_cost(data, _affordable)
+    if cost is not None:
+        raise _fail(
+            where,
+            f"too many JSON objects/arrays and members to parse within {MAX_PARSE_COST >> 20} MiB",
+            cost,
+        )
     try:
         body = json.loads(
             data.decode("utf-8"),

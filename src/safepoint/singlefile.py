@@ -35,7 +35,7 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, BinaryIO
 
 from . import embedded, leftovers, manifest, rootlock, runlog
 from .checkpoint import Checkpoint
@@ -107,30 +107,45 @@ def _path(storage: Storage, name: str) -> str:
     return path
 
 
-def _identity(path: str) -> tuple[Any, ...]:
-    info = os.lstat(path)
+def _identity(path: str, info: os.stat_result | None = None) -> tuple[Any, ...]:
+    """What tells one committed file from another under ``path`` (a commit is a new
+    inode); ``info`` is the ``fstat`` of a descriptor already open, if any."""
+    if info is None:
+        info = os.lstat(path)
     return (path, info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
 # ---------------------------------------------------------------------------- reading
-def manifest_bytes(storage: Storage, name: str) -> bytes:
-    """The embedded manifest of ``name``; ``FileNotFoundError`` when it has none."""
-    path = _path(storage, name)
-    ident = _identity(path)
+# Every read opens the file once, without following a link (``open_read``: O_NOFOLLOW,
+# a regular file checked on the descriptor), and reads the manifest and the data
+# through that descriptor: a file re-committed (``os.replace``) or swapped for a link
+# meanwhile cannot mix two versions, or lead out of the root.
+def _open(storage: Storage, name: str) -> BinaryIO:
+    _path(storage, name)
+    return storage.open_read(name)
+
+
+def _manifest_bytes(storage: Storage, name: str, f: BinaryIO) -> bytes:
+    ident = _identity(_path(storage, name), os.fstat(f.fileno()))
     if ident not in _seen:
         kind = container(name)
         assert kind is not None
-        data = embedded.manifest_bytes(path, kind, name)
+        data = embedded.manifest_bytes(f, kind, name)
         if len(_seen) > 4096:
             _seen.clear()
         _seen[ident] = data
     return _seen[ident]
 
 
-def read_manifest(storage: Storage, name: str) -> Manifest:
-    """The validated manifest embedded in checkpoint file ``name``."""
+def manifest_bytes(storage: Storage, name: str) -> bytes:
+    """The embedded manifest of ``name``; ``FileNotFoundError`` when it has none."""
+    with _open(storage, name) as f:
+        return _manifest_bytes(storage, name, f)
+
+
+def _manifest(storage: Storage, name: str, f: BinaryIO) -> Manifest:
     try:
-        data = manifest_bytes(storage, name)
+        data = _manifest_bytes(storage, name, f)
     except FileNotFoundError:
         raise IncompleteCheckpointError(
             f"{storage.root}/{name} has no embedded safepoint manifest: it was not written "
@@ -144,15 +159,30 @@ def read_manifest(storage: Storage, name: str) -> Manifest:
     return found
 
 
+def read_manifest(storage: Storage, name: str) -> Manifest:
+    """The validated manifest embedded in checkpoint file ``name``."""
+    with _open(storage, name) as f:
+        return _manifest(storage, name, f)
+
+
 def read_state(storage: Storage, name: str, found: Manifest) -> dict[str, Any]:
     """Verify checkpoint file ``name`` and return its weights as a tree of numpy arrays."""
-    return embedded.arrays(_path(storage, name), name, found.extra[KEY])
+    with _open(storage, name) as f:
+        return embedded.arrays(f, name, found.extra[KEY])
+
+
+def read_checkpoint(storage: Storage, name: str) -> tuple[Manifest, dict[str, Any]]:
+    """The manifest and weights of checkpoint file ``name``, both from one version."""
+    with _open(storage, name) as f:
+        found = _manifest(storage, name, f)
+        return found, embedded.arrays(f, name, found.extra[KEY])
 
 
 def verify(storage: Storage, name: str) -> Manifest:
     """Check the embedded manifest and the checksums of checkpoint file ``name``."""
-    found = read_manifest(storage, name)
-    embedded.check(_path(storage, name), name, found.extra[KEY])
+    with _open(storage, name) as f:
+        found = _manifest(storage, name, f)
+        embedded.check(f, name, found.extra[KEY])
     return found
 
 

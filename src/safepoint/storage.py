@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import shutil
 import stat
@@ -37,6 +38,7 @@ import weakref
 from collections.abc import Sequence
 from typing import BinaryIO, Protocol
 
+from . import held as heldview
 from . import leftovers, rootlock
 from .errors import CorruptCheckpointError, StorageError
 
@@ -98,6 +100,7 @@ class LocalStorage:
         self.root = os.path.abspath(os.fspath(root))
         self._held: rootlock.Root | None = None
         self._mutex = threading.RLock()  # until the lock is taken (see serial())
+        self._pinned: heldview.Held | None = None  # a reader's view: the checkpoint it opened
 
     # -- hooks -------------------------------------------------------------------------
     def _fault(self, stage: str, target: str) -> None:
@@ -130,26 +133,55 @@ class LocalStorage:
             return False
 
     def _open(self, relpath: str, flags: int, mode: int = 0o644) -> int:
-        """Open ``relpath`` below the root without following any link below it."""
+        """Open ``relpath`` below the root without following any link below it.
+
+        Reads add ``O_NONBLOCK``: opening a FIFO planted where a file belongs would
+        otherwise wait forever for a writer (callers check the opened descriptor's
+        type). In a view from :func:`safepoint.held.hold`, the held checkpoint is the
+        directory opened then, and files it opened ahead are taken from it.
+        """
         parts = _split(relpath)
-        dirfd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        if not flags & (os.O_WRONLY | os.O_RDWR):
+            flags |= heldview.READ
+        view = self._pinned
+        if view is not None and len(parts) > 1 and parts[0] == view.name:
+            fd = view.files.pop(relpath, None) if flags == heldview.READ else None
+            if fd is not None:
+                return fd
+            dirfd, owned, rest = view.fd, False, parts[1:]
+        else:
+            dirfd, owned, rest = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY), True, parts
         try:
-            for part in parts[:-1]:
+            for part in rest[:-1]:
                 nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dirfd)
-                os.close(dirfd)
-                dirfd = nxt
-            return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
+                if owned:
+                    os.close(dirfd)
+                dirfd, owned = nxt, True
+            return os.open(rest[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
         except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise CorruptCheckpointError(
-                    f"Refusing to follow a symbolic link inside the checkpoint root: "
-                    f"{self.describe(relpath)}. Expected regular files and directories. "
-                    "Received: a link. Replace the link with the file it points to.",
-                    file=relpath,
-                ) from exc
+            # ELOOP: a link (O_NOFOLLOW); ENOTDIR: a file or FIFO where a directory
+            # belongs; ENXIO: a socket, which no open() can read.
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENXIO):
+                raise heldview.refusal(self.root, relpath) from exc
             raise
         finally:
-            os.close(dirfd)
+            if owned:
+                os.close(dirfd)
+
+    def _open_file(self, relpath: str) -> int:
+        """Open a regular file for reading; anything else (a FIFO, a device) is refused."""
+        fd = self._open(relpath, os.O_RDONLY)
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise heldview.not_a_file(self.describe(relpath), relpath, mode)
+            # Regular files ignore O_NONBLOCK, but a descriptor handed to other code
+            # should behave as an ordinary one.
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def exists(self, relpath: str) -> bool:
         try:
@@ -161,7 +193,7 @@ class LocalStorage:
 
     def size(self, relpath: str) -> int:
         with translate_read(self.describe(relpath)):
-            fd = self._open(relpath, os.O_RDONLY)
+            fd = self._open_file(relpath)
             try:
                 return os.fstat(fd).st_size
             finally:
@@ -172,13 +204,9 @@ class LocalStorage:
             return self._read_bytes(relpath, max_size=max_size)
 
     def _read_bytes(self, relpath: str, *, max_size: int) -> bytes:
-        fd = self._open(relpath, os.O_RDONLY)
+        fd = self._open_file(relpath)
         try:
             info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise CorruptCheckpointError(
-                    f"{self.describe(relpath)} is not a regular file.", file=relpath
-                )
             if info.st_size > max_size:
                 raise CorruptCheckpointError(
                     f"{self.describe(relpath)} is {info.st_size} bytes. Expected at most "
@@ -207,12 +235,7 @@ class LocalStorage:
 
     def open_read(self, relpath: str) -> BinaryIO:
         with translate_read(self.describe(relpath)):
-            fd = self._open(relpath, os.O_RDONLY)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise CorruptCheckpointError(
-                f"{self.describe(relpath)} is not a regular file.", file=relpath
-            )
+            fd = self._open_file(relpath)
         return os.fdopen(fd, "rb", buffering=0)
 
     def local_path(self, relpath: str) -> str | None:

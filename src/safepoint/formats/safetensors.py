@@ -27,12 +27,21 @@ import numpy as np
 
 from .. import checksum, directio, dtypes, fileimage
 from ..errors import ConfigError
-from ..manifest import Manifest, no_duplicates
+from ..manifest import (
+    CONTAINER_COST,
+    MAX_DIMS,
+    MAX_PARSE_COST,
+    MEMBER_COST,
+    Manifest,
+    no_duplicates,
+    parse_cost,
+)
 from ..storage import Storage, translate_read
 from ..tree import TensorLeaf
 from . import Files, Locations, expect, shards
 
 MAX_HEADER = 100 << 20
+_METADATA_MEMBERS = 64  # "__metadata__": a few string pairs (safepoint writes two)
 
 
 def _layout(dtype_name: str, shape: Sequence[int]) -> tuple[dtypes.DType, tuple[int, ...]]:
@@ -182,7 +191,10 @@ class SafetensorsFormat:
             actual=hlen,
         )
         entries = parse_header(
-            image[8 : 8 + hlen].tobytes(), relpath, data_len=actual_size - 8 - hlen
+            image[8 : 8 + hlen].tobytes(),
+            relpath,
+            data_len=actual_size - 8 - hlen,
+            tensors=len(wanted),
         )
         wanted_by_name = {entry["name"]: (key, entry) for key, entry in wanted}
         data = image[8 + hlen :]
@@ -216,8 +228,27 @@ class _Entries(list[tuple[str, tuple[int, int]]]):
     meta: dict[str, dict[str, Any]]
 
 
-def parse_header(raw: bytes, relpath: str, *, data_len: int) -> _Entries:
-    """Validate a safetensors header; return ``(name, (begin, end))`` sorted by offset."""
+def parse_header(
+    raw: bytes, relpath: str, *, data_len: int, tensors: int | None = None
+) -> _Entries:
+    """Validate a safetensors header; return ``(name, (begin, end))`` sorted by offset.
+
+    ``tensors``: how many tensors the manifest puts in this file. The parse may then
+    build only what so many entries need (an object and two short arrays each), so
+    a header within the size cap cannot parse into gigabytes of Python objects.
+    """
+    if tensors is None:
+        limits = (MAX_PARSE_COST // CONTAINER_COST, MAX_PARSE_COST // MEMBER_COST)
+    else:
+        limits = (3 * tensors + 2, (8 + MAX_DIMS) * tensors + _METADATA_MEMBERS)
+    cost = parse_cost(raw, lambda c, m: c <= limits[0] and m <= limits[1])
+    expect(
+        cost is None,
+        relpath,
+        "header holds more JSON than its tensors need",
+        expected=limits,
+        actual=cost,
+    )
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -239,7 +270,7 @@ def parse_header(raw: bytes, relpath: str, *, data_len: int) -> _Entries:
         expect(isinstance(entry, dict), relpath, f"entry {name!r} is not an object")
         code = entry.get("dtype")
         expect(
-            code in dtypes.BY_SAFETENSORS,
+            isinstance(code, str) and code in dtypes.BY_SAFETENSORS,
             relpath,
             f"entry {name!r} has a dtype outside the allow-list",
             expected=sorted(dtypes.BY_SAFETENSORS),
