@@ -23,6 +23,7 @@ from . import preemption
 from .checkpoint import Checkpoint
 from .errors import ConfigError
 from .manager import CheckpointManager
+from .metriccodec import clean_value, is_numeric
 from .monitor import is_better, metric_value, resolve_mode
 from .policy import SavePolicy, check_save_freq
 from .retention import Keep, rank_best
@@ -30,13 +31,17 @@ from .retention import Keep, rank_best
 State = Mapping[str, Any] | Callable[[], Any]
 
 
-def _numeric_logs(logs: Mapping[str, Any] | None) -> dict[str, float]:
-    out: dict[str, float] = {}
+def _numeric_logs(logs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The numbers among ``logs`` as plain Python ints/floats (numpy scalars, 0-d tensors
+    included, NaN kept); strings and other values are not metrics and are left out."""
+    out: dict[str, Any] = {}
     for k, v in (logs or {}).items():
         try:
-            out[str(k)] = float(v)
-        except (TypeError, ValueError):
+            value = clean_value(str(k), v)
+        except ConfigError:
             continue
+        if is_numeric(value):
+            out[str(k)] = value
     return out
 
 
