@@ -127,3 +127,12 @@ def test_without_a_manager_monitor_the_keras_default_stays(tmp_path: Path) -> No
         assert safepoint.ModelCheckpoint(mgr, state={}).monitor == "val_loss"
     cb = safepoint.ModelCheckpoint(tmp_path / "other", state={})
     assert (cb.monitor, cb.manager.monitor) == ("val_loss", "val_loss")
+
+
+def test_a_monitored_int_beyond_float_is_a_skip_not_a_crash(tmp_path: Path) -> None:
+    with safepoint.CheckpointManager(tmp_path, monitor="val_loss") as mgr:
+        cb = safepoint.ModelCheckpoint(mgr, state={"w": np.zeros(1)}, save_best_only=True)
+        assert cb.on_epoch_end(0, {"val_loss": 0.5}) is not None
+        assert cb.on_epoch_end(1, {"val_loss": 10**400}) is None
+    skips = [e for e in runlog.read(LocalStorage(str(tmp_path))) if e["event"] == "skip"]
+    assert "an int of 1329 bits" in skips[0]["reason"]

@@ -179,6 +179,11 @@ def _compare(target: Any, loaded: Any, path: str, problems: _Problems) -> None:
         problems.mismatched.append(
             f"{path} (checkpoint {list(_shape(loaded))}, target {list(_shape(target))})"
         )
+    elif _is_array(target) and not _is_array(loaded):
+        # Loading would replace the user's tensor with a plain value (or a state dict).
+        problems.mismatched.append(
+            f"{path or '<root>'} (checkpoint holds {type(loaded).__name__}, target an array)"
+        )
 
 
 def _compare_param_groups(current: list[Any], loaded: Any, path: str, problems: _Problems) -> None:
@@ -253,6 +258,8 @@ def _load(
             target[:] = items
             return target
         return tuple(items)
+    if _is_array(target) and not _is_array(loaded):
+        return target  # strict=False: named in the warning, kept
     if isinstance(target, np.ndarray) and isinstance(loaded, np.ndarray):
         if target.shape == loaded.shape and target.dtype == loaded.dtype and target.flags.writeable:
             np.copyto(target, loaded)

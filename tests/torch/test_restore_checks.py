@@ -178,3 +178,15 @@ def test_optimizer_with_other_groups_non_strict_is_skipped_with_a_warning(
         with pytest.warns(StateMismatchWarning, match="opt/param_groups"):
             mgr.restore({"model": model, "opt": opt}, strict=False)
     assert _equal(model, saved) and opt.param_groups[0]["lr"] == 0.5
+
+
+def test_a_plain_value_where_the_target_has_a_tensor_is_a_mismatch(tmp_path: Path) -> None:
+    with safepoint.CheckpointManager(tmp_path) as mgr:
+        mgr.save({"ema": None, "w": torch.ones(2)}, step=1)
+        target = {"ema": torch.zeros(3), "w": torch.zeros(2)}
+        with pytest.raises(safepoint.StateMismatchError, match=r"ema \(checkpoint holds NoneType"):
+            mgr.restore(target)
+        assert target["w"].tolist() == [0.0, 0.0] and target["ema"] is not None
+        with pytest.warns(StateMismatchWarning, match="ema"):
+            mgr.restore(target, strict=False)
+    assert target["w"].tolist() == [1.0, 1.0] and target["ema"].tolist() == [0.0, 0.0, 0.0]
