@@ -136,3 +136,11 @@ def test_a_monitored_int_beyond_float_is_a_skip_not_a_crash(tmp_path: Path) -> N
         assert cb.on_epoch_end(1, {"val_loss": 10**400}) is None
     skips = [e for e in runlog.read(LocalStorage(str(tmp_path))) if e["event"] == "skip"]
     assert "an int of 1329 bits" in skips[0]["reason"]
+
+
+def test_a_constant_batch_number_is_not_taken_for_new_epochs(tmp_path: Path) -> None:
+    with safepoint.CheckpointManager(tmp_path) as mgr:
+        cb = safepoint.ModelCheckpoint(mgr, state={"w": np.zeros(1)}, save_freq=2)
+        for _ in range(4):
+            cb.on_batch_end(0, {"loss": 0.5})
+    assert _saved_epochs(tmp_path) == [(2, 1), (4, 1)]

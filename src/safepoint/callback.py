@@ -207,7 +207,7 @@ class ModelCheckpoint:
         """
         if not isinstance(batch, int) or isinstance(batch, bool):
             return
-        if self._last_batch is not None and batch <= self._last_batch:
+        if self._last_batch is not None and batch < self._last_batch:
             self._epoch += 1
             if not self._inferred:
                 self._inferred = True
