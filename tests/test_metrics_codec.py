@@ -124,7 +124,10 @@ def test_a_nan_numpy_metric_leaves_the_checkpoint_restorable_as_latest(tmp_path:
     assert restored.state["w"][0] == 2.0
 
 
-@pytest.mark.parametrize("value", [1 + 2j, np.complex64(1), np.zeros(2), object()])
+@pytest.mark.parametrize(
+    "value",
+    [1 + 2j, np.complex64(1), np.zeros(2), object(), np.timedelta64(5, "s"), np.datetime64(0, "s")],
+)
 def test_values_that_are_not_real_numbers_are_refused_before_io(tmp_path: Path, value: Any) -> None:
     with safepoint.CheckpointManager(tmp_path) as mgr:
         with pytest.raises(ConfigError, match="Metric 'm'"):
@@ -241,3 +244,11 @@ def _plain(v: Any) -> Any:
     if isinstance(v, np.floating):
         return float(v)
     return v
+
+
+def test_odd_metric_names_round_trip(tmp_path: Path) -> None:
+    metrics = {"": 1.0, "\x00": 2, "k\ud800": 3.5, "ünï/%": -1, "a" * 300: 0.5, "$": 7}
+    with safepoint.CheckpointManager(tmp_path) as mgr:
+        mgr.save(_state(1.0), step=1, metrics=metrics)
+    (ckpt,) = safepoint.CheckpointManager(tmp_path).checkpoints()
+    assert _same_metrics(ckpt.metrics, metrics)

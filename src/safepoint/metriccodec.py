@@ -54,7 +54,9 @@ def clean_value(name: str, value: Any) -> Any:
         return str(value)  # np.str_ too
     if isinstance(value, np.bool_):
         return bool(value)
-    if isinstance(value, int | np.integer):
+    if isinstance(value, int) or (
+        isinstance(value, np.integer) and not isinstance(value, np.timedelta64)
+    ):
         return int(value)
     if isinstance(value, float | np.floating):
         return float(value)  # np.longdouble is rounded to the nearest float
@@ -72,6 +74,8 @@ def clean_value(name: str, value: Any) -> Any:
             f"{tuple(value.shape)}. Log one number (e.g. .mean().item())."
         )
     try:
+        if isinstance(value, np.generic):  # datetime64, timedelta64, void, bytes_...
+            raise TypeError(type(value).__name__)
         if hasattr(value, "__index__"):
             return int(value.__index__())
         return float(value)  # Decimal, Fraction, objects with __float__
