@@ -214,10 +214,12 @@ def _load(
         if path in skip:
             return target  # strict=False: named in the warning, left as it is
         try:
-            current = stateful.state_dict()
-            loaded = _aligned(current, loaded) if _is_module(target) else loaded
+            # state_dict() only where needed: some objects draw random numbers in it
+            # (a StatefulDataLoader creates its iterator).
+            if _is_module(target):
+                loaded = _aligned(stateful.state_dict(), loaded)
             if not strict and _accepts_strict(stateful):
-                fitting = _fitting(current, loaded)
+                fitting = _fitting(stateful.state_dict(), loaded)
                 stateful.load_state_dict(fitting, strict=False)  # type: ignore[call-arg]
             else:
                 stateful.load_state_dict(loaded)
