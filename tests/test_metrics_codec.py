@@ -148,6 +148,7 @@ def _rewrite_metrics(ckpt_dir: Path, metrics_node: Any) -> None:
     "node",
     [
         {"loss": {"$float": "bogus"}},
+        {"loss": {"$tensor": "w"}},  # was a corrupt checkpoint; now only its metrics are lost
         {"loss": {"$int": "xyz"}},
         {"loss": [1, 2]},
         {"loss": {"nested": 1.0}},
