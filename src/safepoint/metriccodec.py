@@ -107,10 +107,12 @@ def _encode_value(value: Any) -> Any:
 
 
 def encode(metrics: Mapping[str, Any]) -> Any:
-    """The manifest's ``metrics`` value for cleaned ``metrics``."""
-    if any(k.startswith("$") for k in metrics):
-        return {"$dict": [[k, _encode_value(v)] for k, v in metrics.items()]}
-    return {k: _encode_value(v) for k, v in metrics.items()}
+    """The manifest's ``metrics`` value (values cleaned again: a Manifest may be built
+    by code other than ``save``)."""
+    pairs = [(str(k), _encode_value(clean_value(str(k), v))) for k, v in metrics.items()]
+    if any(k.startswith("$") for k, _ in pairs):
+        return {"$dict": [[k, v] for k, v in pairs]}
+    return dict(pairs)
 
 
 # -------------------------------------------------------------------------- decoding
