@@ -77,6 +77,8 @@ class ModelCheckpoint:
     ``manager`` is a :class:`CheckpointManager` or a root path (a manager is then made
     with this callback's ``monitor``, ``mode`` and ``keep``). ``state`` is the dict to
     save, or a function returning it. ``print_fn`` receives each verbose message.
+    ``monitor``/``mode`` default to the manager's (``"val_loss"``/``"auto"`` when it has
+    none); a value that contradicts the manager's is a ``ConfigError``.
     """
 
     def __init__(
