@@ -35,6 +35,7 @@ if (ckpt := mgr.restore(state, missing_ok=True)) is not None:
 mgr.save_on_signal(state)  # SIGTERM / SIGUSR1 / Ctrl-C: save at the next batch end, exit
 
 for epoch in range(state["epoch"], 4):
+    every_10.on_epoch_begin(epoch)  # mid-epoch checkpoints record the right epoch
     for batch, (x, y) in enumerate(loader):
         loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
@@ -44,6 +45,6 @@ for epoch in range(state["epoch"], 4):
     sched.step()
     state["epoch"] = epoch + 1
     print(f"epoch {epoch + 1}: loss {loss.item():.4f}")
-mgr.save(state, step=every_10.step)  # the final state
+mgr.save(state, step=every_10.step, epoch=state["epoch"])  # the final state
 mgr.close()
 print("weights:", sum(p.double().sum().item() for p in model.parameters()).hex())

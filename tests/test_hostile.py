@@ -205,7 +205,6 @@ def _set_size(value: Any) -> Callable[[dict], None]:
         lambda b: b.update(tree={"w": {"$tensor": "nope"}}),
         lambda b: b.update(files=[]),
         lambda b: b["files"][PAYLOAD].update(xxh3_64="short"),
-        lambda b: b.update(metrics={"val_loss": {"$tensor": "w"}}),
     ],
     ids=[
         "size-negative",
@@ -225,7 +224,6 @@ def _set_size(value: Any) -> Callable[[dict], None]:
         "unknown-tensor",
         "files-list",
         "digest",
-        "tensor-in-metrics",
     ],
 )
 def test_tampered_signed_manifest_is_corrupt(

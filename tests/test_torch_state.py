@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import safepoint
+from safepoint.target import StateMismatchWarning
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -186,7 +187,8 @@ def test_strict_false_loads_what_matches(tmp_path: Path) -> None:
     untouched = big[1].weight.detach().clone()
     with safepoint.CheckpointManager(tmp_path / "run") as mgr:
         mgr.save({"model": small}, step=1)
-        mgr.restore({"model": big}, strict=False)
+        with pytest.warns(StateMismatchWarning, match=r"model/1\.weight"):
+            mgr.restore({"model": big}, strict=False)
     assert torch.equal(big[0].weight, small[0].weight)
     assert torch.equal(big[0].bias, small[0].bias)
     assert torch.equal(big[1].weight, untouched)
@@ -236,7 +238,8 @@ def test_strict_false_skips_mismatched_shapes(tmp_path: Path) -> None:
         mgr.save({"model": saved}, step=1)
         with pytest.raises(safepoint.StateMismatchError):
             mgr.restore({"model": target})
-        mgr.restore({"model": target}, strict=False)
+        with pytest.warns(StateMismatchWarning, match=r"model/1\.weight"):
+            mgr.restore({"model": target}, strict=False)
     assert torch.equal(target[0].weight, saved[0].weight)
     assert torch.equal(target[0].bias, saved[0].bias)
     assert torch.equal(target[1].weight, head)

@@ -14,6 +14,7 @@ restarted run keeps comparing against the true best instead of starting over.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -23,20 +24,50 @@ from . import preemption
 from .checkpoint import Checkpoint
 from .errors import ConfigError
 from .manager import CheckpointManager
+from .metriccodec import clean_value, is_numeric
 from .monitor import is_better, metric_value, resolve_mode
 from .policy import SavePolicy, check_save_freq
 from .retention import Keep, rank_best
 
 State = Mapping[str, Any] | Callable[[], Any]
+log = logging.getLogger("safepoint")
 
 
-def _numeric_logs(logs: Mapping[str, Any] | None) -> dict[str, float]:
-    out: dict[str, float] = {}
+def _monitor_of(
+    manager: CheckpointManager, monitor: str | None, mode: str | None
+) -> tuple[str, str]:
+    """This callback's monitor and mode: the manager's unless told, never against it.
+
+    A callback that ranked by another metric (or direction) than its manager would save
+    a "best" model that the manager's ``Keep(best=...)`` then deletes as not best.
+    """
+    if manager.monitor is None:
+        return monitor or "val_loss", mode or "auto"
+    if monitor is None:
+        monitor = manager.monitor
+    if mode is None:
+        mode = str(manager.mode) if monitor == manager.monitor else "auto"
+    if monitor != manager.monitor or resolve_mode(monitor, mode) != manager.mode:
+        raise ConfigError(
+            "ModelCheckpoint and its CheckpointManager disagree on what is best. Expected the "
+            f"manager's monitor={manager.monitor!r}, mode={manager.mode!r}. Received: "
+            f"monitor={monitor!r}, mode={mode!r}. Leave monitor= and mode= out to use the "
+            "manager's, or create the manager with the monitor you want."
+        )
+    return monitor, mode
+
+
+def _numeric_logs(logs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The numbers among ``logs`` as plain Python ints/floats (numpy scalars, 0-d tensors
+    included, NaN kept); strings and other values are not metrics and are left out."""
+    out: dict[str, Any] = {}
     for k, v in (logs or {}).items():
         try:
-            out[str(k)] = float(v)
-        except (TypeError, ValueError):
+            value = clean_value(str(k), v)
+        except ConfigError:
             continue
+        if is_numeric(value):
+            out[str(k)] = value
     return out
 
 
@@ -46,6 +77,8 @@ class ModelCheckpoint:
     ``manager`` is a :class:`CheckpointManager` or a root path (a manager is then made
     with this callback's ``monitor``, ``mode`` and ``keep``). ``state`` is the dict to
     save, or a function returning it. ``print_fn`` receives each verbose message.
+    ``monitor``/``mode`` default to the manager's (``"val_loss"``/``"auto"`` when it has
+    none); a value that contradicts the manager's is a ``ConfigError``.
     """
 
     def __init__(
@@ -53,8 +86,8 @@ class ModelCheckpoint:
         manager: CheckpointManager | str | os.PathLike[str],
         *,
         state: State,
-        monitor: str = "val_loss",
-        mode: str = "auto",
+        monitor: str | None = None,
+        mode: str | None = None,
         save_best_only: bool = False,
         save_freq: str | int = "epoch",
         initial_value_threshold: float | None = None,
@@ -63,15 +96,18 @@ class ModelCheckpoint:
         print_fn: Callable[[str], None] = print,
     ) -> None:
         check_save_freq(save_freq)
-        self.mode = resolve_mode(monitor, mode)
         if isinstance(manager, CheckpointManager):
             if keep is not None:
                 raise ConfigError(
                     "keep= is set on the manager when a CheckpointManager is passed. Received: "
                     f"keep={keep!r}. Pass keep=... to CheckpointManager(...) instead."
                 )
+            monitor, mode = _monitor_of(manager, monitor, mode)
+            self.mode = resolve_mode(monitor, mode)
             self.manager = manager
         else:
+            monitor, mode = monitor or "val_loss", mode or "auto"
+            self.mode = resolve_mode(monitor, mode)
             self.manager = CheckpointManager(manager, monitor=monitor, mode=mode, keep=keep)
         if state is None or not (isinstance(state, Mapping) or callable(state)):
             raise ConfigError(
@@ -104,6 +140,8 @@ class ModelCheckpoint:
         self.step = latest.step if latest is not None and latest.step else 0
         self._counting = False
         self._epoch = 0
+        self._last_batch: int | None = None  # to see a new epoch when no hook says so
+        self._inferred = False
         self._checked_monitor = False
         self.last_saved: Checkpoint | None = None
         self._unconfirmed: float | None = None
@@ -119,7 +157,9 @@ class ModelCheckpoint:
 
     # -- Keras-style hooks --------------------------------------------------------------
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        """Start 0-based ``epoch``: mid-epoch checkpoints record ``epoch + 1``."""
         self._epoch = epoch
+        self._last_batch = None
 
     def on_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> Checkpoint | None:
         """Count a batch; save when ``save_freq=N`` batches have passed.
@@ -129,6 +169,7 @@ class ModelCheckpoint:
         """
         self.step += 1
         self._counting = True
+        self._follow_epoch(batch)
         saved = None
         if self.policy.count_batch(None):  # one call, one batch; never with save_freq="epoch"
             saved = self._maybe_save(self._epoch, logs, batch=batch)
@@ -153,7 +194,33 @@ class ModelCheckpoint:
                 metrics=_numeric_logs(logs) if guard.pending else None,
                 saved=saved,
             )
+        # The batches that follow belong to the next epoch (on_epoch_begin may say so too).
+        self._epoch = epoch + 1
+        self._last_batch = None
         return saved
+
+    def _follow_epoch(self, batch: Any) -> None:
+        """Count a new epoch when the batch number restarts without an epoch hook.
+
+        A plain loop that calls only ``on_batch_end`` would otherwise record every
+        checkpoint as epoch 1. Inferring is exact within one process; across a resume
+        at an epoch's last batch it cannot tell a new epoch from the rest of the old
+        one, so the loop is told (once) to call ``on_epoch_begin(epoch)``.
+        """
+        if not isinstance(batch, int) or isinstance(batch, bool):
+            return
+        if self._last_batch is not None and batch < self._last_batch:
+            self._epoch += 1
+            if not self._inferred:
+                self._inferred = True
+                log.warning(
+                    "safepoint: ModelCheckpoint counted a new epoch (%d) because the batch "
+                    "number restarted at %d; call on_epoch_begin(epoch) at the start of each "
+                    "epoch so checkpoints record the exact epoch after a resume too.",
+                    self._epoch + 1,
+                    batch,
+                )
+        self._last_batch = batch
 
     # -- decisions ----------------------------------------------------------------------
     def _check_monitor(self, logs: Mapping[str, Any] | None) -> None:
@@ -181,6 +248,7 @@ class ModelCheckpoint:
         counted = int(state["batches_since_save"])
         self.policy.load_state_dict({**self.policy.state_dict(), "batches_since_save": counted})
         self._epoch = int(state["epoch"])
+        self._last_batch = None  # a resumed loop numbers its batches from 0 again
 
     def _say(self, text: str) -> None:
         if self.verbose > 0:

@@ -16,6 +16,7 @@ duplicate keys. A manifest from a newer format version is refused with
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -24,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from . import checksum, dtypes
+from . import checksum, dtypes, metriccodec
 from .errors import CorruptCheckpointError, IncompatibleCheckpointError
 from .storage import component_problem
-from .tree import encode_float, tensor_refs, unflatten
+from .tree import tensor_refs
 from .version import __version__
 
 NAME = "manifest.json"
@@ -45,6 +46,8 @@ _SCAN = 8 << 20  # bytes per step of parse_cost's exact count
 MAX_DIMS = 64
 PAYLOADS = ("safetensors", "hdf5")
 LIBS = ("numpy", "numpy-scalar", "torch")
+
+log = logging.getLogger("safepoint")
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ class Manifest:
             "step": self.step,
             "epoch": self.epoch,
             "created": self.created,
-            "metrics": {k: _encode_metric(v) for k, v in self.metrics.items()},
+            "metrics": _encode_metric(self.metrics),
             "payload": self.payload,
             "files": self.files,
             "tensors": self.tensors,
@@ -94,12 +97,10 @@ class Manifest:
         return sum(int(f["size"]) for f in self.files.values())
 
 
-def _encode_metric(value: Any) -> Any:
-    if isinstance(value, float):
-        return encode_float(value)
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 4096:
-        return {"$int": hex(value)}  # as the tree spells it: JSON cannot hold it as digits
-    return value
+def _encode_metric(metrics: dict[str, Any]) -> Any:
+    # Metrics are user data with their own codec (any name, any number), never the
+    # state tree's, which reads "$" names as tags (see metriccodec.py).
+    return metriccodec.encode(metrics)
 
 
 def _body_digest(body: dict[str, Any]) -> str:
@@ -242,14 +243,7 @@ def _from_body(body: dict[str, Any], where: str) -> Manifest:
     payload = body.get("payload")
     if payload not in PAYLOADS:
         raise _fail(where, f"payload must be one of {PAYLOADS}", payload)
-    metrics = body.get("metrics")
-    if not isinstance(metrics, dict):
-        raise _fail(where, "metrics must be an object", metrics)
-
-    def no_tensor(key: str) -> Any:
-        raise _fail(where, "metrics hold no tensors", key)
-
-    metrics = unflatten(metrics, no_tensor)
+    metrics = _decode_metrics(body.get("metrics"), where)
     files = body.get("files")
     if not isinstance(files, dict):
         raise _fail(where, "files must be an object", files)
@@ -296,6 +290,19 @@ def _from_body(body: dict[str, Any], where: str) -> Manifest:
         format_version=body["format_version"],
         extra=extra,
     )
+
+
+def _decode_metrics(node: Any, where: str) -> dict[str, Any]:
+    """The checkpoint's metrics, or ``{}`` with a warning when they do not decode.
+
+    Damaged metrics (the manifest checksum matched, so a writer put them there) cost
+    that checkpoint its metrics, never its listing: its tensors are intact.
+    """
+    try:
+        return metriccodec.decode(node)
+    except metriccodec.MetricsError as exc:
+        log.warning("safepoint: %s: listing it without metrics: %s", where, exc)
+        return {}
 
 
 def _check_tensor(key: Any, entry: Any, files: dict[str, Any], where: str) -> None:

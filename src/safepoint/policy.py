@@ -164,6 +164,8 @@ class SavePolicy:
 def _shown(raw: Any) -> str:
     try:
         value = float(raw)
+    except OverflowError:  # an int beyond float: spelled by its size, not its digits
+        return f"an int of {raw.bit_length()} bits"
     except (TypeError, ValueError):
         return str(raw)
     return str(value) if math.isnan(value) else f"{value:.5f}"

@@ -31,18 +31,28 @@ class Stateful(Protocol):
 
 
 _VIEWS: list[tuple[type, Callable[[Any], Stateful]]] = []
+_WRAPPERS: list[tuple[type, Callable[[Any], Stateful]]] = []
 
 
-def register(cls: type, make_view: Callable[[Any], Stateful]) -> None:
+def register(
+    cls: type, make_view: Callable[[Any], Stateful], *, over_protocol: bool = False
+) -> None:
     """Save and restore instances of ``cls`` through ``make_view(obj)``.
 
     Later registrations win, so an adapter can refine a view for a subclass.
+    ``over_protocol=True``: use the view even though ``cls`` has its own
+    ``state_dict()``, because resuming it exactly needs more than that state (the
+    view wraps it; torchdata's ``StatefulDataLoader`` and torch's global RNG).
     """
-    _VIEWS.insert(0, (cls, make_view))
+    (_WRAPPERS if over_protocol else _VIEWS).insert(0, (cls, make_view))
 
 
 def view(obj: object) -> Stateful | None:
-    """``obj`` itself if it follows the protocol, else its registered view, else None."""
+    """``obj``'s wrapping view, else ``obj`` itself if it follows the protocol, else its
+    registered view, else None."""
+    for cls, make_view in _WRAPPERS:
+        if isinstance(obj, cls):
+            return make_view(obj)
     if callable(getattr(obj, "state_dict", None)) and callable(
         getattr(obj, "load_state_dict", None)
     ):

@@ -5,10 +5,19 @@ the checkpoint, and module-like state dicts must have the same keys and shapes; 
 problems are gathered into one ``StateMismatchError`` before anything is touched.
 The second loads: stateful objects through ``load_state_dict``, arrays and tensors by
 copying into them in place, plain values by replacing the dict entry.
+
+A stateful object is loaded only from the state of an object of the same class (the
+tree records it): Adam's moments restored into an SGD would "work" and be wrong. Module
+state dicts are matched across the wrappers that rename every key: ``torch.compile``
+(``_orig_mod.``) and ``DataParallel``/``DistributedDataParallel`` (``module.``). With
+``strict=False`` whatever does not fit is skipped and named in a
+:class:`StateMismatchWarning`, never skipped silently.
 """
 
 from __future__ import annotations
 
+import sys
+import warnings
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
@@ -31,11 +40,79 @@ def _join(path: str, key: object) -> str:
     return f"{path}/{key}" if path else str(key)
 
 
+class StateMismatchWarning(UserWarning):
+    """``restore(strict=False)`` skipped part of the checkpoint or of the target."""
+
+
+_COMPILED = "_orig_mod."  # torch.compile's OptimizedModule keeps the model under this name
+_PARALLEL = "module."  # DataParallel / DistributedDataParallel
+
+
+def _class_name(obj: object) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _is_module(obj: object) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.nn.Module)
+
+
+def _other_class(target: Any, loaded: Any) -> str | None:
+    """The saved class of ``loaded`` when it is not ``target``'s, else None.
+
+    Compared by class name, so a class saved from ``__main__`` restores into the same
+    class imported from its module. Modules are matched by their keys and shapes
+    instead (a compiled model is an ``OptimizedModule`` around the same weights).
+    """
+    saved = getattr(loaded, "saved_class", "")
+    if not saved or _is_module(target):
+        return None
+    return None if saved.rsplit(".", 1)[-1] == type(target).__name__ else saved
+
+
+def _strip_compiled(key: Any) -> Any:
+    if not isinstance(key, str):
+        return key
+    dotted = "." + key
+    while "." + _COMPILED in dotted:
+        dotted = dotted.replace("." + _COMPILED, ".")
+    return dotted[1:]
+
+
+def _aligned(current: Any, loaded: Any) -> Any:
+    """``loaded`` with its keys renamed to ``current``'s across compile/DDP wrappers.
+
+    Only whole-key renames that map one key to one key are made; anything else is
+    left for the comparison to report.
+    """
+    if not (isinstance(current, Mapping) and isinstance(loaded, Mapping)):
+        return loaded
+    if set(loaded) == set(current):
+        return loaded
+    out = dict(loaded)
+    strs = [k for k in out if isinstance(k, str)]
+    mine = [k for k in current if isinstance(k, str)]
+    if strs and all(k.startswith(_PARALLEL) for k in strs):
+        if not any(k.startswith(_PARALLEL) for k in mine):
+            out = {k[len(_PARALLEL) :] if isinstance(k, str) else k: v for k, v in out.items()}
+    elif mine and all(k.startswith(_PARALLEL) for k in mine) and strs:
+        out = {_PARALLEL + k if isinstance(k, str) else k: v for k, v in out.items()}
+    by_plain: dict[Any, list[Any]] = {}
+    for k in current:
+        by_plain.setdefault(_strip_compiled(k), []).append(k)
+    renamed = {}
+    for k, v in out.items():
+        match = by_plain.get(_strip_compiled(k), [])
+        renamed[match[0] if len(match) == 1 else k] = v
+    return renamed if len(renamed) == len(out) else out
+
+
 class _Problems:
     def __init__(self) -> None:
         self.missing: list[str] = []
         self.unexpected: list[str] = []
         self.mismatched: list[str] = []
+        self.skip: set[str] = set()  # stateful objects not loaded at all (strict=False)
 
     def __bool__(self) -> bool:
         return bool(self.missing or self.unexpected or self.mismatched)
@@ -44,11 +121,21 @@ class _Problems:
 def _compare(target: Any, loaded: Any, path: str, problems: _Problems) -> None:
     stateful = view(target)
     if stateful is not None:
+        other = _other_class(target, loaded)
+        if other is not None:
+            problems.mismatched.append(
+                f"{path or '<root>'} (checkpoint holds a {other}, target is a "
+                f"{_class_name(target)})"
+            )
+            problems.skip.add(path)
+            return
         current = stateful.state_dict()
         if isinstance(current, Mapping) and current and all(_is_array(v) for v in current.values()):
             if not isinstance(loaded, Mapping):
                 problems.mismatched.append(f"{path or '<root>'} (expected a state dict)")
+                problems.skip.add(path)
                 return
+            loaded = _aligned(current, loaded) if _is_module(target) else loaded
             problems.missing += [_join(path, k) for k in current if k not in loaded]
             problems.unexpected += [_join(path, k) for k in loaded if k not in current]
             for k, v in current.items():
@@ -58,7 +145,10 @@ def _compare(target: Any, loaded: Any, path: str, problems: _Problems) -> None:
                         f"target {list(_shape(v))})"
                     )
         elif isinstance(current, Mapping) and isinstance(current.get("param_groups"), list):
+            before = len(problems.missing) + len(problems.mismatched)
             _compare_param_groups(current["param_groups"], loaded, path, problems)
+            if len(problems.missing) + len(problems.mismatched) > before:
+                problems.skip.add(path)  # the optimizer itself would refuse it
         return
     if isinstance(target, Mapping):
         if not isinstance(loaded, Mapping):
@@ -89,6 +179,11 @@ def _compare(target: Any, loaded: Any, path: str, problems: _Problems) -> None:
         problems.mismatched.append(
             f"{path} (checkpoint {list(_shape(loaded))}, target {list(_shape(target))})"
         )
+    elif _is_array(target) and not _is_array(loaded):
+        # Loading would replace the user's tensor with a plain value (or a state dict).
+        problems.mismatched.append(
+            f"{path or '<root>'} (checkpoint holds {type(loaded).__name__}, target an array)"
+        )
 
 
 def _compare_param_groups(current: list[Any], loaded: Any, path: str, problems: _Problems) -> None:
@@ -111,10 +206,18 @@ def _compare_param_groups(current: list[Any], loaded: Any, path: str, problems: 
         )
 
 
-def _load(target: Any, loaded: Any, path: str, strict: bool, done: list[str]) -> Any:
+def _load(
+    target: Any, loaded: Any, path: str, strict: bool, done: list[str], skip: set[str]
+) -> Any:
     stateful = view(target)  # loading through a view updates the user's object in place
     if stateful is not None:
+        if path in skip:
+            return target  # strict=False: named in the warning, left as it is
         try:
+            # state_dict() only where needed: some objects draw random numbers in it
+            # (a StatefulDataLoader creates its iterator).
+            if _is_module(target):
+                loaded = _aligned(stateful.state_dict(), loaded)
             if not strict and _accepts_strict(stateful):
                 fitting = _fitting(stateful.state_dict(), loaded)
                 stateful.load_state_dict(fitting, strict=False)  # type: ignore[call-arg]
@@ -142,7 +245,7 @@ def _load(target: Any, loaded: Any, path: str, strict: bool, done: list[str]) ->
     if isinstance(target, MutableMapping) and isinstance(loaded, Mapping):
         for k in list(target):
             if k in loaded:
-                target[k] = _load(target[k], loaded[k], _join(path, k), strict, done)
+                target[k] = _load(target[k], loaded[k], _join(path, k), strict, done, skip)
         return target
     if (
         isinstance(target, list | tuple)
@@ -150,13 +253,15 @@ def _load(target: Any, loaded: Any, path: str, strict: bool, done: list[str]) ->
         and len(target) == len(loaded)
     ):
         items = [
-            _load(v, w, _join(path, i), strict, done)
+            _load(v, w, _join(path, i), strict, done, skip)
             for i, (v, w) in enumerate(zip(target, loaded, strict=True))
         ]
         if isinstance(target, list):
             target[:] = items
             return target
         return tuple(items)
+    if _is_array(target) and not _is_array(loaded):
+        return target  # strict=False: named in the warning, kept
     if isinstance(target, np.ndarray) and isinstance(loaded, np.ndarray):
         if target.shape == loaded.shape and target.dtype == loaded.dtype and target.flags.writeable:
             np.copyto(target, loaded)
@@ -202,25 +307,62 @@ def _accepts_strict(obj: Any) -> bool:
         return False
 
 
+def _describe(problems: _Problems) -> str:
+    parts = []
+    if problems.missing:
+        parts.append(f"missing from the checkpoint: {_listed(problems.missing)}")
+    if problems.unexpected:
+        parts.append(f"in the checkpoint but not the target: {_listed(problems.unexpected)}")
+    if problems.mismatched:
+        parts.append(f"mismatched: {_listed(problems.mismatched)}")
+    return "; ".join(parts)
+
+
+def _listed(keys: list[str], limit: int = 50) -> str:
+    if len(keys) <= limit:
+        return repr(keys)
+    return f"{keys[:limit]!r} and {len(keys) - limit} more"
+
+
+def _hint(problems: _Problems) -> str:
+    keys = problems.missing + problems.unexpected + problems.mismatched
+    if any(_COMPILED in k or f"/{_PARALLEL}" in k for k in keys):
+        return (
+            " Keys under '_orig_mod.' (torch.compile) or 'module.' (DataParallel) are "
+            "matched to a plain model's already; the ones listed differ beyond that prefix."
+        )
+    return ""
+
+
 def restore_into(target: Any, loaded: Any, *, strict: bool = True) -> Any:
-    """Load ``loaded`` into ``target`` in place; return the (possibly new) value."""
+    """Load ``loaded`` into ``target`` in place; return the (possibly new) value.
+
+    ``strict=False`` loads what fits and warns (:class:`StateMismatchWarning`) naming
+    every key and object it skipped.
+    """
     problems = _Problems()
     _compare(target, loaded, "", problems)
     if problems and strict:
-        parts = []
-        if problems.missing:
-            parts.append(f"missing from the checkpoint: {problems.missing}")
-        if problems.unexpected:
-            parts.append(f"in the checkpoint but not the target: {problems.unexpected}")
-        if problems.mismatched:
-            parts.append(f"mismatched: {problems.mismatched}")
         raise StateMismatchError(
             "The checkpoint does not fit the state it is restored into; nothing was loaded. "
-            + "; ".join(parts)
-            + ". Restore into objects built like the saved ones, or pass strict=False to "
+            + _describe(problems)
+            + "."
+            + _hint(problems)
+            + " Restore into objects built like the saved ones, or pass strict=False to "
             "load what matches.",
             missing=problems.missing,
             unexpected=problems.unexpected,
             mismatched=problems.mismatched,
         )
-    return _load(target, loaded, "", strict, [])
+    if problems:
+        warnings.warn(
+            StateMismatchWarning(
+                "restore(strict=False) did not load all of the checkpoint: "
+                + _describe(problems)
+                + "."
+                + _hint(problems)
+                + " Those keys and objects keep their current values."
+            ),
+            stacklevel=3,
+        )
+    return _load(target, loaded, "", strict, [], problems.skip)

@@ -65,6 +65,14 @@ class TensorLeaf:
         return out
 
 
+class SavedState(dict):  # type: ignore[type-arg]
+    """The ``state_dict()`` of an object saved through it: a plain dict that also knows
+    the class it came from (``saved_class``, ``"module.QualName"``), so that restoring an
+    Adam's state into an SGD is refused instead of loaded."""
+
+    saved_class: str = ""
+
+
 def is_stateful(obj: object) -> bool:
     """True for objects that follow the ``state_dict``/``load_state_dict`` protocol."""
     return callable(getattr(obj, "state_dict", None)) and callable(
@@ -304,7 +312,11 @@ def _decode(node: Any, tensor: Callable[[str], Any], depth: int) -> Any:
     if tag == "$stateful":
         if set(node) != {"$stateful", "state"} or not isinstance(value, str):
             raise _corrupt("bad $stateful node", node)
-        return _decode(node["state"], tensor, depth + 1)
+        state = _decode(node["state"], tensor, depth + 1)
+        if isinstance(state, dict):
+            state = SavedState(state)
+            state.saved_class = value
+        return state
     if len(node) != 1:
         raise _corrupt(f"extra keys beside {tag}", node)
     if tag == "$tensor" and isinstance(value, str):

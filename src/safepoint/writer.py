@@ -8,7 +8,7 @@ failure the staging directory is removed and nothing new is listed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -18,6 +18,7 @@ from .errors import ConfigError
 from .formats import PayloadFormat
 from .manifest import NAME as MANIFEST_NAME
 from .manifest import Manifest
+from .metriccodec import clean_value
 from .storage import Storage
 from .tree import TensorLeaf
 
@@ -36,10 +37,14 @@ def int_arg(name: str, value: Any) -> int | None:
 
 
 def metrics_arg(metrics: Any) -> dict[str, Any]:
-    """Metrics as a dict of str -> JSON scalar (numpy scalars and 0-d tensors as float)."""
+    """Metrics as a dict of str -> plain Python scalar (see ``metriccodec.clean_value``).
+
+    numpy scalars, 0-d arrays and tensors become the Python int/float/bool they hold,
+    so the manifest and the run log store exactly the value logged, NaN and inf included.
+    """
     if metrics is None:
         return {}
-    if not isinstance(metrics, dict):
+    if not isinstance(metrics, Mapping):
         raise ConfigError(
             f"metrics must be a dict of name -> number. Received: metrics={metrics!r}."
         )
@@ -47,16 +52,7 @@ def metrics_arg(metrics: Any) -> dict[str, Any]:
     for k, v in metrics.items():
         if not isinstance(k, str):
             raise ConfigError(f"Metric names must be str. Received: {k!r}. Use str keys.")
-        if v is None or isinstance(v, bool | int | float | str):
-            out[k] = v
-            continue
-        try:
-            out[k] = float(v)  # numpy scalars, 0-d tensors
-        except (TypeError, ValueError):
-            raise ConfigError(
-                f"Metric {k!r} must be a number. Received: {type(v).__name__} {v!r}. Log "
-                "numbers only, or convert the value with float()."
-            ) from None
+        out[str(k)] = clean_value(k, v)
     return out
 
 

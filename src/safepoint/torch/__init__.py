@@ -15,8 +15,12 @@ checkpoints ``{"model": ..., "optimizer": ..., "sampler": ..., "rng": ...}``:
   a signal to the whole job reaches the safe point instead of killing a worker.
 
 Modules, optimizers, LR schedulers, ``GradScaler`` and anything else with
-``state_dict``/``load_state_dict`` (torchdata's ``StatefulDataLoader`` included) need
-nothing from here: the core saves them as they are.
+``state_dict``/``load_state_dict`` need nothing from here: the core saves them as they
+are. torchdata's ``StatefulDataLoader`` is saved with torch's global generator as it
+was after the loader's state was taken, and restored so that the iterator the resumed
+loop creates does not shift the random draws that follow (see ``loaders.py``). A
+``DataLoader`` whose sampler has no saved position (``shuffle=True``) is saved with a
+logged warning: it cannot resume mid-epoch.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from torch.utils.data import DataLoader
 
 from .. import preemption, rng, stateful
 from ..errors import StateMismatchError
+from . import loaders
 from .sampler import ResumableSampler, _as_byte_tensor
 
 __all__ = ["RNGState", "ResumableSampler"]
@@ -134,6 +139,7 @@ class LoaderState:
         return parts
 
     def state_dict(self) -> dict[str, Any]:
+        loaders.warn_if_position_lost(self.loader)
         return {role: stateful.view(obj).state_dict() for role, obj in self._parts().items()}  # type: ignore[union-attr]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -153,6 +159,7 @@ class LoaderState:
 
 stateful.register(torch.Generator, GeneratorState)
 stateful.register(DataLoader, LoaderState)
+loaders.register()  # torchdata's StatefulDataLoader, when installed
 
 
 def _patch_worker_signals() -> None:
