@@ -37,7 +37,10 @@ _T = TypeVar("_T")
 _ATTEMPTS = 3
 #: What a reader racing that deletion may meet, before it looks at the name again.
 _RACED = (CorruptCheckpointError, IncompleteCheckpointError, FileNotFoundError)
-_ABSENT_WAIT = 0.01  # seconds: far longer than the gap between two renames
+#: Seconds to wait, one after the other, for a name gone missing to come back: the gap
+#: between the two renames of a re-save without RENAME_EXCHANGE is microseconds, but a
+#: loaded machine can deschedule the writer between them.
+_ABSENT_WAITS = (0.01, 0.04, 0.16)
 
 
 def read_manifest(storage: Storage, name: str) -> Manifest:
@@ -79,19 +82,15 @@ def _consistent(storage: Storage, name: str, read: Callable[[Storage], _T]) -> _
     """
     if not isinstance(storage, LocalStorage):  # no directory descriptors (an object store)
         return read(storage)
-    absent = opened = False
+    opened = False
     for attempt in range(_ATTEMPTS):
         try:
             view = held.hold(storage, name)
         except FileNotFoundError:
+            if _comes_back(storage, name):
+                continue
             if opened:
                 raise _deleted(storage, name) from None
-            if not absent:
-                # Without RENAME_EXCHANGE a re-save renames the old directory away and
-                # the new one in: look again once, after that moment has passed.
-                absent = True
-                time.sleep(_ABSENT_WAIT)
-                continue
             raise CheckpointNotFoundError(
                 f"No checkpoint named {name!r} in {storage.root}. Expected one of the names "
                 "'safepoint ls ROOT' prints."
@@ -106,12 +105,25 @@ def _consistent(storage: Storage, name: str, read: Callable[[Storage], _T]) -> _
             continue
         finally:
             held.release(view)
-        if not storage.is_dir(name):
+        if not storage.is_dir(name) and not _comes_back(storage, name):
             # Read whole, but deleted meanwhile (the writer's retention): a newer
             # checkpoint exists, which restore('latest') finds by listing again.
             raise _deleted(storage, name)
         return result
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _comes_back(storage: Storage, name: str) -> bool:
+    """True when the missing checkpoint directory ``name`` reappears within a short wait.
+
+    Without RENAME_EXCHANGE a re-save renames the old directory away and the new one
+    in; a reader that looks in between must not call the checkpoint deleted.
+    """
+    for wait in _ABSENT_WAITS:
+        time.sleep(wait)
+        if storage.is_dir(name):
+            return True
+    return False
 
 
 def _preopen(view: Storage, name: str, found: Manifest) -> None:
