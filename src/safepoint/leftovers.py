@@ -88,8 +88,11 @@ def make_stage(root: str, name: str) -> str:
     """Create a marked staging directory for checkpoint ``name``; return its entry name."""
     entry = f"{STAGE_PREFIX}{secrets.token_hex(8)}"
     path = os.path.join(root, entry)
-    os.mkdir(path, 0o755)
+    # Live before it exists: another manager of this process cleaning the root must
+    # never see the entry before its marker is written, and remove it mid-stage.
+    rootlock.mark_live(root, entry)
     try:
+        os.mkdir(path, 0o755)
         _write_marker(
             os.path.join(path, MARKER),
             {"kind": "stage", "name": name, "pid": os.getpid()},
@@ -97,8 +100,8 @@ def make_stage(root: str, name: str) -> str:
         )
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
+        rootlock.unmark_live(root, entry)
         raise
-    rootlock.mark_live(root, entry)
     return entry
 
 
