@@ -21,8 +21,8 @@ from typing import Any
 from . import dtypes, formats, singlefile
 from .catalog import Catalog
 from .errors import ConfigError
-from .reader import read_manifest, refuse_pickle
-from .report import weights_tree
+from .reader import read_raw, refuse_pickle
+from .report import read_weights
 from .storage import LocalStorage, check_name
 from .tree import TensorLeaf, flatten
 from .writer import write_checkpoint
@@ -48,14 +48,15 @@ def convert(src: str, dst: str, *, to: str) -> str:
             "name or remove it first."
         )
     src_storage = LocalStorage(src_root)
-    found = read_manifest(src_storage, src_name)
-    if singlefile.KEY in found.extra:
+    # Manifest and payloads of one version, even while a writer re-saves the name.
+    if singlefile.is_single_file(src_storage, src_name):
         # A Keras file: its verified weights, as a tree of numpy arrays by HDF5 path.
-        tree, leaves = flatten(weights_tree(src_storage, src_name, found))
+        found, weights = read_weights(src_storage, src_name)
+        tree, leaves = flatten(weights)
         extra = {k: v for k, v in found.extra.items() if k != singlefile.KEY}
         found = replace(found, tree=tree, extra=extra, payload=to)
     else:
-        raw = formats.get(found.payload).read(src_storage, src_name, found)
+        found, raw = read_raw(src_storage, src_name)
         leaves = [
             TensorLeaf(
                 key,

@@ -126,11 +126,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     storage, name, _ = pathkind.need_checkpoint(args.checkpoint, "show")
-    found = reader.read_manifest(storage, name)
+    if singlefile.is_single_file(storage, name):
+        # A single file lists no tensors in its manifest: read (and verify) its weights,
+        # with the manifest, through one descriptor (a writer may replace the file).
+        found, tree = report.read_weights(storage, name)
+        arrays = report.flatten_arrays(tree)
+    else:
+        found, arrays = reader.read_manifest(storage, name), {}
     record = found.extra.get(singlefile.KEY)
     if isinstance(record, dict):
-        # A single file lists no tensors in its manifest: read (and verify) its weights.
-        arrays = report.weights(storage, name, found)
         tensors = {k: (str(v.dtype), list(v.shape), "numpy") for k, v in arrays.items()}
         kind = "Keras .keras zip" if record.get("container") == "zip" else "HDF5 file"
         form = f"{kind}, layout {record.get('layout')}"

@@ -6,6 +6,11 @@ numpy cannot spell them); single-file checkpoints (Keras ``.keras``, ``.h5``,
 ``.weights.h5``) through the weights the file holds, keyed by their HDF5 path, so two
 files with different weights never compare equal because their manifests list no
 tensors. The result is a list of :class:`Change` records, printed as lines or as JSON.
+
+A writer may re-save a name while it is compared (``latest``, ``weights.best.h5``):
+each side is read through :func:`safepoint.reader.read_raw` or :func:`read_weights`,
+which give the manifest and the data of one version, never a manifest of one and
+payloads of the next.
 """
 
 from __future__ import annotations
@@ -19,11 +24,11 @@ from typing import Any
 import numpy as np
 
 from . import formats, reader, singlefile
-from .errors import ConfigError, IncompatibleCheckpointError
+from .errors import IncompatibleCheckpointError
 from .manifest import Manifest
 from .storage import Storage
 
-__all__ = ["Change", "diff", "flatten_arrays", "weights", "weights_tree"]
+__all__ = ["Change", "diff", "flatten_arrays", "read_weights", "weights", "weights_tree"]
 
 
 @dataclass(frozen=True)
@@ -81,23 +86,42 @@ def flatten_arrays(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
     return out
 
 
-def weights_tree(storage: Storage, name: str, found: Manifest) -> Any:
-    """The verified weights of single-file checkpoint ``name`` as nested dicts.
+def read_weights(storage: Storage, name: str) -> tuple[Manifest, Any]:
+    """The manifest and verified weights (nested dicts) of single-file checkpoint
+    ``name``, both read through one descriptor, so from one version even while a
+    writer replaces the file.
 
     Listing and verifying a single file needs no h5py; reading its weights does. Its
     absence is this process's limit, not damage: ``IncompatibleCheckpointError``.
     """
     try:
+        return singlefile.read_checkpoint(storage, name)
+    except ImportError as exc:
+        raise _needs_h5py(name, exc) from None
+
+
+def weights_tree(storage: Storage, name: str, found: Manifest) -> Any:
+    """The verified weights of single-file checkpoint ``name`` as nested dicts.
+
+    The file is opened again: a writer may have replaced it since ``found`` was read.
+    Use :func:`read_weights` to read both from one version.
+    """
+    try:
         return singlefile.read_state(storage, name, found)
     except ImportError as exc:
-        raise IncompatibleCheckpointError(
-            f"Reading the weights of {name} needs h5py, which is not installed. Expected "
-            f"h5py importable. Received: {exc}. Install it: pip install 'safepoint[hdf5]'."
-        ) from None
+        raise _needs_h5py(name, exc) from None
+
+
+def _needs_h5py(name: str, exc: ImportError) -> IncompatibleCheckpointError:
+    return IncompatibleCheckpointError(
+        f"Reading the weights of {name} needs h5py, which is not installed. Expected "
+        f"h5py importable. Received: {exc}. Install it: pip install 'safepoint[hdf5]'."
+    )
 
 
 def weights(storage: Storage, name: str, found: Manifest) -> dict[str, np.ndarray]:
-    """The verified weights of single-file checkpoint ``name``, by HDF5 path."""
+    """The verified weights of single-file checkpoint ``name``, by HDF5 path (see
+    :func:`weights_tree`)."""
     return flatten_arrays(weights_tree(storage, name, found))
 
 
@@ -131,9 +155,9 @@ def _as_number(arr: np.ndarray) -> np.ndarray | None:
 
 
 def _load(storage: Storage, name: str) -> _Side:
-    found = reader.read_manifest(storage, name)
-    if singlefile.KEY in found.extra:
-        arrays = weights(storage, name, found)
+    if singlefile.is_single_file(storage, name):
+        found, tree = read_weights(storage, name)
+        arrays = flatten_arrays(tree)
         record = found.extra[singlefile.KEY]
         return _Side(
             name,
@@ -144,11 +168,7 @@ def _load(storage: Storage, name: str) -> _Side:
             "",
             f"{record.get('container')}/{record.get('layout')}",
         )
-    try:
-        fmt = formats.get(found.payload)
-    except ConfigError as exc:  # its reader (h5py) is not installed: as in reader.read_state
-        raise IncompatibleCheckpointError(str(exc)) from exc
-    raw = fmt.read(storage, name, found)
+    found, raw = reader.read_raw(storage, name)
 
     def numeric(key: str) -> np.ndarray | None:
         try:
