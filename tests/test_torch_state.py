@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import safepoint
-from safepoint.target import StateMismatchWarning
+from safepoint import StateMismatchWarning
 
 torch = pytest.importorskip("torch")
 nn = torch.nn

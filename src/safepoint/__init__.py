@@ -15,6 +15,7 @@ from .errors import (
     IncompleteCheckpointError,
     SafepointError,
     StateMismatchError,
+    StateMismatchWarning,
     StorageError,
 )
 from .manager import CheckpointManager
@@ -36,6 +37,7 @@ __all__ = [
     "RNGState",
     "SafepointError",
     "StateMismatchError",
+    "StateMismatchWarning",
     "StorageError",
     "Verification",
     "__version__",

@@ -209,9 +209,24 @@ class Catalog:
                         ),
                     )
                 )
+            except IncompleteCheckpointError as exc:
+                if self._has_payload(name):
+                    results.append(Verification(name, exc))
+                # else: a folder of the user's next to the checkpoints, not ours to judge
             except SafepointError as exc:
                 results.append(Verification(name, exc))
         return results
 
+    def _has_payload(self, name: str) -> bool:
+        """Whether folder ``name`` holds a first payload shard, as a lost commit would.
+
+        A folder without a manifest and without safepoint's shards is the user's own
+        (logs, exported models): verifying a root must not call it a failed checkpoint.
+        """
+        return any(self.storage.exists(f"{name}/{first}") for first in _FIRST_SHARDS)
+
+
+#: The first payload file of a directory checkpoint, in each payload format.
+_FIRST_SHARDS = ("model-00000.safetensors", "model-00000.h5")
 
 __all__ = ["UNREADABLE", "Catalog"]

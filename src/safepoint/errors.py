@@ -116,6 +116,14 @@ class StorageError(SafepointError, OSError):
         return str(self.args[0]) if self.args else ""
 
 
+class StateMismatchWarning(UserWarning):
+    """``restore(strict=False)`` skipped part of the checkpoint or of the target.
+
+    A warning, not an error: the caller asked for a partial load (fine-tuning a new
+    head, a model that gained a layer), and every skipped key is named in it.
+    """
+
+
 __all__ = [
     "CheckpointNotFoundError",
     "ConfigError",
@@ -124,5 +132,6 @@ __all__ = [
     "IncompleteCheckpointError",
     "SafepointError",
     "StateMismatchError",
+    "StateMismatchWarning",
     "StorageError",
 ]

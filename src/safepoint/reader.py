@@ -57,9 +57,11 @@ def _dir_manifest(storage: Storage, name: str) -> Manifest:
     except FileNotFoundError:
         if storage.exists(name):
             raise IncompleteCheckpointError(
-                f"{storage.root}/{name} has no {manifest.NAME}: it was never committed (a "
-                "crashed or interrupted save). Expected a committed checkpoint. Delete it, or "
-                "let the next writer clean it up."
+                f"{storage.root}/{name} has no {manifest.NAME}: it is not a committed "
+                "checkpoint (a folder of your own, or a save interrupted before its commit). "
+                "safepoint never lists, loads or deletes it. Expected a committed checkpoint. "
+                "Move it out of the root if it is yours; delete it once you know it holds "
+                "nothing you need."
             ) from None
         raise CheckpointNotFoundError(
             f"No checkpoint named {name!r} in {storage.root}. Expected one of the names "

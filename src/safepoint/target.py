@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import StateMismatchError
+from .errors import StateMismatchError, StateMismatchWarning
 from .stateful import view
 from .tree import is_torch_tensor
 
@@ -38,10 +38,6 @@ def _shape(value: Any) -> tuple[int, ...]:
 
 def _join(path: str, key: object) -> str:
     return f"{path}/{key}" if path else str(key)
-
-
-class StateMismatchWarning(UserWarning):
-    """``restore(strict=False)`` skipped part of the checkpoint or of the target."""
 
 
 _COMPILED = "_orig_mod."  # torch.compile's OptimizedModule keeps the model under this name

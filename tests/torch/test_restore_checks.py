@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import safepoint  # noqa: E402
-from safepoint.target import StateMismatchWarning  # noqa: E402
+from safepoint import StateMismatchWarning  # noqa: E402
 
 
 def _model(seed: int, out: int = 2) -> nn.Module:
