@@ -29,8 +29,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import safepoint
+from safepoint.state.tree import flatten
 from safepoint.torch import ResumableSampler, RNGState
-from safepoint.tree import flatten
 
 
 def per_call_us(fn: Callable[[], object], calls: int, reps: int) -> float:

@@ -233,7 +233,7 @@ class SafepointBuffered(Safepoint):
     name = "safepoint, buffered fallback"
 
     def save(self, state: dict[str, torch.Tensor], d: str) -> str:
-        from safepoint import localfile
+        from safepoint.storage import files as localfile
 
         enable = localfile._enable_direct
         localfile._enable_direct = lambda fd: False

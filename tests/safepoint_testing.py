@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from safepoint.manifest import _body_digest
-from safepoint.storage import LocalStorage
+from safepoint.ondisk.manifest import _body_digest
+from safepoint.storage.local import LocalStorage
 
 
 class FaultyStorage(LocalStorage):

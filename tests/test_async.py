@@ -126,7 +126,7 @@ def test_failure_in_flight_at_exit_is_reported(tmp_path: Path) -> None:
     proc = _run_child(
         f"""
         import errno, numpy as np, safepoint
-        from safepoint.storage import LocalStorage
+        from safepoint.storage.local import LocalStorage
 
         class Faulty(LocalStorage):
             def _fault(self, stage, target):

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import safepoint
-from safepoint import runlog
 from safepoint.errors import ConfigError
-from safepoint.storage import LocalStorage
+from safepoint.storage import runlog
+from safepoint.storage.local import LocalStorage
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "torch.md"
 

@@ -15,7 +15,7 @@ import pytest
 
 import safepoint
 from safepoint.cli import main as cli
-from safepoint.storage import LocalStorage
+from safepoint.storage.local import LocalStorage
 
 
 def state(value: float) -> dict[str, object]:
@@ -112,7 +112,7 @@ def test_cleanup_is_refused_while_a_writer_in_another_process_is_live(tmp_path: 
         script = textwrap.dedent(
             f"""
             import safepoint
-            from safepoint.storage import LocalStorage
+            from safepoint.storage.local import LocalStorage
             try:
                 LocalStorage({str(root)!r}).cleanup_stale()
             except safepoint.StorageError as exc:

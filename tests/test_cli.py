@@ -172,7 +172,7 @@ def test_plot_draws_every_saved_metric(root, tmp_path, capsys, monkeypatch):
 def test_every_argument_of_every_command_says_what_it_takes():
     import argparse
 
-    from safepoint.cli import parser
+    from safepoint.cli.commands import parser
 
     sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
     for name, command in sub.choices.items():
@@ -205,7 +205,7 @@ def test_an_hdf5_checkpoint_without_h5py_is_incompatible_not_a_traceback(tmp_pat
     mgr.close()
     script = (
         "import sys; sys.modules['h5py'] = None\n"
-        "from safepoint.cli import main\n"
+        "from safepoint.cli.commands import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     for argv in (["diff", ckpt.path, ckpt.path], ["verify", "--deep", ckpt.path]):

@@ -12,7 +12,7 @@ import pytest
 
 import safepoint
 from safepoint.cli import main
-from safepoint.plot import collect, ticks
+from safepoint.cli.plot import collect, ticks
 
 
 @pytest.fixture
@@ -105,11 +105,12 @@ def test_ticks_are_round_numbers(lo, hi, expected):
 def test_a_manifest_series_names_the_series_and_survives_deletion(tmp_path):
     """Saves group by the manifest's extra["series"] (the manager's name template);
     a save whose checkpoint is gone joins it by its masked name."""
-    from safepoint import formats, runlog
-    from safepoint.manifest import Manifest
-    from safepoint.storage import LocalStorage
-    from safepoint.tree import flatten
-    from safepoint.writer import write_checkpoint
+    from safepoint.catalog.writer import write_checkpoint
+    from safepoint.ondisk import formats
+    from safepoint.ondisk.manifest import Manifest
+    from safepoint.state.tree import flatten
+    from safepoint.storage import runlog
+    from safepoint.storage.local import LocalStorage
 
     storage = LocalStorage(tmp_path)
     for step in (1, 2):

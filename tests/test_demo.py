@@ -19,7 +19,17 @@ PER_EPOCH = 38  # 380 training rows of the breast-cancer data, batch 10
 
 def _demo(root: str, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "safepoint.cli", "demo", "--root", root, "--epochs", "15", *extra],
+        [
+            sys.executable,
+            "-m",
+            "safepoint.cli",
+            "demo",
+            "--root",
+            root,
+            "--epochs",
+            "15",
+            *extra,
+        ],
         capture_output=True,
         text=True,
         timeout=300,

@@ -9,7 +9,8 @@ import pytest
 from safetensors import safe_open
 
 import safepoint
-from safepoint import directio, fileimage, localfile
+from safepoint.storage import directio, fileimage
+from safepoint.storage import files as localfile
 
 
 def state() -> dict[str, object]:

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import safepoint
-from safepoint import storage as storage_module
-from safepoint.storage import TMP_MARK, TRASH_PREFIX, LocalStorage
+from safepoint.storage import local as storage_module
+from safepoint.storage.local import TMP_MARK, TRASH_PREFIX, LocalStorage
 from safepoint_testing import FaultyStorage, listing
 
 STAGES = ["stage", "open", "write", "fsync", "manifest", "dir-fsync", "rename", "retention"]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import safepoint
-from safepoint.storage import TMP_MARK
+from safepoint.storage.local import TMP_MARK
 from safepoint_testing import listing
 
 
@@ -282,7 +282,7 @@ def test_run_log_records_saves_and_deletes(tmp_path: Path) -> None:
 
 
 def test_torn_last_log_line_is_ignored(tmp_path: Path) -> None:
-    from safepoint import runlog
+    from safepoint.storage import runlog
 
     root = tmp_path / "run"
     with safepoint.CheckpointManager(root) as mgr:

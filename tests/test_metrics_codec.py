@@ -17,10 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import safepoint
-from safepoint import manifest, runlog
 from safepoint.cli import main
 from safepoint.errors import ConfigError
-from safepoint.storage import LocalStorage
+from safepoint.ondisk import manifest
+from safepoint.storage import runlog
+from safepoint.storage.local import LocalStorage
 
 GOLDEN = Path(__file__).parent / "data" / "metrics_v0"
 

@@ -52,7 +52,7 @@ def test_a_save_without_the_monitor_is_allowed_once_a_checkpoint_carries_it(
 
 
 def test_the_keras_callback_path_is_checked_too(tmp_path: Path) -> None:
-    from safepoint import singlefile
+    from safepoint.catalog import singlefile
 
     pytest.importorskip("h5py")
     import h5py

@@ -32,7 +32,7 @@ def test_names_up_to_255_bytes_save_replace_and_prune(tmp_path: Path, length: in
 
 def test_a_255_byte_single_file_name_commits(tmp_path: Path) -> None:
     h5py = pytest.importorskip("h5py")
-    from safepoint import singlefile
+    from safepoint.catalog import singlefile
 
     name = "w" * (255 - 3) + ".h5"
 

@@ -123,7 +123,7 @@ def test_numpy_load_of_a_dtype_numpy_cannot_spell_says_how(tmp_path):
 def test_retention_failure_message_says_the_new_checkpoint_is_committed(tmp_path):
     import errno
 
-    from safepoint.storage import LocalStorage
+    from safepoint.storage.local import LocalStorage
 
     class FailingDelete(LocalStorage):
         def _fault(self, stage: str, target: str) -> None:

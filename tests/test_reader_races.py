@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 
 import safepoint
-from safepoint import cli, reader
-from safepoint.storage import LocalStorage
+from safepoint.catalog import reader
+from safepoint.cli import main as cli
+from safepoint.storage.local import LocalStorage
 
 SECONDS = 2.5
 N = 8192  # int64s per tensor: two payload files of 64 KiB each
@@ -30,7 +31,8 @@ WRITER = r"""
 import sys, time
 import numpy as np
 import safepoint
-from safepoint import singlefile, storage
+from safepoint.catalog import singlefile
+from safepoint.storage import local as storage
 
 root, mode, N = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if mode == "rename":  # a file system without RENAME_EXCHANGE (NFS, CIFS, FUSE)

@@ -24,7 +24,7 @@ _CHILD = textwrap.dedent(
     """
     import errno, os, signal, sys
     import numpy as np
-    import safepoint, safepoint.storage as st
+    import safepoint, safepoint.storage.local as st
 
     root, kind = sys.argv[1], sys.argv[2]
     mgr = safepoint.CheckpointManager(root)
@@ -33,7 +33,7 @@ _CHILD = textwrap.dedent(
         if kind == "dir":
             return mgr.save({"w": np.full(4, value, np.float32)}, step=int(value))
         import h5py
-        from safepoint import singlefile
+        from safepoint.catalog import singlefile
 
         def write(path):
             with h5py.File(path, "w") as f:
@@ -107,7 +107,7 @@ def test_single_file_re_saves_work_without_hard_links(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h5py = pytest.importorskip("h5py")
-    from safepoint import singlefile
+    from safepoint.catalog import singlefile
 
     def no_link(*args: object, **kwargs: object) -> None:
         raise OSError(errno.EPERM, "hard links not supported (injected)")

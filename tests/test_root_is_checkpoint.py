@@ -24,7 +24,7 @@ def test_a_checkpoint_directory_as_root_is_refused_with_its_parent(tmp_path: Pat
 
 def test_a_single_file_checkpoint_as_root_is_refused(tmp_path: Path) -> None:
     h5py = pytest.importorskip("h5py")
-    from safepoint import singlefile
+    from safepoint.catalog import singlefile
 
     def write(path: str) -> None:
         with h5py.File(path, "w") as f:

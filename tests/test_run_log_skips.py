@@ -18,9 +18,9 @@ import textwrap
 import numpy as np
 
 import safepoint
-from safepoint import runlog
 from safepoint.cli import main
-from safepoint.storage import LOG_NAME, LocalStorage
+from safepoint.storage import runlog
+from safepoint.storage.local import LOG_NAME, LocalStorage
 
 
 def records(root) -> list[dict]:

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import safepoint
-from safepoint import storage as storage_module
-from safepoint.storage import LOG_NAME, LocalStorage
+from safepoint.storage import local as storage_module
+from safepoint.storage.local import LOG_NAME, LocalStorage
 
 
 def test_a_fifo_as_the_run_log_hangs_nothing(tmp_path: Path) -> None:
@@ -26,7 +26,7 @@ def test_a_fifo_as_the_run_log_hangs_nothing(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import numpy as np, safepoint
-        from safepoint.storage import LocalStorage
+        from safepoint.storage.local import LocalStorage
         with safepoint.CheckpointManager({str(root)!r}) as mgr:
             mgr.save({{"w": np.ones(2, np.float32)}}, step=1)
             guard = mgr.save_on_signal({{"w": np.ones(2, np.float32)}})

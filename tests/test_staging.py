@@ -19,13 +19,15 @@ import xxhash
 from safetensors import safe_open
 
 import safepoint
-from safepoint import directio, localfile, snapshot
-from safepoint.formats import shards
-from safepoint.formats.safetensors import header_bytes
-from safepoint.names import TMP_MARK, TRASH_PREFIX
-from safepoint.snapshot import Staging, image_layout
-from safepoint.storage import LocalStorage
-from safepoint.tree import flatten
+from safepoint.ondisk.formats import shards
+from safepoint.ondisk.formats.safetensors import header_bytes
+from safepoint.ondisk.names import TMP_MARK, TRASH_PREFIX
+from safepoint.state.tree import flatten
+from safepoint.storage import directio
+from safepoint.storage import files as localfile
+from safepoint.storage import staging as snapshot
+from safepoint.storage.local import LocalStorage
+from safepoint.storage.staging import Staging, image_layout
 
 torch = pytest.importorskip("torch")
 

@@ -16,9 +16,11 @@ import pytest
 
 import safepoint
 import test_reader_races as races
-from safepoint import cli, reader, report
-from safepoint.conversion import convert
-from safepoint.storage import LocalStorage
+from safepoint.catalog import reader
+from safepoint.cli import main as cli
+from safepoint.cli import report
+from safepoint.cli.conversion import convert
+from safepoint.storage.local import LocalStorage
 
 SECONDS = 2.0
 
@@ -27,7 +29,7 @@ def _reference(tmp_path: Path, mode: str) -> tuple[LocalStorage, str]:
     """A checkpoint of version 0 (every value 0, step 0) to diff the racing name against."""
     ref = tmp_path / "ref"
     if mode == "file":
-        from safepoint import singlefile
+        from safepoint.catalog import singlefile
 
         def write(path: str) -> None:
             import h5py

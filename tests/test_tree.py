@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import safepoint
-from safepoint import dtypes
+from safepoint.state import dtypes
 from safepoint_testing import assert_same, listing, tensor_bytes
 
 _counter = itertools.count()

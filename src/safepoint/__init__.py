@@ -5,9 +5,10 @@
 frameworks when used.
 """
 
-from .callback import ModelCheckpoint
-from .checkpoint import Checkpoint, Verification
-from .errors import (
+from safepoint.callback import ModelCheckpoint
+from safepoint.catalog.reader import load
+from safepoint.checkpoint import Checkpoint, Verification
+from safepoint.errors import (
     CheckpointNotFoundError,
     ConfigError,
     CorruptCheckpointError,
@@ -18,11 +19,10 @@ from .errors import (
     StateMismatchWarning,
     StorageError,
 )
-from .manager import CheckpointManager
-from .reader import load
-from .retention import Keep
-from .rng import RNGState
-from .version import __version__
+from safepoint.manager import CheckpointManager
+from safepoint.retention import Keep
+from safepoint.state.rng import RNGState
+from safepoint.version import __version__
 
 __all__ = [
     "Checkpoint",

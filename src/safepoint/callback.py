@@ -20,14 +20,14 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import preemption
-from .checkpoint import Checkpoint
-from .errors import ConfigError
-from .manager import CheckpointManager
-from .metriccodec import clean_value, is_numeric
-from .monitor import is_better, metric_value, resolve_mode
-from .policy import SavePolicy, check_save_freq
-from .retention import Keep, rank_best
+from safepoint import preemption
+from safepoint.checkpoint import Checkpoint
+from safepoint.errors import ConfigError
+from safepoint.manager import CheckpointManager
+from safepoint.monitor import is_better, metric_value, resolve_mode
+from safepoint.policy import SavePolicy, check_save_freq
+from safepoint.retention import Keep, rank_best
+from safepoint.state.metrics import clean_value, is_numeric
 
 State = Mapping[str, Any] | Callable[[], Any]
 log = logging.getLogger("safepoint")

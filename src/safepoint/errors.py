@@ -14,7 +14,7 @@
 
 Every message follows one shape: what failed, what was expected, what was received,
 how to fix it. Backend exceptions (``OSError`` from the file system) are translated
-into these classes in exactly one place, :mod:`safepoint.storage`.
+into these classes in exactly one place, :mod:`safepoint.storage.local`.
 """
 
 from __future__ import annotations

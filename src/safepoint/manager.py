@@ -22,31 +22,32 @@ import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from . import formats, runlog
-from .catalog import Catalog
-from .checkpoint import Checkpoint, Verification
-from .errors import (
+from safepoint.catalog.index import Catalog
+from safepoint.catalog.series import check_monitor, member, refuse_checkpoint_root, serial
+from safepoint.catalog.writer import int_arg, metrics_arg, write_checkpoint
+from safepoint.checkpoint import Checkpoint, Verification
+from safepoint.errors import (
     CheckpointNotFoundError,
     ConfigError,
     SafepointError,
 )
-from .formats import shards
-from .manifest import Manifest, now
-from .monitor import metric_value, resolve_mode
-from .retention import Keep, rank_best
-from .series import check_monitor, member, refuse_checkpoint_root, serial
-from .snapshot import Staging, default_cap
-from .storage import LocalStorage, Storage
-from .target import restore_into
-from .template import NameTemplate, bounded
-from .tree import TensorLeaf, flatten
-from .worker import SaveWorker
-from .writer import int_arg, metrics_arg, write_checkpoint
+from safepoint.monitor import metric_value, resolve_mode
+from safepoint.ondisk import formats
+from safepoint.ondisk.formats import shards
+from safepoint.ondisk.manifest import Manifest, now
+from safepoint.ondisk.template import NameTemplate, bounded
+from safepoint.retention import Keep, rank_best
+from safepoint.state.loading import restore_into
+from safepoint.state.tree import TensorLeaf, flatten
+from safepoint.storage import runlog
+from safepoint.storage.local import LocalStorage, Storage
+from safepoint.storage.staging import Staging, default_cap
+from safepoint.storage.worker import SaveWorker
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from .preemption import SaveOnSignal
+    from safepoint.preemption import SaveOnSignal
 
 log = logging.getLogger("safepoint")
 
@@ -321,7 +322,7 @@ class CheckpointManager:
 
         The first skip of a kind (same reason but for its numbers, same epoch) is written
         at once; the ones that follow are coalesced into one record with a count and the
-        first and last step (:class:`~safepoint.runlog.SkipSummary`), written before the
+        first and last step (:class:`~safepoint.storage.runlog.SkipSummary`), written before the
         next save or deletion record, at ``close()``, at exit, or every 10,000 skips or
         60 s: a per-batch save policy would otherwise append a line per skipped batch.
         """
@@ -357,7 +358,7 @@ class CheckpointManager:
 
     def check_monitor(self, metrics: dict[str, Any]) -> None:
         """Refuse, before any I/O, a save whose metrics lack the monitor when no committed
-        checkpoint carries it either (see :func:`safepoint.series.check_monitor`)."""
+        checkpoint carries it either (see :func:`safepoint.catalog.series.check_monitor`)."""
         if self.monitor is None or self.keep is None or self._monitor_seen or not metrics:
             return
         check_monitor(self.monitor, metrics, self.checkpoints(), str(self.storage.root))
@@ -446,7 +447,7 @@ class CheckpointManager:
         the handler only notes the signal; the next ``ModelCheckpoint`` hook (or the
         returned guard's ``check()``) saves synchronously, then exits with 128 + signal.
         """
-        from .preemption import DEFAULT_SIGNALS, SaveOnSignal
+        from safepoint.preemption import DEFAULT_SIGNALS, SaveOnSignal
 
         return SaveOnSignal(
             self,

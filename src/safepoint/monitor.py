@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .errors import ConfigError
+from safepoint.errors import ConfigError
 
 MODES = ("auto", "min", "max")
 _MAX_WORDS = (

@@ -22,8 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError
-from .monitor import is_better, metric_value
+from safepoint.errors import ConfigError
+from safepoint.monitor import is_better, metric_value
 
 
 def check_save_freq(save_freq: object, *, arg: str = "save_freq") -> None:

@@ -35,12 +35,12 @@ from collections.abc import Callable, Iterable, Mapping
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from . import runlog
-from .errors import ConfigError, SafepointError
+from safepoint.errors import ConfigError, SafepointError
+from safepoint.storage import runlog
 
 if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
-    from .manager import CheckpointManager
+    from safepoint.checkpoint import Checkpoint
+    from safepoint.manager import CheckpointManager
 
 log = logging.getLogger("safepoint")
 

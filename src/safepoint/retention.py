@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .checkpoint import Checkpoint
-from .errors import ConfigError
-from .monitor import metric_value
+from safepoint.checkpoint import Checkpoint
+from safepoint.errors import ConfigError
+from safepoint.monitor import metric_value
 
 
 def _check(name: str, value: int | None, minimum: int) -> None:

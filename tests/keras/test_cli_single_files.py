@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import safepoint
-from safepoint import singlefile
+from safepoint.catalog import singlefile
 from safepoint.cli import main
+from safepoint.cli.report import flatten_arrays
 from safepoint.keras import files
-from safepoint.report import flatten_arrays
 
 LAYOUTS = {
     "w.weights.h5": files.WEIGHTS,

@@ -14,17 +14,17 @@ import pytest
 from seed_data import pima
 
 import safepoint
-from safepoint import singlefile
+from safepoint.catalog import singlefile
 from safepoint.keras import ModelCheckpoint
 
 # Saves weights.best.hdf5 every epoch and SIGKILLs itself when the third save reaches
-# STAGE (a stage of safepoint.singlefile's commit, through the storage fault seam).
+# STAGE (a stage of safepoint.catalog.singlefile's commit, through the storage fault seam).
 CHILD = textwrap.dedent(
     """
     import os, signal, sys
     os.environ.setdefault("KERAS_BACKEND", "torch")
     import keras, numpy as np
-    from safepoint.storage import LocalStorage
+    from safepoint.storage.local import LocalStorage
     from safepoint.keras import ModelCheckpoint
 
     stage, workdir = sys.argv[1], sys.argv[2]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import safepoint
-from safepoint import singlefile
+from safepoint.catalog import singlefile
 from safepoint.keras import ModelCheckpoint
 
 
@@ -40,7 +40,7 @@ def test_finished_saving_is_printed_once_the_file_is_committed(tmp_path, monkeyp
                 said.append((message.strip(), (tmp_path / f"w-{n}.weights.h5").exists()))
 
     monkeypatch.setattr(singlefile, "_fsync", slow_fsync)
-    monkeypatch.setattr("safepoint.keras.checkpoint.io_utils.print_msg", record)
+    monkeypatch.setattr("safepoint.keras.model_checkpoint.io_utils.print_msg", record)
     cb = ModelCheckpoint(tmp_path / "w-{epoch}.weights.h5", save_weights_only=True, verbose=1,
                          monitor="loss")  # fmt: skip
     fit(build(), cb)

@@ -319,7 +319,7 @@ def test_every_flipped_byte_is_caught_before_hdf5_parses_it(xy, tmp_path, filena
     else:
         # Every byte of the manifest's tail and padding too: zeroed in the checksum,
         # they must be checked another way.
-        from safepoint import singlefile
+        from safepoint.catalog import singlefile
 
         mgr = safepoint.CheckpointManager(tmp_path)
         record = singlefile.read_manifest(mgr.storage, filename).extra["single_file"]
@@ -368,7 +368,7 @@ def drive(cb: ModelCheckpoint, model: keras.Model, losses: list[float]) -> None:
 
 
 def test_a_run_log_failure_never_fails_or_blocks_a_save(tmp_path, monkeypatch, caplog):
-    from safepoint import runlog
+    from safepoint.storage import runlog
 
     def broken(*args, **kwargs):
         raise safepoint.StorageError("the log is gone (injected)", stage="log")
@@ -384,7 +384,7 @@ def test_a_run_log_failure_never_fails_or_blocks_a_save(tmp_path, monkeypatch, c
 
 
 def test_a_failed_background_commit_does_not_become_the_best(tmp_path, monkeypatch):
-    from safepoint import singlefile
+    from safepoint.catalog import singlefile
 
     real = singlefile._finish
     calls = []
@@ -413,7 +413,8 @@ def test_a_failed_background_commit_does_not_become_the_best(tmp_path, monkeypat
 
 
 def test_a_failed_commit_nobody_waited_for_is_reported_at_exit(tmp_path, monkeypatch, capsys):
-    from safepoint import singlefile, worker
+    from safepoint.catalog import singlefile
+    from safepoint.storage import worker
 
     def failing(*args, **kwargs):
         raise safepoint.StorageError("the disk failed (injected)", stage="fsync")

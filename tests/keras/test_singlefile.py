@@ -1,4 +1,4 @@
-"""Single-file checkpoints (``safepoint.singlefile``): commit faults, listing, tools."""
+"""Single-file checkpoints (``safepoint.catalog.singlefile``): commit faults, listing, tools."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import keras
 import pytest
 
 import safepoint
-from safepoint import singlefile
+from safepoint.catalog import singlefile
 from safepoint.keras import files
 from safepoint_testing import FaultyStorage
 
@@ -130,7 +130,7 @@ def test_a_name_without_a_single_file_suffix_is_a_config_error(tmp_path):
 
 
 def test_a_file_that_cannot_be_sealed_fails_the_save_with_a_storage_error(tmp_path, monkeypatch):
-    from safepoint import embedded
+    from safepoint.ondisk import embedded
 
     mgr = safepoint.CheckpointManager(tmp_path)
     save(mgr, build(1), "w.weights.h5", 1)

@@ -42,7 +42,7 @@ import numpy as np
 import xxhash
 
 import safepoint
-from safepoint.storage import TMP_MARK, TRASH_PREFIX
+from safepoint.storage.local import TMP_MARK, TRASH_PREFIX
 
 MiB = 1 << 20
 

@@ -20,7 +20,7 @@ import pytest
 import xxhash
 
 import safepoint
-from safepoint.manifest import _body_digest
+from safepoint.ondisk.manifest import _body_digest
 
 STATE = {
     "model": {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(4)},

@@ -17,7 +17,7 @@ import pytest
 from faultkit import Oracle, leftovers, make_state, metrics_for
 
 import safepoint
-from safepoint.storage import LocalStorage
+from safepoint.storage.local import LocalStorage
 
 SEED = 17
 NBYTES = 128 << 10

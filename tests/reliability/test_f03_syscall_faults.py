@@ -45,9 +45,9 @@ from faultkit import (
 )
 
 import safepoint
-from safepoint import runlog
-from safepoint.names import MARKER
-from safepoint.storage import LOG_NAME
+from safepoint.ondisk.names import MARKER
+from safepoint.storage import runlog
+from safepoint.storage.local import LOG_NAME
 
 pytestmark = pytest.mark.skipif(strace_skip_reason() is not None, reason=str(strace_skip_reason()))
 

@@ -1,6 +1,6 @@
 """Family 5: power loss, modelled by a storage layer that forgets whatever was not fsynced.
 
-:class:`PowerLossStorage` is a :class:`~safepoint.storage.LocalStorage` whose *durable
+:class:`PowerLossStorage` is a :class:`~safepoint.storage.local.LocalStorage` whose *durable
 image* changes only through ``fsync``: fsyncing a file makes its current bytes durable,
 fsyncing a directory makes its current entries durable (names -> inodes, so renames
 are followed). Nothing else is: not a write, not a create, not a rename, not an unlink.
@@ -26,7 +26,7 @@ import pytest
 from faultkit import MiB, Oracle, digest, expected_digest, leftovers, make_state, metrics_for
 
 import safepoint
-from safepoint.storage import LocalStorage
+from safepoint.storage.local import LocalStorage
 
 SEED = 21
 NBYTES = MiB // 2

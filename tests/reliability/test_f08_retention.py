@@ -22,7 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import safepoint
-from safepoint.storage import LocalStorage
+from safepoint.storage.local import LocalStorage
 
 SEED = 23
 NBYTES = 8 << 10

@@ -111,7 +111,7 @@ def test_reader_racing_a_writer_never_sees_a_partial_checkpoint(tmp_path, keep_l
     assert reads >= 5 and saves >= 5
 
 
-class DeletedWhileRead(safepoint.storage.LocalStorage):
+class DeletedWhileRead(safepoint.storage.local.LocalStorage):
     """A reader's storage; when it opens ``victim``'s payload, the writer (another
     manager) has just saved two more checkpoints and its retention deleted the victim."""
 

@@ -23,7 +23,7 @@ import pytest
 from faultkit import MiB, Oracle, digest, expected_digest, fork, make_state
 
 import safepoint
-from safepoint.storage import LocalStorage
+from safepoint.storage.local import LocalStorage
 
 SEED = 31
 NBYTES = 2 * MiB
@@ -82,7 +82,7 @@ def _script(root, fail: bool) -> str:
         import errno
         import safepoint
         from faultkit import make_state
-        from safepoint.storage import LocalStorage
+        from safepoint.storage.local import LocalStorage
 
         class Slow(LocalStorage):
             def _fault(self, stage, target):

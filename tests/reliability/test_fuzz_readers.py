@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import safepoint
-from safepoint.manifest import _body_digest
+from safepoint.ondisk.manifest import _body_digest
 
 ALLOWED = (
     safepoint.CorruptCheckpointError,

@@ -29,8 +29,10 @@ import numpy as np
 import pytest
 
 import safepoint
-from safepoint import checksum, cli, singlefile
+from safepoint.catalog import singlefile
+from safepoint.cli import main as cli
 from safepoint.errors import CorruptCheckpointError
+from safepoint.ondisk import checksum
 from safepoint_testing import read_manifest, write_manifest
 
 OLD, NEW = "step-00000001", "step-00000002"

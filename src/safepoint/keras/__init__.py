@@ -6,7 +6,7 @@ atomically with safepoint's manifest inside, and resumes that are bit-exact.
 Importing this module imports Keras; ``import safepoint`` does not.
 """
 
-from .backup import BackupAndRestore
-from .checkpoint import ModelCheckpoint
+from safepoint.keras.backup_and_restore import BackupAndRestore
+from safepoint.keras.model_checkpoint import ModelCheckpoint
 
 __all__ = ["BackupAndRestore", "ModelCheckpoint"]

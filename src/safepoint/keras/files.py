@@ -13,7 +13,7 @@ suffix         save_weights_only  written with
 
 Every one of them is read back by ``model.load_weights(path)`` (and the two model
 formats by ``keras.models.load_model``). The writers write to the path they are
-given; :mod:`safepoint.singlefile` gives them a staging path and commits the result.
+given; :mod:`safepoint.catalog.singlefile` gives them a staging path and commits the result.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import ConfigError
+from safepoint.errors import ConfigError
 
 KERAS = "keras-v3"
 WEIGHTS = "keras-weights-h5"

@@ -24,10 +24,10 @@ from collections.abc import Callable, Iterable, Mapping
 from types import FrameType
 from typing import Any
 
-from ..checkpoint import Checkpoint
-from ..errors import ConfigError
-from ..manager import CheckpointManager
-from ..preemption import SaveOnSignal, active
+from safepoint.checkpoint import Checkpoint
+from safepoint.errors import ConfigError
+from safepoint.manager import CheckpointManager
+from safepoint.preemption import SaveOnSignal, active
 
 log = logging.getLogger("safepoint")
 

@@ -19,13 +19,13 @@ from __future__ import annotations
 import logging
 import re
 
-from .. import runlog
-from ..catalog import UNREADABLE
-from ..checkpoint import Checkpoint
-from ..embedded import KEY as SINGLE_FILE
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError, SafepointError
-from ..manager import CheckpointManager
-from ..manifest import NAME as MANIFEST
+from safepoint.catalog.index import UNREADABLE
+from safepoint.checkpoint import Checkpoint
+from safepoint.errors import CheckpointNotFoundError, CorruptCheckpointError, SafepointError
+from safepoint.manager import CheckpointManager
+from safepoint.ondisk.embedded import KEY as SINGLE_FILE
+from safepoint.ondisk.manifest import NAME as MANIFEST
+from safepoint.storage import runlog
 
 log = logging.getLogger("safepoint")
 

@@ -25,7 +25,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from ..errors import StateMismatchError
+from safepoint.errors import StateMismatchError
 
 #: Attributes that make up the progress of Keras' stateful callbacks.
 _KERAS_CALLBACK_ATTRS: dict[type, tuple[str, ...]] = {

@@ -32,10 +32,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from .. import preemption, rng, stateful
-from ..errors import StateMismatchError
-from . import loaders
-from .sampler import ResumableSampler, _as_byte_tensor
+from safepoint import preemption
+from safepoint.errors import StateMismatchError
+from safepoint.state import rng, stateful
+from safepoint.torch import loaders
+from safepoint.torch.sampler import ResumableSampler, _as_byte_tensor
 
 __all__ = ["RNGState", "ResumableSampler"]
 

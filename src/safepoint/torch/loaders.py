@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from .. import stateful
+from safepoint.state import stateful
 
 log = logging.getLogger("safepoint")
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from ..errors import ConfigError, StateMismatchError
+from safepoint.errors import ConfigError, StateMismatchError
 
 try:  # private: used only to see how many batches the loop consumed (see ResumableSampler)
     from torch.utils.data.dataloader import _BaseDataLoaderIter

@@ -1,0 +1,320 @@
+"""Reading committed checkpoints: manifests, verified payloads, rebuilt state trees.
+
+Shared by :class:`~safepoint.CheckpointManager` and :func:`safepoint.load`. Nothing
+here writes: restoring from a read-only root works and leaves it untouched.
+
+A writer may re-save a name while it is read (a directory swapped in, a single file
+replaced): :func:`read_checkpoint` and :func:`verify` read one version whole, through
+the directory or file descriptor they opened first (:mod:`safepoint.storage.held`).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import numpy as np
+
+from safepoint.catalog import singlefile
+from safepoint.errors import (
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    IncompleteCheckpointError,
+)
+from safepoint.ondisk import checksum, formats, manifest
+from safepoint.ondisk.manifest import Manifest
+from safepoint.state.tree import unflatten
+from safepoint.storage import held
+from safepoint.storage.local import LocalStorage, Storage, check_name
+
+_T = TypeVar("_T")
+
+#: Reads of one checkpoint directory: a same-name re-save that deletes the version
+#: being read (detected by the name's new inode) restarts the read from the top.
+_ATTEMPTS = 3
+#: What a reader racing that deletion may meet, before it looks at the name again.
+_RACED = (CorruptCheckpointError, IncompleteCheckpointError, FileNotFoundError)
+#: Seconds to wait, one after the other, for a name gone missing to come back: the gap
+#: between the two renames of a re-save without RENAME_EXCHANGE is microseconds, but a
+#: loaded machine can deschedule the writer between them.
+_ABSENT_WAITS = (0.01, 0.04, 0.16)
+
+
+def read_manifest(storage: Storage, name: str) -> Manifest:
+    """The validated manifest of checkpoint ``name`` (a directory or a single file)."""
+    if singlefile.is_single_file(storage, name):
+        return singlefile.read_manifest(storage, name)
+    return _dir_manifest(storage, name)
+
+
+def _dir_manifest(storage: Storage, name: str) -> Manifest:
+    relpath = f"{name}/{manifest.NAME}"
+    try:
+        data = storage.read_bytes(relpath, max_size=manifest.MAX_BYTES)
+    except FileNotFoundError:
+        if storage.exists(name):
+            raise IncompleteCheckpointError(
+                f"{storage.root}/{name} has no {manifest.NAME}: it is not a committed "
+                "checkpoint (a folder of your own, or a save interrupted before its commit). "
+                "safepoint never lists, loads or deletes it. Expected a committed checkpoint. "
+                "Move it out of the root if it is yours; delete it once you know it holds "
+                "nothing you need."
+            ) from None
+        raise CheckpointNotFoundError(
+            f"No checkpoint named {name!r} in {storage.root}. Expected one of the names "
+            "'safepoint ls ROOT' prints."
+        ) from None
+    except NotADirectoryError:
+        raise IncompleteCheckpointError(
+            f"{storage.root}/{name} is a file, not a checkpoint directory."
+        ) from None
+    return manifest.parse(data, where=f"{name}/{manifest.NAME}")
+
+
+def _consistent(storage: Storage, name: str, read: Callable[[Storage], _T]) -> _T:
+    """``read(view)`` of checkpoint directory ``name``, held open so it sees one version.
+
+    The view reads every file relative to the directory opened once (see
+    ``held.hold``). A writer re-saving the same name swaps a new directory
+    in and deletes the old one; a read of the old one that then misses a file is
+    started again from the top when the name has meanwhile changed hands.
+    """
+    if not isinstance(storage, LocalStorage):  # no directory descriptors (an object store)
+        return read(storage)
+    opened = False
+    for attempt in range(_ATTEMPTS):
+        try:
+            view = held.hold(storage, name)
+        except FileNotFoundError:
+            if _comes_back(storage, name):
+                continue
+            if opened:
+                raise _deleted(storage, name) from None
+            raise CheckpointNotFoundError(
+                f"No checkpoint named {name!r} in {storage.root}. Expected one of the names "
+                "'safepoint ls ROOT' prints."
+            ) from None
+        opened = True
+        try:
+            held.preopen(view, [f"{name}/{manifest.NAME}"])
+            result = read(view)
+        except _RACED:
+            if attempt + 1 == _ATTEMPTS or not held.replaced(view):
+                raise
+            continue
+        finally:
+            held.release(view)
+        if not storage.is_dir(name) and not _comes_back(storage, name):
+            # Read whole, but deleted meanwhile (the writer's retention): a newer
+            # checkpoint exists, which restore('latest') finds by listing again.
+            raise _deleted(storage, name)
+        return result
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _comes_back(storage: Storage, name: str) -> bool:
+    """True when the missing checkpoint directory ``name`` reappears within a short wait.
+
+    Without RENAME_EXCHANGE a re-save renames the old directory away and the new one
+    in; a reader that looks in between must not call the checkpoint deleted.
+    """
+    for wait in _ABSENT_WAITS:
+        time.sleep(wait)
+        if storage.is_dir(name):
+            return True
+    return False
+
+
+def _preopen(view: Storage, name: str, found: Manifest) -> None:
+    if isinstance(view, LocalStorage):
+        held.preopen(view, [f"{name}/{fname}" for fname in found.files])
+
+
+def read_checkpoint(
+    storage: Storage, name: str, *, as_numpy: bool = False, lazy: bool = False
+) -> tuple[Manifest, Any]:
+    """The manifest and state tree of one committed version of checkpoint ``name``.
+
+    Unlike :func:`read_manifest` then :func:`read_state`, the two come from the same
+    version even while a writer re-saves the name: a directory is held open (and
+    read again from the top if it was replaced mid-read), a single file read through
+    one descriptor.
+    """
+    if singlefile.is_single_file(storage, name):
+        return singlefile.read_checkpoint(storage, name)
+
+    def read(view: Storage) -> tuple[Manifest, Any]:
+        found = _dir_manifest(view, name)
+        _preopen(view, name, found)
+        return found, read_state(view, name, found, as_numpy=as_numpy, lazy=lazy)
+
+    return _consistent(storage, name, read)
+
+
+def read_state(
+    storage: Storage, name: str, found: Manifest, *, as_numpy: bool = False, lazy: bool = False
+) -> Any:
+    """Read, verify and rebuild the state tree of a committed checkpoint.
+
+    ``lazy`` (safetensors payloads): map the files and skip reading and checksumming.
+    A writer may re-save ``name`` after ``found`` was read: :func:`read_checkpoint`
+    reads both from one version.
+    """
+    if singlefile.KEY in found.extra:
+        return singlefile.read_state(storage, name, found)
+    raw = _payloads(storage, name, found, lazy=lazy)
+    cache: dict[str, Any] = {}
+
+    def tensor(key: str) -> Any:
+        if key not in cache:
+            if key not in raw:
+                raise CorruptCheckpointError(
+                    f"{name}: tensor {key!r} is listed in the manifest but was not read from "
+                    "its payload file.",
+                    file=name,
+                )
+            cache[key] = formats.materialize(found.tensors[key], raw[key], as_numpy=as_numpy)
+        return cache[key]
+
+    return unflatten(found.tree, tensor)
+
+
+def read_raw(storage: Storage, name: str) -> tuple[Manifest, dict[str, np.ndarray]]:
+    """The manifest and every tensor's verified raw bytes of checkpoint directory ``name``,
+    both of one version (as :func:`read_checkpoint`): for tools that copy or compare
+    payloads (``convert``, ``diff``) without rebuilding the state."""
+
+    def read(view: Storage) -> tuple[Manifest, dict[str, np.ndarray]]:
+        found = _dir_manifest(view, name)
+        _preopen(view, name, found)
+        return found, _payloads(view, name, found)
+
+    return _consistent(storage, name, read)
+
+
+def _payloads(
+    storage: Storage, name: str, found: Manifest, *, lazy: bool = False
+) -> dict[str, np.ndarray]:
+    try:
+        fmt = formats.get(found.payload)
+    except ConfigError as exc:  # its reader is not installed (h5py): this process cannot
+        raise IncompatibleCheckpointError(str(exc)) from exc  # read it; an older one may
+    try:
+        if lazy and found.payload == "safetensors":
+            raw = fmt.read(storage, name, found, lazy=True)  # type: ignore[call-arg]
+        else:
+            raw = fmt.read(storage, name, found)
+    except FileNotFoundError as exc:
+        _raise_if_deleted(storage, name)
+        # A payload the manifest lists is gone: the checkpoint is damaged, and
+        # restore("latest") must be able to skip it like any other corruption.
+        fname = os.path.basename(str(exc.filename or "")) or "a payload file"
+        raise CorruptCheckpointError(
+            f"{name}/{fname} is listed in the manifest but missing. Expected every payload "
+            "file of the manifest. Received: no file. Restore an older checkpoint.",
+            file=f"{name}/{fname}",
+            actual=None,
+        ) from None
+    return raw
+
+
+def _raise_if_deleted(storage: Storage, name: str) -> None:
+    """A payload is missing: if the manifest went too, the checkpoint was deleted.
+
+    The writer's retention may remove a checkpoint that a reader in another process
+    listed a moment before; that is not damage, and the caller (restore('latest'))
+    must look again rather than report corruption.
+    """
+    if not storage.exists(f"{name}/{manifest.NAME}"):
+        raise _deleted(storage, name)
+
+
+def _deleted(storage: Storage, name: str) -> CheckpointNotFoundError:
+    return CheckpointNotFoundError(
+        f"Checkpoint {name!r} in {storage.root} was deleted while it was being read "
+        "(by the writer's retention). Expected it to stay until read. List the root "
+        "again: newer checkpoints exist."
+    )
+
+
+def verify(storage: Storage, name: str) -> Manifest:
+    """Check a checkpoint's manifest and every payload file's size and checksum."""
+    if singlefile.is_single_file(storage, name):
+        return singlefile.verify(storage, name)
+
+    def check(view: Storage) -> Manifest:
+        found = _dir_manifest(view, name)
+        _preopen(view, name, found)
+        for fname, info in found.files.items():
+            _check_file(view, name, fname, info)
+        return found
+
+    return _consistent(storage, name, check)
+
+
+def _check_file(storage: Storage, name: str, fname: str, info: dict[str, Any]) -> None:
+    relpath = f"{name}/{fname}"
+    try:
+        f = storage.open_read(relpath)
+    except FileNotFoundError:
+        _raise_if_deleted(storage, name)
+        raise CorruptCheckpointError(
+            f"{relpath} is listed in the manifest but missing. Expected {info['size']} "
+            "bytes. Received: no file. Restore an older checkpoint.",
+            file=relpath,
+            expected=info["size"],
+            actual=None,
+        ) from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        checksum.check_size(relpath, expected=int(info["size"]), actual=size)
+        checksum.check(
+            relpath,
+            expected=info[checksum.ALGORITHM],
+            actual=checksum.hash_stream(f, size, file=relpath),
+        )
+
+
+def refuse_pickle(path: str) -> IncompatibleCheckpointError:
+    """The error for a file given where a checkpoint directory belongs (often a pickle)."""
+    return IncompatibleCheckpointError(
+        f"{path} is a file, not a safepoint checkpoint directory; safepoint never opens pickle "
+        "files (torch.save, .pt/.pth/.ckpt) because loading one can run arbitrary code. "
+        "Expected a directory with manifest.json. To import it, in an environment you trust "
+        "run: state = torch.load(path, weights_only=True); then "
+        "safepoint.CheckpointManager(ROOT).save(state, step=...)."
+    )
+
+
+def load(path: str | os.PathLike[str], *, as_numpy: bool = True, mmap: bool = False) -> Any:
+    """Read one checkpoint directory as a plain tree (numpy arrays + JSON values).
+
+    ``as_numpy=False`` returns torch tensors where torch tensors were saved. Every
+    payload checksum is verified; nothing is ever unpickled.
+
+    ``mmap=True`` returns at once with arrays that are copy-on-write views of the
+    mapped payload files: only the bytes that are touched are ever read, which suits
+    inspecting a few tensors of a large checkpoint. The price: tensor bytes are not
+    checksummed (headers, sizes and offsets still are validated); run
+    ``CheckpointManager.verify()`` or load without ``mmap`` when that matters.
+    """
+    full = os.path.abspath(os.fspath(path))
+    parent, name = os.path.split(full.rstrip(os.sep))
+    check_name(name, what="checkpoint directory name")
+    storage = LocalStorage(parent)
+    if singlefile.is_single_file(storage, name):
+        return singlefile.read_checkpoint(storage, name)[1]
+    try:
+        mode = os.lstat(full).st_mode
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"No checkpoint at {full}. Expected a directory.") from None
+    if stat.S_ISREG(mode):
+        raise refuse_pickle(full)
+    if not stat.S_ISDIR(mode):  # a link (never followed, as in a root), a FIFO...
+        raise held.refusal(storage.root, name)
+    return read_checkpoint(storage, name, as_numpy=as_numpy, lazy=mmap)[1]

@@ -1,0 +1,398 @@
+"""Manifests embedded in the files frameworks read: HDF5 and ``.keras`` zips.
+
+:mod:`safepoint.catalog.singlefile` commits such files; this module seals a written file
+(puts safepoint's manifest inside it), reads the manifest back, checks the file
+against it, and reads its weights without pickle.
+
+HDF5 (``.h5``, ``.hdf5``, ``.weights.h5``): the manifest is the root attribute
+``safepoint_manifest`` (a uint8 array). A manifest cannot hold the checksum of the
+file that contains it, so the checksum covers the whole file with the attribute's
+bytes counted as zeros: the attribute is first created with a random placeholder of
+the final length, the placeholder is found in the file (once, or the seal fails),
+the file is hashed with that region zeroed, and the manifest (with the digest, the
+region's offset and the file size) is written over the placeholder in place. HDF5
+stores a compact attribute's value verbatim and, in the files Keras writes (object
+header version 1), without a metadata checksum, so the file stays valid; the seal
+reads the attribute back through h5py to prove it. Reading and verifying need no
+HDF5 at all: the manifest's JSON is found by its fixed opening bytes, and the file's
+checksum is checked before h5py parses anything, so a damaged or hostile file never
+reaches the HDF5 library. Every byte of the file is covered.
+
+Zip (``.keras``): the manifest is the entry ``safepoint-manifest.json`` and records
+every other entry's size and checksum: all that Keras reads. The zip's own directory
+records (timestamps, offsets) are checked only by ``zipfile`` as it reads.
+"""
+
+from __future__ import annotations
+
+import io
+import lzma
+import mmap
+import os
+import secrets
+import struct
+import zipfile
+import zlib
+from dataclasses import replace
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from safepoint.errors import StorageError
+from safepoint.ondisk import checksum, h5tree, manifest
+from safepoint.ondisk.h5tree import corrupt
+from safepoint.ondisk.manifest import Manifest
+
+ATTR = "safepoint_manifest"
+ZIP_ENTRY = "safepoint-manifest.json"
+WEIGHTS_ENTRY = "model.weights.h5"
+KEY = "single_file"
+_MAX_ZIP_DIRECTORY = 1 << 20  # a .keras holds a few entries (~100 bytes of directory each)
+_CHUNK = 8 << 20
+_BIG = 10**15  # wider than any offset or size a seal records
+_PREFIX = b'{\n "format": "safepoint"'  # how Manifest.to_bytes() begins
+_proven: set[str] = set()
+
+
+def unsealed(name: str, why: str, *, expected: str, actual: str) -> StorageError:
+    """The error for a file that could not be sealed: the save fails, nothing is committed."""
+    return StorageError(
+        f"Sealing checkpoint file {name} failed: {why}. Expected {expected}. Received: "
+        f"{actual}. The file was not committed and earlier checkpoints are intact; save "
+        "again, and report this to safepoint if it repeats.",
+        stage="manifest",
+    )
+
+
+def _open_h5(source: Any, name: str, mode: str = "r") -> Any:
+    import h5py
+
+    try:
+        return h5py.File(source, mode)
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise corrupt(name, "not a readable HDF5 file", actual=str(exc)[:120]) from None
+
+
+def _zip_directory_size(f: Any) -> int:
+    """The central directory's size as the end records declare it (0 if none is found).
+
+    Found as ``zipfile`` finds it (the last end-of-directory signature, then the
+    zip64 record it points to), so the bound checked here is the one ``zipfile``
+    then parses: it builds an object per entry, and a small file can declare a
+    million entries.
+    """
+    fd = f.fileno()
+    size = os.fstat(fd).st_size
+    tail = os.pread(fd, min(size, 22 + 0xFFFF), max(0, size - 22 - 0xFFFF))
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or at + 22 > len(tail):
+        return 0
+    directory: int = struct.unpack_from("<L", tail, at + 12)[0]
+    if at >= 20 and tail[at - 20 : at - 16] == b"PK\x06\x07":
+        (where,) = struct.unpack_from("<Q", tail, at - 12)
+        record = os.pread(fd, 56, where) if where < size else b""
+        if len(record) == 56 and record[:4] == b"PK\x06\x06":
+            directory = max(directory, struct.unpack_from("<Q", record, 40)[0])
+    return directory
+
+
+#: What ``zipfile`` raises for a damaged or unreadable entry: an encrypted flag
+#: (RuntimeError), an unknown compression method (NotImplementedError), a broken
+#: compressed stream (zlib.error, LZMAError, OSError for bzip2) as well as its own.
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    OSError,
+    EOFError,
+    ValueError,
+    RuntimeError,
+    NotImplementedError,
+    zlib.error,
+    lzma.LZMAError,
+)
+
+
+def _open_zip(source: Any, name: str) -> zipfile.ZipFile:
+    if hasattr(source, "fileno"):
+        directory = _zip_directory_size(source)
+        if directory > _MAX_ZIP_DIRECTORY:
+            raise corrupt(
+                name,
+                "the zip directory is too large",
+                expected=_MAX_ZIP_DIRECTORY,
+                actual=directory,
+            )
+    try:
+        return zipfile.ZipFile(source)
+    except _ZIP_ERRORS as exc:
+        raise corrupt(name, "not a readable zip file", actual=str(exc)[:120]) from None
+
+
+# ---------------------------------------------------------------------------- HDF5
+def _digest_zeroed(view: Any, offset: int, length: int) -> str:
+    """xxh3 of ``view`` with ``[offset, offset + length)`` counted as zero bytes."""
+    hasher = checksum.Hasher()
+    hasher.update(view[:offset])
+    hasher.update(bytes(length))
+    hasher.update(view[offset + length :])
+    return hasher.hexdigest()
+
+
+def _seal_h5(path: str, name: str, body: Manifest, extra: dict[str, Any]) -> tuple[Manifest, bytes]:
+    probe = replace(body, extra={**body.extra, KEY: {**extra, "digest": "0" * 16, "size": _BIG,
+                                       "offset": _BIG, "length": _BIG}})  # fmt: skip
+    length = len(probe.to_bytes()) + 16
+    marker = secrets.token_bytes(32)
+    placeholder = (marker * (length // 32 + 1))[:length]
+    with _open_h5(path, name, "r+") as h5:
+        h5.attrs.create(ATTR, np.frombuffer(placeholder, dtype=np.uint8))
+    with open(path, "r+b") as f:
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            offset = view.find(placeholder)
+            if offset < 0 or view.find(marker, offset + length) >= 0:
+                found = "none" if offset < 0 else "more than one"
+                raise unsealed(
+                    name,
+                    "the manifest attribute could not be located in the written file",
+                    expected="exactly one copy of the attribute's placeholder bytes",
+                    actual=found,
+                )
+            record = {**extra, "size": len(view), "offset": offset, "length": length}
+            record["digest"] = _digest_zeroed(memoryview(view), offset, length)
+        sealed = replace(body, extra={**body.extra, KEY: record})
+        data = sealed.to_bytes()
+        padded = data + b" " * (length - len(data))
+        # Durability comes from the caller's fsync of the whole file.
+        os.pwrite(f.fileno(), padded, offset)
+    if not data.startswith(_PREFIX):
+        raise unsealed(
+            name,
+            "the manifest does not start as expected",
+            expected=repr(_PREFIX),
+            actual=repr(data[: len(_PREFIX)]),
+        )
+    if extra["layout"] not in _proven:
+        # That HDF5 keeps the attribute verbatim is a property of how a layout's files
+        # are written: prove it once per layout and process, through h5py.
+        if read_h5_manifest(path, name) != padded:
+            raise unsealed(
+                name,
+                "HDF5 did not store the manifest attribute verbatim",
+                expected=f"the {len(padded)} bytes written",
+                actual="different bytes read back through h5py",
+            )
+        _proven.add(extra["layout"])
+    return sealed, data
+
+
+def _find_h5_manifest(view: Any, name: str) -> tuple[int, bytes]:
+    """Offset and bytes of the sealed manifest, found without parsing any HDF5.
+
+    A sealed attribute holds the manifest's JSON, which always begins with
+    ``_PREFIX`` and ends with the first unindented closing brace.
+    """
+    start = view.find(_PREFIX)
+    if start < 0:
+        if view.find(ATTR.encode()) >= 0:
+            # The attribute is there but its manifest is not: a damaged checkpoint of
+            # ours, to be reported, never a file someone else wrote (that is ignored).
+            raise corrupt(name, "the embedded manifest is damaged", expected=_PREFIX.decode())
+        raise FileNotFoundError(f"{name} has no embedded safepoint manifest")
+    end = view.find(b"\n}\n", start)
+    if end < 0 or end + 3 - start > manifest.MAX_BYTES:
+        raise corrupt(name, "the embedded manifest has no end", expected="a JSON object")
+    return start, bytes(view[start : end + 3])
+
+
+def read_h5_manifest(path: str, name: str) -> bytes:
+    """The attribute's bytes as h5py reads them (``FileNotFoundError`` when absent)."""
+    with _open_h5(path, name) as h5:
+        if ATTR not in h5.attrs:
+            raise FileNotFoundError(f"{path} has no embedded safepoint manifest")
+        value = np.asarray(h5.attrs[ATTR])
+    if value.dtype != np.uint8 or value.ndim != 1 or value.size > manifest.MAX_BYTES:
+        raise corrupt(name, "embedded manifest malformed", actual=str(value.dtype))
+    return value.tobytes()
+
+
+def _mapped(f: BinaryIO) -> Any:
+    """The whole file ``f`` mapped read-only (the file itself, not whatever its name is now)."""
+    if os.fstat(f.fileno()).st_size == 0:
+        return b""
+    return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _check_h5(f: BinaryIO, name: str, record: dict[str, Any]) -> None:
+    """Checksum the raw bytes; HDF5 parses nothing of a file that fails this."""
+    offset, length, size = (int(record.get(k, -1)) for k in ("offset", "length", "size"))
+    view = _mapped(f)
+    try:
+        checksum.check_size(name, expected=size, actual=len(view))
+        if not 0 <= offset <= offset + length <= size or size == 0:
+            raise corrupt(name, "manifest region outside the file", actual=(offset, length))
+        found, data = _find_h5_manifest(view, name)
+        # The region is the manifest padded with spaces: any other byte there is damage
+        # the zeroed checksum would not see.
+        if found != offset or view[offset : offset + length] != data.ljust(length, b" "):
+            raise corrupt(name, "the manifest region was altered", expected=offset, actual=found)
+        digest = _digest_zeroed(memoryview(view), offset, length)
+    finally:
+        if isinstance(view, mmap.mmap):
+            view.close()
+    checksum.check(name, expected=str(record.get("digest")), actual=digest)
+
+
+# ---------------------------------------------------------------------------- zip
+def _zip_entries(
+    z: zipfile.ZipFile,
+    name: str,
+    recorded: dict[str, Any] | None,
+    keep: dict[str, bytes] | None = None,
+) -> dict[str, Any]:
+    """Each entry's size and digest (ours excluded), bounded by ``recorded`` sizes.
+
+    Entries are inflated in chunks and stop at the size the manifest vouches for, so
+    a zip bomb costs at most that much work and one chunk of memory. The entries
+    named in ``keep`` are also kept there, as the very bytes hashed.
+    """
+    out: dict[str, Any] = {}
+    for info in z.infolist():
+        if info.filename == ZIP_ENTRY:
+            continue
+        limit = None
+        if recorded is not None:
+            if info.filename not in recorded:
+                raise corrupt(name, f"unexpected zip entry {info.filename!r}")
+            limit = int(recorded[info.filename]["size"])
+        hasher = checksum.Hasher()
+        size = 0
+        chunks: list[bytes] | None = [] if keep is not None and info.filename in keep else None
+        try:
+            with z.open(info) as f:
+                while chunk := f.read(_CHUNK if limit is None else min(_CHUNK, limit - size + 1)):
+                    size += len(chunk)
+                    if limit is not None and size > limit:
+                        raise corrupt(name, f"zip entry {info.filename!r} grew", expected=limit)
+                    hasher.update(chunk)
+                    if chunks is not None:
+                        chunks.append(chunk)
+        except _ZIP_ERRORS as exc:
+            raise corrupt(
+                name, f"zip entry {info.filename!r} is unreadable", actual=str(exc)
+            ) from None
+        out[info.filename] = {"size": size, checksum.ALGORITHM: hasher.hexdigest()}
+        if keep is not None and chunks is not None:
+            keep[info.filename] = b"".join(chunks)
+    if recorded is not None:
+        missing = sorted(set(recorded) - set(out))
+        if missing:
+            raise corrupt(name, "zip entries are missing", expected=missing, actual=sorted(out))
+        for entry, info in recorded.items():
+            where = f"{name}:{entry}"
+            checksum.check_size(where, expected=int(info["size"]), actual=out[entry]["size"])
+            checksum.check(
+                where, expected=info[checksum.ALGORITHM], actual=out[entry][checksum.ALGORITHM]
+            )
+    return out
+
+
+# ---------------------------------------------------------------------------- entry points
+def seal(path: str, kind: str, name: str, body: Manifest, layout: str) -> tuple[Manifest, bytes]:
+    """Embed ``body`` (given its record) in the written file at ``path``.
+
+    Returns the sealed manifest and its bytes, as :func:`manifest_bytes` reads them.
+    """
+    extra = {"container": kind, "layout": layout}
+    if kind == "hdf5":
+        return _seal_h5(path, name, body, extra)
+    with zipfile.ZipFile(path, "a") as z:
+        record = {**extra, "entries": _zip_entries(z, name, None)}
+        sealed = replace(body, extra={**body.extra, KEY: record})
+        data = sealed.to_bytes()
+        z.writestr(ZIP_ENTRY, data)
+    return sealed, data
+
+
+def manifest_bytes(f: BinaryIO, kind: str, name: str) -> bytes:
+    """The embedded manifest's bytes; ``FileNotFoundError`` when the file has none."""
+    if kind == "hdf5":
+        view = _mapped(f)
+        try:
+            return _find_h5_manifest(view, name)[1]
+        finally:
+            if isinstance(view, mmap.mmap):
+                view.close()
+    with _open_zip(f, name) as z:
+        try:
+            entry = z.getinfo(ZIP_ENTRY)
+        except KeyError:
+            raise FileNotFoundError(f"{name} has no embedded safepoint manifest") from None
+        if entry.file_size > manifest.MAX_BYTES:
+            raise corrupt(name, "embedded manifest too large", actual=entry.file_size)
+        try:
+            return z.read(entry)  # zipfile inflates no more than the declared file_size
+        except _ZIP_ERRORS as exc:
+            raise corrupt(name, "embedded manifest unreadable", actual=str(exc)) from None
+
+
+def check_record(name: str, record: Any, kind: str | None) -> None:
+    """Refuse a manifest whose single-file record is not one this module writes."""
+    fields = ("offset", "length", "size") if kind == "hdf5" else ()
+    ok = (
+        isinstance(record, dict)
+        and record.get("container") == kind
+        and all(
+            isinstance(record.get(f), int)
+            and not isinstance(record.get(f), bool)
+            and record[f] >= 0
+            for f in fields
+        )
+        and (kind != "hdf5" or isinstance(record.get("digest"), str))
+        and (kind != "zip" or _entries_ok(record.get("entries")))
+    )
+    if not ok:
+        raise corrupt(
+            name, f"the manifest's record of this {kind} file is malformed", actual=record
+        )
+
+
+def _entries_ok(entries: Any) -> bool:
+    """A zip record: each entry's size (what bounds its inflation) and digest."""
+    return isinstance(entries, dict) and all(
+        isinstance(info, dict)
+        and isinstance(info.get("size"), int)
+        and not isinstance(info.get("size"), bool)
+        and info["size"] >= 0
+        and isinstance(info.get(checksum.ALGORITHM), str)
+        for info in entries.values()
+    )
+
+
+def check(f: BinaryIO, name: str, record: dict[str, Any]) -> None:
+    """Verify the open file ``f`` against its manifest's record."""
+    if record["container"] == "hdf5":
+        _check_h5(f, name, record)
+        return
+    with _open_zip(f, name) as z:
+        _zip_entries(z, name, record.get("entries", {}))
+
+
+def arrays(f: BinaryIO, name: str, record: dict[str, Any]) -> dict[str, Any]:
+    """Verify the open file ``f``, then read its weights as a nested dict of numpy arrays.
+
+    Everything is read through ``f``: a file re-committed under the same name
+    meanwhile (a new inode) does not mix into this one.
+    """
+    if record["container"] == "hdf5":
+        _check_h5(f, name, record)
+        f.seek(0)
+        with _open_h5(f, name) as h5:
+            return h5tree.arrays(h5, name, os.fstat(f.fileno()).st_size)
+    kept: dict[str, bytes] = {WEIGHTS_ENTRY: b""}
+    with _open_zip(f, name) as z:
+        has_weights = WEIGHTS_ENTRY in z.namelist()
+        _zip_entries(z, name, record.get("entries", {}), keep=kept)
+    if not has_weights:
+        return {}
+    data = kept[WEIGHTS_ENTRY]  # the bytes whose size and checksum were verified
+    with _open_h5(io.BytesIO(data), name) as h5:
+        return h5tree.arrays(h5, name, len(data))
