@@ -11,6 +11,7 @@ of ints and uint8/uint32 arrays.
 
 from __future__ import annotations
 
+import logging
 import random
 import sys
 from typing import Any
@@ -18,6 +19,8 @@ from typing import Any
 import numpy as np
 
 from safepoint.errors import StateMismatchError
+
+log = logging.getLogger("safepoint")
 
 
 class RNGState:
@@ -53,9 +56,18 @@ class RNGState:
                 "the python and numpy generator states RNGState saves. Received keys: "
                 f"{sorted(state) if isinstance(state, dict) else type(state).__name__}."
             ) from None
-        if "torch" in state:
-            import torch
-
-            torch.set_rng_state(state["torch"])
-            if "torch_cuda" in state and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["torch_cuda"])
+        if "torch" not in state:
+            return
+        torch = sys.modules.get("torch")
+        if torch is None:
+            # Nothing in this process draws from torch's generators; importing torch
+            # here would load a framework the program does not use.
+            log.info(
+                "safepoint: the checkpoint holds torch's RNG state, but torch is not "
+                "imported, so it is not restored. Import torch before restore() if the "
+                "program uses it later."
+            )
+            return
+        torch.set_rng_state(state["torch"])
+        if "torch_cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["torch_cuda"])

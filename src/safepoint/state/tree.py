@@ -95,7 +95,7 @@ def as_bytes(source: Any) -> memoryview:
     tensor = source.detach()
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
-    import torch
+    torch = sys.modules["torch"]  # loaded: ``source`` is one of its tensors
 
     tensor = tensor.contiguous().reshape(-1)
     if tensor.numel() == 1 and tensor.stride(0) != 1:
