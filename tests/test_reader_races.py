@@ -21,7 +21,7 @@ import pytest
 
 import safepoint
 from safepoint.catalog import reader
-from safepoint.cli import main as cli
+from safepoint import cli
 from safepoint.storage.local import LocalStorage
 
 SECONDS = 2.5

@@ -30,7 +30,7 @@ import pytest
 
 import safepoint
 from safepoint.catalog import singlefile
-from safepoint.cli import main as cli
+from safepoint import cli
 from safepoint.errors import CorruptCheckpointError
 from safepoint.ondisk import checksum
 from safepoint_testing import read_manifest, write_manifest
