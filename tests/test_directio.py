@@ -9,8 +9,8 @@ import pytest
 from safetensors import safe_open
 
 import safepoint
-from safepoint.storage import directio, fileimage
 from safepoint.storage import files as localfile
+from safepoint.storage import payload_read, payload_write
 
 
 def state() -> dict[str, object]:
@@ -54,15 +54,15 @@ def test_read_fallback_where_files_cannot_be_mapped(
     def refuse(*args: object, **kwargs: object) -> None:
         raise OSError(19, "No such device (mmap refused)")
 
-    monkeypatch.setattr(fileimage, "map_image", refuse)
+    monkeypatch.setattr(payload_read, "map_image", refuse)
     roundtrip(tmp_path)
 
 
 def test_chunk_size_keeps_writer_memory_small() -> None:
-    assert directio.chunk_size(0) == directio.MIN_CHUNK
-    assert directio.chunk_size(1 << 30) == directio.MAX_CHUNK
+    assert payload_write.chunk_size(0) == payload_write.MIN_CHUNK
+    assert payload_write.chunk_size(1 << 30) == payload_write.MAX_CHUNK
     for total in (1 << 20, 64 << 20, 256 << 20, 1 << 30):
-        assert directio.DEPTH * directio.chunk_size(total) <= max(total // 20, 3 << 20)
+        assert payload_write.DEPTH * payload_write.chunk_size(total) <= max(total // 20, 3 << 20)
 
 
 def test_lazy_load_maps_without_reading(tmp_path: Path) -> None:

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 import safepoint
-from safepoint.catalog import reader
 from safepoint import cli
+from safepoint.catalog import reader
 from safepoint.storage.local import LocalStorage
 
 SECONDS = 2.5

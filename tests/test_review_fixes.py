@@ -118,7 +118,7 @@ def test_an_hdf5_checkpoint_without_h5py_is_incompatible_and_latest_falls_back(
     root = tmp_path / "run"
     safepoint.CheckpointManager(root).save({"x": np.ones(2)}, step=1)
     safepoint.CheckpointManager(root, format="hdf5").save({"x": np.zeros(2)}, step=2)
-    from safepoint.ondisk import formats
+    from safepoint import formats
 
     real_get = formats.get
 

@@ -19,12 +19,12 @@ import xxhash
 from safetensors import safe_open
 
 import safepoint
-from safepoint.ondisk.formats import shards
-from safepoint.ondisk.formats.safetensors import header_bytes
+from safepoint.formats import shards
+from safepoint.formats.safetensors import header_bytes
 from safepoint.ondisk.names import TMP_MARK, TRASH_PREFIX
 from safepoint.state.tree import flatten
-from safepoint.storage import directio
 from safepoint.storage import files as localfile
+from safepoint.storage import payload_write
 from safepoint.storage import staging as snapshot
 from safepoint.storage.local import LocalStorage
 from safepoint.storage.staging import Staging, image_layout
@@ -50,13 +50,13 @@ class CopyCounter:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.copied = 0
-        original = directio.PayloadStream._copy
+        original = payload_write.PayloadStream._copy
 
-        def counting(stream: directio.PayloadStream, src: np.ndarray) -> None:
+        def counting(stream: payload_write.PayloadStream, src: np.ndarray) -> None:
             self.copied += src.nbytes
             original(stream, src)
 
-        monkeypatch.setattr(directio.PayloadStream, "_copy", counting)
+        monkeypatch.setattr(payload_write.PayloadStream, "_copy", counting)
 
 
 def assert_files_hold(ckpt: safepoint.Checkpoint, state: dict[str, object]) -> None:
@@ -158,7 +158,7 @@ def write_stream(path: Path, parts: list[np.ndarray], *, direct: bool) -> tuple[
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     sink = localfile.LocalWriter(storage, path.name, fd, direct=direct)
     assert sink.direct == direct
-    stream = directio.PayloadStream(sink, size_hint=sum(p.nbytes for p in parts))
+    stream = payload_write.PayloadStream(sink, size_hint=sum(p.nbytes for p in parts))
     for part in parts:
         stream.write(part.data)
     return stream.close()
@@ -167,7 +167,7 @@ def write_stream(path: Path, parts: list[np.ndarray], *, direct: bool) -> tuple[
 @pytest.mark.parametrize("direct", [True, False])
 def test_stream_mixes_passed_through_and_copied_buffers(tmp_path: Path, direct: bool) -> None:
     rng = np.random.default_rng(0)
-    aligned = np.frombuffer(directio.aligned(5 << 20), dtype=np.uint8)
+    aligned = np.frombuffer(payload_write.aligned(5 << 20), dtype=np.uint8)
     aligned[:] = rng.integers(0, 255, aligned.nbytes, dtype=np.uint8)
     parts = [
         aligned[: (3 << 20) + 100],  # aligned start, unaligned end: pass-through + tail
@@ -187,7 +187,7 @@ def test_pinning_fails_soft_without_cuda(caplog: pytest.LogCaptureFixture) -> No
     """Where the staging memory cannot be page-locked, snapshots still work unpinned."""
     if torch.cuda.is_available():
         pytest.skip("this checks the fallback of a machine without CUDA")
-    arena = np.frombuffer(directio.aligned(1 << 16), dtype=np.uint8)
+    arena = np.frombuffer(payload_write.aligned(1 << 16), dtype=np.uint8)
     with caplog.at_level("INFO", logger="safepoint"):
         assert snapshot._pin(arena) is False
     assert "copying unpinned" in caplog.text

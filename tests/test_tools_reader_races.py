@@ -16,8 +16,8 @@ import pytest
 
 import safepoint
 import test_reader_races as races
-from safepoint.catalog import reader
 from safepoint import cli
+from safepoint.catalog import reader
 from safepoint.cli import report
 from safepoint.cli.conversion import convert
 from safepoint.storage.local import LocalStorage

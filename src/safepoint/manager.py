@@ -22,6 +22,7 @@ import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from safepoint import formats
 from safepoint.catalog.index import Catalog
 from safepoint.catalog.series import check_monitor, member, refuse_checkpoint_root, serial
 from safepoint.catalog.writer import int_arg, metrics_arg, write_checkpoint
@@ -31,9 +32,8 @@ from safepoint.errors import (
     ConfigError,
     SafepointError,
 )
+from safepoint.formats import shards
 from safepoint.monitor import metric_value, resolve_mode
-from safepoint.ondisk import formats
-from safepoint.ondisk.formats import shards
 from safepoint.ondisk.manifest import Manifest, now
 from safepoint.ondisk.template import NameTemplate, bounded
 from safepoint.retention import Keep, rank_best

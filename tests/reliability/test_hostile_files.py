@@ -29,8 +29,8 @@ import numpy as np
 import pytest
 
 import safepoint
-from safepoint.catalog import singlefile
 from safepoint import cli
+from safepoint.catalog import singlefile
 from safepoint.errors import CorruptCheckpointError
 from safepoint.ondisk import checksum
 from safepoint_testing import read_manifest, write_manifest

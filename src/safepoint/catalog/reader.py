@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from safepoint import formats
 from safepoint.catalog import singlefile
 from safepoint.errors import (
     CheckpointNotFoundError,
@@ -26,7 +27,7 @@ from safepoint.errors import (
     IncompatibleCheckpointError,
     IncompleteCheckpointError,
 )
-from safepoint.ondisk import checksum, formats, manifest
+from safepoint.ondisk import checksum, manifest
 from safepoint.ondisk.manifest import Manifest
 from safepoint.state.tree import unflatten
 from safepoint.storage import held

@@ -44,7 +44,7 @@ from safepoint.ondisk import embedded, manifest
 from safepoint.ondisk.embedded import KEY
 from safepoint.ondisk.manifest import Manifest
 from safepoint.ondisk.template import bounded
-from safepoint.storage import leftovers, rootlock, runlog
+from safepoint.storage import leftovers, protocol, rootlock, runlog
 from safepoint.storage.local import (
     Storage,
     check_name,
@@ -84,7 +84,7 @@ def is_single_file(storage: Storage, name: str) -> bool:
     """
     if container(name) is None or component_problem(name) is not None:
         return False  # e.g. a stray "C:\\x\\model.h5": not a name safepoint writes
-    path = storage.local_path(name)
+    path = protocol.local_path(storage, name)
     if path is None:
         return False
     try:
@@ -99,7 +99,7 @@ def is_single_file(storage: Storage, name: str) -> bool:
 
 
 def _path(storage: Storage, name: str) -> str:
-    path = storage.local_path(name)
+    path = protocol.local_path(storage, name)
     if path is None:
         raise StorageError(
             f"Single-file checkpoints need a local file system. Received: root={storage.root!r}.",

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from safepoint.errors import ConfigError
-from safepoint.ondisk.formats import PayloadFormat
+from safepoint.formats import PayloadFormat
 from safepoint.ondisk.manifest import NAME as MANIFEST_NAME
 from safepoint.ondisk.manifest import Manifest
 from safepoint.state.metrics import clean_value

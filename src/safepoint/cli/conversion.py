@@ -18,13 +18,13 @@ import os
 from dataclasses import replace
 from typing import Any
 
+from safepoint import formats
 from safepoint.catalog import singlefile
 from safepoint.catalog.index import Catalog
 from safepoint.catalog.reader import read_raw, refuse_pickle
 from safepoint.catalog.writer import write_checkpoint
 from safepoint.cli.report import read_weights
 from safepoint.errors import ConfigError
-from safepoint.ondisk import formats
 from safepoint.state import dtypes
 from safepoint.state.tree import TensorLeaf, flatten
 from safepoint.storage.local import LocalStorage, check_name

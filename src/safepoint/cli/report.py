@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from safepoint import formats
 from safepoint.catalog import reader, singlefile
 from safepoint.errors import IncompatibleCheckpointError
-from safepoint.ondisk import formats
 from safepoint.ondisk.manifest import Manifest
 from safepoint.storage.local import Storage
 

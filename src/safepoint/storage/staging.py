@@ -14,7 +14,7 @@ Why the arena holds *file images*: when the payload format can say which bytes
 precede a shard's tensors in its file (a safetensors header), the arena is laid out
 as the files themselves: each shard starts on a page, its header, then its tensors
 back to back. The background writer then hands page-aligned slices of the arena
-straight to ``O_DIRECT`` writes (``directio.PayloadStream``) instead of copying every
+straight to ``O_DIRECT`` writes (``payload_write.PayloadStream``) instead of copying every
 byte a second time into write chunks: on 2 cores that copy was CPU taken from the
 training step. Formats without such a prefix (HDF5) get the plain layout, tensors at
 64-byte-aligned offsets. All copies in and out of the arena are byte copies, so a
@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from safepoint.state.tree import TensorLeaf
-from safepoint.storage.directio import aligned
+from safepoint.storage.payload_write import aligned
 
 log = logging.getLogger("safepoint")
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -26,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from safepoint.errors import ConfigError
+from safepoint.formats import Files, Locations, expect, shards
 from safepoint.ondisk import checksum
-from safepoint.ondisk.formats import Files, Locations, expect, shards
 from safepoint.ondisk.manifest import (
     CONTAINER_COST,
     MAX_DIMS,
@@ -39,8 +38,9 @@ from safepoint.ondisk.manifest import (
 )
 from safepoint.state import dtypes
 from safepoint.state.tree import TensorLeaf
-from safepoint.storage import directio, fileimage
-from safepoint.storage.local import Storage, translate_read
+from safepoint.storage import payload_read, payload_write
+from safepoint.storage.files import translate_read
+from safepoint.storage.protocol import Storage
 
 MAX_HEADER = 100 << 20
 _METADATA_MEMBERS = 64  # "__metadata__": a few string pairs (safepoint writes two)
@@ -109,7 +109,7 @@ class SafetensorsFormat:
     ) -> tuple[int, str]:
         head = header_bytes(leaves)
         total = len(head) + sum(leaf.nbytes for leaf in leaves)
-        stream = directio.PayloadStream(storage.open_write(relpath), size_hint=total)
+        stream = payload_write.PayloadStream(storage.open_write(relpath), size_hint=total)
         try:
             stream.write(memoryview(head))
             for leaf in leaves:
@@ -133,7 +133,7 @@ class SafetensorsFormat:
         total = len(head) + sum(leaf.nbytes for leaf in leaves)
         if image.nbytes != total or image[: len(head)].tobytes() != head:
             raise ValueError(f"the staged image of {relpath} does not match its tensors")
-        stream = directio.PayloadStream(storage.open_write(relpath), size_hint=total)
+        stream = payload_write.PayloadStream(storage.open_write(relpath), size_hint=total)
         try:
             stream.write(image.data)
         except BaseException:
@@ -167,22 +167,17 @@ class SafetensorsFormat:
         lazy: bool = False,
     ) -> dict[str, np.ndarray]:
         expected_size = int(info["size"])
-        with storage.open_read(relpath) as f:
-            actual_size = os.fstat(f.fileno()).st_size
-            checksum.check_size(relpath, expected=expected_size, actual=actual_size)
-            try:
-                # The size is bounded by the manifest and by the file itself, so this
-                # allocation is no larger than what is really on disk.
-                try:
-                    image, digest = fileimage.map_image(f.fileno(), actual_size, lazy=lazy)
-                except (OSError, ValueError):  # a file system that cannot map files
-                    with translate_read(relpath):
-                        image, digest = fileimage.read_image(f.fileno(), actual_size)
-                    lazy = False
-            except EOFError as exc:
-                expect(False, relpath, "file ended early", expected=actual_size, actual=str(exc))
-        if not lazy:
-            checksum.check(relpath, expected=info[checksum.ALGORITHM], actual=str(digest))
+        with translate_read(relpath):
+            actual_size = storage.size(relpath)
+        checksum.check_size(relpath, expected=expected_size, actual=actual_size)
+        try:
+            # The size is bounded by the manifest and by the file itself, so this
+            # allocation is no larger than what is really stored.
+            image, digest = payload_read.read_payload(storage, relpath, actual_size, lazy=lazy)
+        except EOFError as exc:
+            expect(False, relpath, "file ended early", expected=actual_size, actual=str(exc))
+        if digest is not None:  # None: a lazy mapping, whose bytes are read when touched
+            checksum.check(relpath, expected=info[checksum.ALGORITHM], actual=digest)
         expect(actual_size >= 8, relpath, "file ended early", expected=8, actual=actual_size)
         (hlen,) = struct.unpack("<Q", image[:8].tobytes())
         expect(

@@ -21,8 +21,8 @@ from safepoint.state.tree import TensorLeaf
 from safepoint.storage.local import Storage
 
 _REGISTRY = {
-    "safetensors": ("safepoint.ondisk.formats.safetensors:SafetensorsFormat", None),
-    "hdf5": ("safepoint.ondisk.formats.hdf5:HDF5Format", "h5py (pip install 'safepoint[hdf5]')"),
+    "safetensors": ("safepoint.formats.safetensors:SafetensorsFormat", None),
+    "hdf5": ("safepoint.formats.hdf5:HDF5Format", "h5py (pip install 'safepoint[hdf5]')"),
 }
 
 #: Default upper bound of one payload file; larger states are split into shards.

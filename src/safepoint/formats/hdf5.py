@@ -21,12 +21,13 @@ import h5py
 import numpy as np
 
 from safepoint.errors import StorageError
+from safepoint.formats import Files, Locations, expect, shards
 from safepoint.ondisk import checksum
-from safepoint.ondisk.formats import Files, Locations, expect, shards
 from safepoint.ondisk.manifest import Manifest
 from safepoint.state import dtypes
 from safepoint.state.tree import TensorLeaf
-from safepoint.storage.local import Storage, translate
+from safepoint.storage.files import translate, translate_read
+from safepoint.storage.protocol import Storage, local_path
 
 
 def _layout(dtype_name: str, shape: Sequence[int]) -> tuple[np.dtype, tuple[int, ...]]:
@@ -57,7 +58,7 @@ class HDF5Format:
         for shard, group in enumerate(shards(leaves, shard_bytes)):
             fname = f"model-{shard:05d}{self.suffix}"
             relpath = f"{staged}/{fname}"
-            path = storage.local_path(relpath)
+            path = local_path(storage, relpath)
             if path is None:
                 raise StorageError("The hdf5 format needs a local file system root.", stage="write")
             with translate("write", path):
@@ -82,8 +83,8 @@ class HDF5Format:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
+            size = storage.size(relpath)
             with storage.open_read(relpath) as f:
-                size = os.fstat(f.fileno()).st_size
                 digest = checksum.hash_stream(f, size, file=relpath)
             files[fname] = {"size": size, checksum.ALGORITHM: digest}
         return files, locations
@@ -92,9 +93,10 @@ class HDF5Format:
         out: dict[str, np.ndarray] = {}
         for fname, info in manifest.files.items():
             relpath = f"{ckpt}/{fname}"
+            with translate_read(relpath):
+                size = storage.size(relpath)
+            checksum.check_size(relpath, expected=int(info["size"]), actual=size)
             with storage.open_read(relpath) as f:
-                size = os.fstat(f.fileno()).st_size
-                checksum.check_size(relpath, expected=int(info["size"]), actual=size)
                 checksum.check(
                     relpath,
                     expected=info[checksum.ALGORITHM],
