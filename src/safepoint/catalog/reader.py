@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -295,8 +296,9 @@ def refuse_pickle(path: str) -> IncompatibleCheckpointError:
 def load(path: str | os.PathLike[str], *, as_numpy: bool = True, mmap: bool = False) -> Any:
     """Read one checkpoint directory as a plain tree (numpy arrays + JSON values).
 
-    ``as_numpy=False`` returns torch tensors where torch tensors were saved. Every
-    payload checksum is verified; nothing is ever unpickled.
+    ``as_numpy=False`` returns torch tensors where torch tensors were saved; import
+    torch first (safepoint never loads a framework itself). Every payload checksum is
+    verified; nothing is ever unpickled.
 
     ``mmap=True`` returns at once with arrays that are copy-on-write views of the
     mapped payload files: only the bytes that are touched are ever read, which suits
@@ -304,6 +306,12 @@ def load(path: str | os.PathLike[str], *, as_numpy: bool = True, mmap: bool = Fa
     checksummed (headers, sizes and offsets still are validated); run
     ``CheckpointManager.verify()`` or load without ``mmap`` when that matters.
     """
+    if not as_numpy and "torch" not in sys.modules:
+        raise ConfigError(
+            "load(as_numpy=False) returns torch tensors, but torch is not imported. "
+            "Expected torch loaded by the program. Received: as_numpy=False. Run "
+            "'import torch' first, or keep as_numpy=True for numpy arrays."
+        )
     full = os.path.abspath(os.fspath(path))
     parent, name = os.path.split(full.rstrip(os.sep))
     check_name(name, what="checkpoint directory name")

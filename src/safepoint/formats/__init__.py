@@ -9,6 +9,7 @@ lazily as ``"module:Class"`` strings so that h5py is imported only by users of H
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
@@ -95,14 +96,15 @@ def materialize(entry: dict[str, Any], raw: np.ndarray, *, as_numpy: bool = Fals
     """Turn a tensor's raw bytes into the value that was saved.
 
     ``lib`` decides the type: numpy arrays and scalars come back as numpy, torch
-    tensors as torch tensors (on CPU) unless ``as_numpy`` asks for numpy throughout.
+    tensors as torch tensors (on CPU) unless ``as_numpy`` asks for numpy throughout
+    or the program has not loaded torch (then nothing it holds can take a tensor, and
+    safepoint does not load a framework on its own).
     """
     dt = dtypes.BY_NAME[entry["dtype"]]
     shape = tuple(entry["shape"])
     lib = entry["lib"]
-    if lib == "torch" and not as_numpy:
-        import torch
-
+    torch = None if as_numpy else sys.modules.get("torch")
+    if lib == "torch" and torch is not None:
         torch_dtype = getattr(torch, str(dt.torch))
         # torch.from_numpy gives an empty array stride 0, which view() to a wider dtype
         # refuses; a fresh empty uint8 tensor has stride 1.

@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -172,6 +174,17 @@ def _on_device(leaf: TensorLeaf) -> bool:
     return getattr(device, "type", None) == "cuda"
 
 
+def _torch() -> Any:
+    """torch, which the program has loaded: staging sees torch tensors only then.
+
+    Never imported from here: safepoint's core uses a framework the program brought.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
+        raise RuntimeError("torch tensors are being staged but torch is not loaded")
+    return torch
+
+
 def _pin(arena: np.ndarray) -> bool:
     """Page-lock the arena for CUDA (``cudaHostRegister``); False where that fails.
 
@@ -181,8 +194,7 @@ def _pin(arena: np.ndarray) -> bool:
     only makes the snapshot slower, so it is logged, not raised.
     """
     try:
-        import torch
-
+        torch = _torch()
         cudart = torch.cuda.cudart()
         ok = cudart.cudaHostRegister(arena.ctypes.data, arena.nbytes, 0) == cudart.cudaError.success
     except Exception as exc:  # any failure leaves the arena pageable, which still works
@@ -194,8 +206,7 @@ def _pin(arena: np.ndarray) -> bool:
 
 
 def _unpin(arena: np.ndarray) -> None:
-    import torch
-
+    torch = _torch()
     try:
         torch.cuda.cudart().cudaHostUnregister(arena.ctypes.data)
     except Exception as exc:  # the memory is freed right after either way
@@ -206,8 +217,7 @@ def _copy(leaf: TensorLeaf, dst: np.ndarray, device: list[object]) -> None:
     """Copy one leaf's bytes into ``dst`` (both copies release the GIL)."""
     source = leaf.source
     if leaf.lib == "torch" and not isinstance(source, np.ndarray):
-        import torch
-
+        torch = _torch()
         src = source.detach()
         if src.numel() == 0:
             return
@@ -239,8 +249,7 @@ def _wait_for_devices(devices: list[object]) -> None:
     """
     if not devices:
         return
-    import torch
-
+    torch = _torch()
     for dev in {str(d): d for d in devices}.values():
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(dev))  # type: ignore[arg-type]
