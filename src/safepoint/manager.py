@@ -217,8 +217,9 @@ class CheckpointManager:
         created = now()
         if self.async_save:
             groups = list(shards(leaves, self.shard_bytes))
-            prefix = getattr(self.format, "image_prefix", None)
-            snap = self._staging.capture(groups, [prefix(g) for g in groups] if prefix else None)
+            prefixes = [self.format.image_prefix(g) for g in groups]
+            heads = None if None in prefixes else [p for p in prefixes if p is not None]
+            snap = self._staging.capture(groups, heads)
             if snap is not None:
                 self._worker.submit(
                     name,

@@ -207,10 +207,7 @@ def _payloads(
     except ConfigError as exc:  # its reader is not installed (h5py): this process cannot
         raise IncompatibleCheckpointError(str(exc)) from exc  # read it; an older one may
     try:
-        if lazy and found.payload == "safetensors":
-            raw = fmt.read(storage, name, found, lazy=True)  # type: ignore[call-arg]
-        else:
-            raw = fmt.read(storage, name, found)
+        raw = fmt.read(storage, name, found, lazy=lazy and fmt.lazy)
     except FileNotFoundError as exc:
         _raise_if_deleted(storage, name)
         # A payload the manifest lists is gone: the checkpoint is damaged, and

@@ -19,7 +19,7 @@ from safepoint.errors import ConfigError, CorruptCheckpointError, IncompatibleCh
 from safepoint.ondisk.manifest import Manifest
 from safepoint.state import dtypes
 from safepoint.state.tree import TensorLeaf
-from safepoint.storage.local import Storage
+from safepoint.storage.protocol import Storage
 
 _REGISTRY = {
     "safetensors": ("safepoint.formats.safetensors:SafetensorsFormat", None),
@@ -34,8 +34,24 @@ Locations = dict[str, dict[str, str]]
 
 
 class PayloadFormat(Protocol):
+    """How tensors become payload files: the members the manager and readers use.
+
+    ``lazy``: whether ``read(..., lazy=True)`` can return views of the files without
+    reading them (memory-mapped; only where the storage has ``LocalFiles``).
+    """
+
     name: str
     suffix: str
+    lazy: bool
+
+    def image_prefix(self, leaves: Sequence[TensorLeaf]) -> bytes | None:
+        """The bytes before a shard's tensors in its file, or None.
+
+        A format that returns bytes can be handed ``images`` by :meth:`write`: each
+        shard's complete file, laid out in page-aligned memory by the async staging,
+        written without a copy. None: the format writes from the tensors themselves.
+        """
+        ...
 
     def write(
         self,
@@ -46,16 +62,17 @@ class PayloadFormat(Protocol):
         shard_bytes: int,
         images: Sequence[np.ndarray] | None = None,
     ) -> tuple[Files, Locations]:
-        """Write the leaves; return ``{file: {size, digest}}`` and ``{key: {file, name}}``.
-
-        A format that also has ``image_prefix(group) -> bytes`` (the bytes before a
-        shard's tensors in its file) may be handed ``images``: each shard's complete
-        file, already laid out in page-aligned memory by the async staging.
-        """
+        """Write the leaves; return ``{file: {size, digest}}`` and ``{key: {file, name}}``."""
         ...
 
-    def read(self, storage: Storage, ckpt: str, manifest: Manifest) -> dict[str, np.ndarray]:
-        """Read and verify every payload file; return each tensor's raw bytes by key."""
+    def read(
+        self, storage: Storage, ckpt: str, manifest: Manifest, *, lazy: bool = False
+    ) -> dict[str, np.ndarray]:
+        """Read and verify every payload file; return each tensor's raw bytes by key.
+
+        ``lazy`` is honoured only by formats whose ``lazy`` member is True; the others
+        read and verify everything.
+        """
         ...
 
 

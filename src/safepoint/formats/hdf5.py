@@ -40,6 +40,7 @@ def _layout(dtype_name: str, shape: Sequence[int]) -> tuple[np.dtype, tuple[int,
 class HDF5Format:
     name = "hdf5"
     suffix = ".h5"
+    lazy = False
 
     def write(
         self,
@@ -89,7 +90,14 @@ class HDF5Format:
             files[fname] = {"size": size, checksum.ALGORITHM: digest}
         return files, locations
 
-    def read(self, storage: Storage, ckpt: str, manifest: Manifest) -> dict[str, np.ndarray]:
+    def image_prefix(self, leaves: Sequence[TensorLeaf]) -> bytes | None:
+        """None: h5py lays out its own files, so async saves stage the tensors only."""
+        return None
+
+    def read(
+        self, storage: Storage, ckpt: str, manifest: Manifest, *, lazy: bool = False
+    ) -> dict[str, np.ndarray]:
+        """Every tensor's bytes by key, checksums verified (``lazy`` is not supported)."""
         out: dict[str, np.ndarray] = {}
         for fname, info in manifest.files.items():
             relpath = f"{ckpt}/{fname}"

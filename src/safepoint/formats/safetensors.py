@@ -71,10 +71,11 @@ def header_bytes(leaves: Sequence[TensorLeaf]) -> bytes:
 class SafetensorsFormat:
     name = "safetensors"
     suffix = ".safetensors"
+    lazy = True
 
     def image_prefix(self, leaves: Sequence[TensorLeaf]) -> bytes:
         """The bytes before the tensors in the file of ``leaves`` (async staging lays
-        its memory out as the file, so the writer can skip a copy; see snapshot.py)."""
+        its memory out as the file, so the writer can skip a copy; see staging.py)."""
         return header_bytes(leaves)
 
     def write(

@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,10 +29,10 @@ import numpy as np
 
 from safepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError
 from safepoint.ondisk import checksum
+from safepoint.ondisk.names import component_problem
 from safepoint.state import dtypes
 from safepoint.state import metrics as metriccodec
 from safepoint.state.tree import tensor_refs
-from safepoint.storage.local import component_problem
 from safepoint.version import __version__
 
 NAME = "manifest.json"
@@ -185,8 +187,34 @@ def _affordable(containers: int, members: int) -> bool:
     return containers * CONTAINER_COST + members * MEMBER_COST <= MAX_PARSE_COST
 
 
+#: Manifests parsed lately, by their exact bytes: a restore lists the root (parsing
+#: every manifest) and then reads the chosen checkpoint's manifest again from the
+#: version it holds open. Same bytes, same manifest: the second parse is a lookup.
+_PARSED: OrderedDict[bytes, Manifest] = OrderedDict()
+_PARSED_MAX = 16
+_PARSED_LOCK = threading.Lock()
+
+
 def parse(data: bytes, *, where: str) -> Manifest:
-    """Validate and parse manifest bytes; raise Corrupt/Incompatible errors, nothing else."""
+    """Validate and parse manifest bytes; raise Corrupt/Incompatible errors, nothing else.
+
+    A manifest's bytes parsed before return the same (frozen) :class:`Manifest`, whose
+    dicts callers treat as read-only.
+    """
+    with _PARSED_LOCK:
+        found = _PARSED.get(data)
+        if found is not None:
+            _PARSED.move_to_end(data)
+            return found
+    found = _parse(data, where=where)
+    with _PARSED_LOCK:
+        _PARSED[data] = found
+        while len(_PARSED) > _PARSED_MAX:
+            _PARSED.popitem(last=False)
+    return found
+
+
+def _parse(data: bytes, *, where: str) -> Manifest:
     if len(data) > MAX_BYTES:
         raise _fail(where, f"larger than {MAX_BYTES} bytes", len(data))
     cost = parse_cost(data, _affordable)

@@ -12,7 +12,7 @@ import string
 from typing import Any
 
 from safepoint.errors import ConfigError
-from safepoint.storage.local import check_name
+from safepoint.ondisk.names import check_name
 
 
 class NameTemplate:

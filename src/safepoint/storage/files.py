@@ -108,7 +108,7 @@ def _enable_direct(fd: int) -> bool:
     """Switch ``fd`` to ``O_DIRECT``; False where the file system refuses it.
 
     Direct writes skip the page cache, whose freshly touched pages are what costs most
-    on these machines (see PERF-NOTES); file systems without direct I/O (some network
+    on these machines (bench/README.md); file systems without direct I/O (some network
     or FUSE mounts) refuse the flag with EINVAL and keep working buffered.
     """
     flag = getattr(os, "O_DIRECT", 0)

@@ -1,16 +1,16 @@
 """Large aligned writes of payload files: the streaming writer and its reused chunks.
 
-Measured on the machines this project runs on (``bench/README.md``): touching fresh
-pages costs more than moving the bytes, and buffered writes touch one fresh page of
-page cache per 4 KiB written. So payload bytes are copied into a few *reused*,
+On the machines this project runs on, touching fresh pages costs more than moving
+the bytes (``bench/README.md``), and buffered writes touch one fresh page of page
+cache per 4 KiB written. So payload bytes are copied into a few *reused*,
 page-aligned chunks and written with ``O_DIRECT`` (one background thread does the
 ``write`` calls, which release the GIL, while the caller fills the next chunk). The
 checksum is computed over each chunk after the copy, so it covers exactly the bytes
 handed to the device. A buffer that is already page-aligned and starts at an aligned
-file position (an async save's staged file image, see ``snapshot.py``) skips the copy:
-its slices go to the device as they are. Where the file system refuses ``O_DIRECT``
+file position (an async save's staged file image, see :mod:`.staging`) skips the
+copy: its slices go to the device as they are. Where the file system refuses ``O_DIRECT``
 the sources are written with ``writev`` from their own buffers instead, with no copy.
-Reading whole payload files is ``fileimage.py``.
+Reading whole payload files is :mod:`safepoint.storage.payload_read`.
 """
 
 from __future__ import annotations
@@ -18,23 +18,19 @@ from __future__ import annotations
 import mmap
 import queue
 import threading
-from collections.abc import Sequence
 
 import numpy as np
 
 from safepoint.ondisk.checksum import Hasher
 from safepoint.storage.files import ALIGN
-from safepoint.storage.local import Writer
+from safepoint.storage.protocol import Writer
 
-#: Largest chunk of the writer. bench/write_modes.py (1 GiB, O_DIRECT, one writer,
-#: time / CPU): 2 MiB chunks 672 / 166 ms, 8 MiB 676 / 182 ms, 32 MiB 696 / 192 ms;
-#: smaller chunks keep the copy in cache. Two or four writers were slower (771/781 ms).
+#: Largest chunk of the writer: smaller chunks keep the copy in cache, larger ones and
+#: more writer threads measured slower (bench/write_modes.py; figures in bench/README.md).
 MAX_CHUNK = 2 << 20
 MIN_CHUNK = 1 << 20
 #: Largest write of a buffer passed through without a copy. With no copy to keep in
-#: cache, larger writes only mean fewer syscalls. bench/write_modes.py (1 GiB, fsync,
-#: CPU time of the process): 32 MiB writes 621 ms / 39 ms CPU, 2 MiB writes 653 ms /
-#: 62 ms, against 672 ms / 166 ms through the 2 MiB copy chunks; two writers 627 ms.
+#: cache, larger writes only mean fewer syscalls and less CPU (bench/README.md).
 PASS_CHUNK = 32 << 20
 #: Chunks per writer: one being filled, the rest queued or being written.
 DEPTH = 3
@@ -57,8 +53,8 @@ def chunk_size(total: int) -> int:
 def aligned(nbytes: int) -> mmap.mmap:
     """A page-aligned anonymous buffer.
 
-    No transparent-huge-page hint: on these machines (THP defrag on madvise) touching
-    1 GiB of MADV_HUGEPAGE memory took 1.35 s against 0.73 s without it.
+    No transparent-huge-page hint: with THP defrag on madvise, touching huge-page
+    memory measured slower than plain pages (bench/README.md).
     """
     return mmap.mmap(-1, max(nbytes, 1))
 
@@ -241,17 +237,3 @@ class PayloadStream:
             self._error = self._error or RuntimeError("aborted")
             self._drain()
         self._sink.abort()
-
-
-def write_sources(
-    sink: Writer, buffers: Sequence[memoryview], *, size_hint: int
-) -> tuple[int, str]:
-    """Write ``buffers`` as one file through a :class:`PayloadStream`."""
-    stream = PayloadStream(sink, size_hint=size_hint)
-    try:
-        for buf in buffers:
-            stream.write(buf)
-    except BaseException:
-        stream.abort()
-        raise
-    return stream.close()

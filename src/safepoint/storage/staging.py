@@ -1,12 +1,12 @@
-"""Snapshots for async saves: the state's tensors copied into reusable host memory.
+"""Staging for async saves: the state's tensors copied into reusable host memory.
 
 An async save must return before its bytes are written, yet what it writes must not
 change when training goes on mutating the model. So ``save()`` copies every tensor
 into a *staging arena* and the background writer reads only the arena.
 
-Why one arena, kept between saves: on these machines copying into memory that is
-already touched runs at ~20-30 GB/s, while the first touch of fresh pages (a new
-allocation each save) costs 6-30x more. The arena is allocated and touched once (by
+Why one arena, kept between saves: copying into memory that is already touched is
+many times cheaper than the first touch of fresh pages, which a new allocation each
+save would pay (bench/README.md). The arena is allocated and touched once (by
 the first snapshot), then reused by every later snapshot that fits in it, so the stall
 of an async save is one ``memcpy`` of the state.
 
@@ -14,8 +14,8 @@ Why the arena holds *file images*: when the payload format can say which bytes
 precede a shard's tensors in its file (a safetensors header), the arena is laid out
 as the files themselves: each shard starts on a page, its header, then its tensors
 back to back. The background writer then hands page-aligned slices of the arena
-straight to ``O_DIRECT`` writes (``payload_write.PayloadStream``) instead of copying every
-byte a second time into write chunks: on 2 cores that copy was CPU taken from the
+straight to ``O_DIRECT`` writes (``payload_write.PayloadStream``) instead of copying
+every byte a second time into write chunks: on 2 cores that copy was CPU taken from the
 training step. Formats without such a prefix (HDF5) get the plain layout, tensors at
 64-byte-aligned offsets. All copies in and out of the arena are byte copies, so a
 tensor at an odd offset inside an image is never read through a typed view.
@@ -117,8 +117,8 @@ class Staging:
         if self._arena is None or self._arena.nbytes < need:
             self.release()  # free the old one before touching the new one
             # Not touched here: the first snapshot's copy faults the pages in, on
-            # torch's intra-op threads for CPU tensors. 1 GiB took 330 ms that way
-            # against 650 ms for a fill first and then the copy (2 cores).
+            # torch's intra-op threads for CPU tensors, which measured about twice as
+            # fast as a fill first and then the copy.
             self._arena = np.frombuffer(aligned(need), dtype=np.uint8)
         if pin and not self._pin_tried:  # once per arena: a refusal is not retried
             self._pin_tried = True

@@ -33,10 +33,6 @@ class SaveWorker:
         self._error: BaseException | None = None
         _LIVE.add(self)
 
-    @property
-    def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
     def submit(self, label: str, job: Callable[[], object]) -> None:
         """Start ``job`` in the background; the previous one must have been waited for."""
         assert self._thread is None, "submit() before wait()"
