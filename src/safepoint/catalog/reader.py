@@ -10,6 +10,7 @@ the directory or file descriptor they opened first (:mod:`safepoint.storage.held
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import sys
@@ -270,7 +271,8 @@ def _check_file(storage: Storage, name: str, fname: str, info: dict[str, Any]) -
             actual=None,
         ) from None
     with f:
-        size = os.fstat(f.fileno()).st_size
+        size = f.seek(0, io.SEEK_END)  # of the file opened: a re-save cannot change it
+        f.seek(0)
         checksum.check_size(relpath, expected=int(info["size"]), actual=size)
         checksum.check(
             relpath,
