@@ -153,8 +153,9 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=base)
     try:
         _create_bucket(server, started + START_TIMEOUT)
-        # The first write makes SeaweedFS grow its volumes (seconds): pay it here, once.
-        obstore.put(server.store(), ".warm-up", b"")
+        # The first write makes SeaweedFS grow its volumes, the first conditional one
+        # sets up its lock ring (seconds each): pay both here, once.
+        obstore.put(server.store(), ".warm-up", b"", mode="create")
         obstore.delete(server.store(), ".warm-up")
         server = S3Server(
             server.endpoint,

@@ -32,9 +32,10 @@ def test_multipart_upload_and_range_read(s3_server, s3_root):
     meta = obstore.head(store, key)
     assert meta["size"] == len(data)
     assert meta["e_tag"].endswith('-3"')  # an S3 multipart ETag: <md5 of md5s>-<parts>
-    assert bytes(obstore.get_range(store, key, start=7 << 20, end=(7 << 20) + 9)) == data[
-        7 << 20 : (7 << 20) + 9
-    ]
+    assert (
+        bytes(obstore.get_range(store, key, start=7 << 20, end=(7 << 20) + 9))
+        == data[7 << 20 : (7 << 20) + 9]
+    )
 
 
 def test_signatures_are_checked(s3_server):
