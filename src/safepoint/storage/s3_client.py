@@ -10,10 +10,12 @@ commit here.
 from __future__ import annotations
 
 import datetime
+import errno
 import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
+from safepoint.errors import StorageError
 from safepoint.storage import s3_config
 from safepoint.storage.s3_config import S3Location
 
@@ -31,6 +33,7 @@ class S3Client:
 
         self.obstore = obstore
         self.location = location
+        self.endpoint = str(config.get("endpoint") or "")
         self.store = s3_config.make_store(location, config)
         self._probe_store = s3_config.make_store(location, config, probe=True)
 
@@ -55,7 +58,20 @@ class S3Client:
             stream = self.obstore.list(store, prefix or None, chunk_size=1)
             return next(iter(stream), None)
 
-        self.call("config", "", first)
+        try:
+            self.call("config", "", first)
+        except StorageError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            endpoint = self.endpoint or "the AWS default for the region"
+            raise StorageError(
+                f"Cannot reach the S3 endpoint for root {self.location.url!r}. Expected a "
+                f"reachable S3 server. Received: endpoint={endpoint!r} ({exc}). Set "
+                "AWS_ENDPOINT_URL or storage_options['endpoint'] to the server's URL (for "
+                "example 'http://127.0.0.1:8333') and check the network.",
+                errno=errno.EHOSTUNREACH,
+                stage="config",
+            ) from exc
 
     def put(
         self,

@@ -186,16 +186,21 @@ def translate(exc: BaseException, *, stage: str, key: str, location: S3Location)
     import obstore.exceptions as oe
 
     where = f"s3://{location.bucket}/{key}"
-    text = str(exc).split("\n", 1)[0]
+    full = str(exc)
+    text = full.split("\n", 1)[0].removesuffix('<?xml version="1.0" encoding="UTF-8"?>').strip()
+    code = re.search(r"<Code>([^<]{1,80})</Code>", full)
+    if code:
+        text = f"{text} {code.group(1)}"
+    denied = re.search(r"status code: 40[13]\b", full) is not None
     if isinstance(exc, SafepointError):
         raise exc
     if isinstance(exc, FileNotFoundError | oe.NotFoundError):  # obstore raises the former
         if "NoSuchBucket" in str(exc):
             raise _no_bucket(location, exc)
         raise FileNotFoundError(errno.ENOENT, f"No such object: {where}", where) from exc
-    if isinstance(exc, oe.GenericError) and "NoSuchBucket" in str(exc):
+    if "NoSuchBucket" in full:
         raise _no_bucket(location, exc)
-    if isinstance(exc, oe.PermissionDeniedError | oe.UnauthenticatedError):
+    if isinstance(exc, oe.PermissionDeniedError | oe.UnauthenticatedError) or denied:
         raise StorageError(
             f"S3 refused stage {stage!r} on {where}: {text}. Expected credentials allowed to "
             f"read and write the bucket. Received: an access-denied answer. {_SET_CREDENTIALS}, "
