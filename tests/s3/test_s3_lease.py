@@ -58,3 +58,15 @@ def test_a_crashed_writers_lease_is_taken_over_after_expiry(s3_server, s3_root):
         crashed.commit(staged, "step-1")
     assert successor.list_names() == []
     successor.unlock()
+
+
+def test_a_dropped_storage_releases_its_lease(s3_server, s3_root):
+    import gc
+
+    dropped = s3.S3Storage(s3_root, s3_server.options)
+    dropped.lock()
+    del dropped
+    gc.collect()
+    successor = s3.S3Storage(s3_root, s3_server.options)
+    successor.lock()  # no wait for an expiry
+    successor.unlock()

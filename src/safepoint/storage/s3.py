@@ -36,6 +36,7 @@ import re
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -392,8 +393,15 @@ class S3Storage:
     # -- the writer lease ----------------------------------------------------------------
     def lock(self) -> None:
         self._lease.acquire()
+        # A storage dropped without unlock() (a notebook cell) must not keep renewing the
+        # lease for the rest of the process; at exit it is released too.
+        if getattr(self, "_release", None) is None or not self._release.alive:
+            self._release = weakref.finalize(self, Lease.release, self._lease)
 
     def unlock(self) -> None:
+        release = getattr(self, "_release", None)
+        if release is not None:
+            release.detach()
         self._lease.release()
 
 
