@@ -95,6 +95,7 @@ class S3Storage:
         self._ids: dict[str, str] = {}  # name -> save id of its record (cache)
         self._mutex = threading.RLock()
         self._seq = 0
+        self._release: weakref.finalize[Any, Any] | None = None
 
     # -- hooks the local backend also offers ---------------------------------------------
     def _fault(self, stage: str, target: str) -> None:
@@ -395,11 +396,11 @@ class S3Storage:
         self._lease.acquire()
         # A storage dropped without unlock() (a notebook cell) must not keep renewing the
         # lease for the rest of the process; at exit it is released too.
-        if getattr(self, "_release", None) is None or not self._release.alive:
+        if self._release is None or not self._release.alive:
             self._release = weakref.finalize(self, Lease.release, self._lease)
 
     def unlock(self) -> None:
-        release = getattr(self, "_release", None)
+        release, self._release = self._release, None
         if release is not None:
             release.detach()
         self._lease.release()
