@@ -62,3 +62,11 @@ def test_names_given_to_the_writer_are_checked(storage):
             storage.stage(name)
         with pytest.raises(ConfigError):
             storage.remove(name)
+
+
+def test_retention_removes_a_record_that_names_no_payload(storage, s3_server):
+    key = f"{storage.location.key('evil')}/manifest.json"
+    obstore.put(s3_server.store(), key, b"{}", attributes={"safepoint-save": "../x"})
+    storage.remove("evil")
+    assert storage.list_names() == ["step-1"]
+    assert storage.read_bytes("step-1/a.bin", max_size=100) == b"mine"

@@ -59,6 +59,8 @@ _SAVE_ID = re.compile(r"^[0-9a-f]{16}$")
 LOG_READ_EVENTS = 10_000
 #: Unreferenced payload younger than this may belong to a save in flight: kept.
 DEFAULT_GRACE = 15 * 60.0
+#: Small reads (a safetensors header) fetch this much; large reads bypass the buffer.
+_READ_BUFFER = 1 << 20
 
 
 @dataclass
@@ -203,7 +205,7 @@ class S3Storage:
     def open_read(self, relpath: str) -> BinaryIO:
         key = self._key(relpath)
         size = int(self.client.head(key)["size"])
-        return cast(BinaryIO, io.BufferedReader(RangeFile(self.client, key, size), 8 << 20))
+        return cast(BinaryIO, io.BufferedReader(RangeFile(self.client, key, size), _READ_BUFFER))
 
     def size(self, relpath: str) -> int:
         return int(self.client.head(self._key(relpath))["size"])
@@ -323,13 +325,17 @@ class S3Storage:
         """Delete a committed checkpoint: its record first, then its payload."""
         check_name(name)
         self._fault("retention", name)
+        save_id: str | None = None
         try:
             self._read_record(name)
+            save_id = self._ids.pop(name)
         except FileNotFoundError:
             return
-        save_id = self._ids.pop(name)
+        except CorruptCheckpointError:
+            pass  # a record that names no payload of ours: delete just the record
         self.client.delete([f"{name}/{RECORD}"], stage="retention")
-        self._delete_prefix(f"{DATA}/{save_id}/", stage="retention", quiet=True)
+        if save_id is not None:
+            self._delete_prefix(f"{DATA}/{save_id}/", stage="retention", quiet=True)
 
     def cleanup_stale(self) -> list[str]:
         """Remove payload that no record references, once older than ``stale_after``.
