@@ -208,3 +208,9 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
     monkeypatch.setenv("AWS_REGION", s3_server.region)
     return s3_server
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Also declared in pyproject.toml by the test-suite split; declared here so this
+    # directory runs under --strict-markers on its own.
+    config.addinivalue_line("markers", "e2e: subprocess kill/resume runs (seconds each)")
