@@ -121,3 +121,16 @@ def test_run_log_is_one_object_per_event_read_in_order(storage):
     for i in range(5):
         storage.append_log(f'{{"i": {i}}}')
     assert storage.read_log().splitlines() == [f'{{"i": {i}}}'.encode() for i in range(5)]
+
+
+def test_an_aborted_upload_leaves_no_object(storage):
+    staged = storage.stage("step-1")
+    writer = storage.open_write(f"{staged}/big.bin")
+    writer.write([memoryview(b"z" * (40 << 20))])  # parts of a multipart upload went up
+    writer.abort()
+    assert not storage.exists(f"{staged}/big.bin")
+    writer = storage.open_write(f"{staged}/small.bin")
+    writer.write([memoryview(b"z" * 10)])
+    writer.abort()  # never left the buffer
+    assert not storage.exists(f"{staged}/small.bin")
+    storage.discard(staged)
