@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import errno
 import io
-import os
 import re
 import secrets
 import threading
-import time
 import weakref
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -45,18 +43,15 @@ from typing import TYPE_CHECKING, Any, BinaryIO, cast
 from safepoint.errors import CorruptCheckpointError, StorageError
 from safepoint.ondisk.names import STAGE_PREFIX, STAGE_RE, check_name
 from safepoint.ondisk.names import split as _split
-from safepoint.storage import s3_config
+from safepoint.storage import s3_config, s3_log
 from safepoint.storage.s3_client import S3Client
 from safepoint.storage.s3_io import RangeFile, S3Writer
 from safepoint.storage.s3_lease import DEFAULT_TTL, Lease
 
 DATA = ".sp-data"
-LOG_PREFIX = ".sp-log"
 RECORD = "manifest.json"  # safepoint.ondisk.manifest.NAME
 SAVE_ATTR = "safepoint-save"
 _SAVE_ID = re.compile(r"^[0-9a-f]{16}$")
-#: ``read_log`` returns at most this many events (the newest): one GET each.
-LOG_READ_EVENTS = 10_000
 #: Unreferenced payload younger than this may belong to a save in flight: kept.
 DEFAULT_GRACE = 15 * 60.0
 #: Small reads (a safetensors header) fetch this much; large reads bypass the buffer.
@@ -375,27 +370,12 @@ class S3Storage:
                 removed.append(f"{DATA}/{save_id}")
         return removed
 
-    # -- the run log ---------------------------------------------------------------------
+    # -- the run log (one object per event: S3 has no append) ---------------------------
     def append_log(self, line: str) -> None:
-        """One object per event (S3 has no append); names sort in time order."""
-        data = (line.rstrip("\n") + "\n").encode()
-        tag = f"{os.getpid() % 100000:05d}{secrets.token_hex(4)}"
-        key = f"{LOG_PREFIX}/{time.time_ns():020d}-{tag}.json"
-        self.client.put(key, data, stage="log", mode="create")
+        s3_log.append(self.client, line)
 
     def read_log(self) -> bytes:
-        """The newest ``LOG_READ_EVENTS`` events, oldest first, one line each."""
-        keys = sorted(m["path"] for m in self.client.list_all(f"{LOG_PREFIX}/"))[-LOG_READ_EVENTS:]
-
-        def fetch(key: str) -> bytes:
-            try:
-                data = self.client.get(key)[0]
-            except FileNotFoundError:
-                return b""
-            return data if data.endswith(b"\n") else data + b"\n"
-
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            return b"".join(pool.map(fetch, keys))
+        return s3_log.read(self.client)
 
     # -- the writer lease ----------------------------------------------------------------
     def lock(self) -> None:
