@@ -25,11 +25,9 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
-
-obstore = pytest.importorskip("obstore")
-from obstore.store import S3Store  # noqa: E402
 
 ACCESS_KEY = "safepoint-test"
 SECRET_KEY = "safepoint-test-secret-0123456789"
@@ -56,8 +54,10 @@ class S3Server:
             "region": self.region,
         }
 
-    def store(self, bucket: str | None = None) -> S3Store:
-        config = {k: v for k, v in self.options.items()}
+    def store(self, bucket: str | None = None) -> Any:
+        from obstore.store import S3Store
+
+        config: Any = dict(self.options)
         return S3Store(bucket or self.bucket, config=config, client_options={"allow_http": True})
 
 
@@ -85,6 +85,8 @@ def _free_ports(count: int) -> list[int]:
 
 def _create_bucket(server: S3Server, deadline: float) -> None:
     """Create the bucket with a signed request; retried until the gateway is ready."""
+    import obstore
+
     url = obstore.sign(server.store(), "PUT", "", datetime.timedelta(seconds=60))
     last: object = None
     while time.monotonic() < deadline:
@@ -110,6 +112,8 @@ def _warm_up(server: S3Server, deadline: float) -> None:
     in whichever test runs first. (One early conditional write in a test still stalls
     about 5 s in roughly one session in four; the cause is in the server, not found.)
     """
+    import obstore
+
     store = server.store()
     fast = 0
     while fast < 3 and time.monotonic() < deadline:
@@ -122,6 +126,7 @@ def _warm_up(server: S3Server, deadline: float) -> None:
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    pytest.importorskip("obstore")  # the s3 extra
     weed = _weed()
     base: Path = tmp_path_factory.mktemp("seaweedfs")
     data = base / "data"
