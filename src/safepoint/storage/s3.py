@@ -1,0 +1,407 @@
+"""A checkpoint root in an S3 bucket: ``s3://BUCKET/PREFIX``, committed without a rename.
+
+S3 has no rename and no directories, so the local commit protocol (stage, fsync,
+rename) becomes this, with every key below ``PREFIX/``::
+
+    .sp-data/<save id>/<payload files>   one prefix per save, 16 random hex digits
+    <name>/manifest.json                 the commit record; user metadata
+                                         ``safepoint-save: <save id>`` names its payload
+    .sp-lease.json                       the writer lease (:mod:`safepoint.storage.s3_lease`)
+    .sp-log/<ns time>-<random>.json      the run log, one object per event
+
+1. ``stage(name)`` picks a fresh save id and remembers whether ``<name>`` is already
+   committed (its record's ETag): staged paths ``.sp.tmp-<id>/<file>`` map to
+   ``.sp-data/<id>/<file>``;
+2. payload files go up as whole objects (multipart above 16 MiB, 8 parts at once);
+   the manifest written into the staging area is kept in memory;
+3. ``commit`` renews the lease, then writes ``<name>/manifest.json`` with
+   ``If-None-Match: *`` (or ``If-Match`` on the ETag seen at stage time when the
+   name is being re-saved). Its existence is the commit. A conditional write that
+   fails is examined: our own record (a retried request whose first try succeeded)
+   is success; anything else is a lost race, reported, never overwritten.
+
+Readers resolve ``<name>/<file>`` through the record's save id; listing shows only
+names whose record exists (the catalog then trusts only records that parse and
+verify). Retention deletes the record first, then the payload, so a crash in between
+leaves unreferenced payload, which :meth:`S3Storage.cleanup_stale` removes once it is
+older than a grace period. See docs/s3.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import re
+import secrets
+import threading
+import weakref
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
+
+from safepoint.errors import CorruptCheckpointError, StorageError
+from safepoint.ondisk.names import STAGE_PREFIX, STAGE_RE, check_name
+from safepoint.ondisk.names import split as _split
+from safepoint.storage import s3_config, s3_log
+from safepoint.storage.s3_client import S3Client
+from safepoint.storage.s3_io import RangeFile, S3Writer
+from safepoint.storage.s3_lease import DEFAULT_TTL, Lease
+
+DATA = ".sp-data"
+RECORD = "manifest.json"  # safepoint.ondisk.manifest.NAME
+SAVE_ATTR = "safepoint-save"
+_SAVE_ID = re.compile(r"^[0-9a-f]{16}$")
+#: Unreferenced payload younger than this may belong to a save in flight: kept.
+DEFAULT_GRACE = 15 * 60.0
+#: Small reads (a safetensors header) fetch this much; large reads bypass the buffer.
+_READ_BUFFER = 1 << 20
+
+
+@dataclass
+class _Staged:
+    name: str
+    prior_etag: str | None
+    prior_id: str | None
+    manifest: bytes | None = None
+
+
+class S3Storage:
+    """A checkpoint root in an S3 (or S3-compatible) bucket.
+
+    Construction checks endpoint, credentials and bucket with one LIST, so a typo
+    fails before any training time is spent.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        lease_ttl: float = DEFAULT_TTL,
+        stale_after: float = DEFAULT_GRACE,
+    ) -> None:
+        self.location = s3_config.parse_url(root)
+        self.root = self.location.url
+        config = s3_config.resolve(storage_options, s3_config.environ())
+        self.client = S3Client(self.location, config)
+        self.client.probe()
+        self.stale_after = float(stale_after)
+        self._lease = Lease(self.client, ttl=lease_ttl)
+        self._staged: dict[str, _Staged] = {}
+        self._ids: dict[str, str] = {}  # name -> save id of its record (cache)
+        self._mutex = threading.RLock()
+        self._seq = 0
+        self._release: weakref.finalize[Any, Any] | None = None
+
+    # -- hooks the local backend also offers ---------------------------------------------
+    def _fault(self, stage: str, target: str) -> None:
+        """Fault-injection seam (same stages as the local backend)."""
+
+    def describe(self, relpath: str = "") -> str:
+        return self.client.url(relpath) if relpath else self.root
+
+    def serial(self) -> threading.RLock:
+        return self._mutex
+
+    def next_seq(self, listed: int) -> int:
+        with self._mutex:
+            self._seq = max(listed, self._seq) + 1
+            return self._seq
+
+    def recover(self) -> list[str]:
+        return []  # nothing to put back: a commit never removes the name it replaces
+
+    # -- keys ----------------------------------------------------------------------------
+    def _staged_id(self, part: str) -> str:
+        save_id = part[len(STAGE_PREFIX) :]
+        if not STAGE_RE.match(part) or save_id not in self._staged:
+            raise CorruptCheckpointError(
+                f"Refusing a path into another save's staging area. Expected a staging "
+                f"name handed out by this storage. Received: path={part!r}.",
+                file=part,
+            )
+        return save_id
+
+    def _save_id(self, name: str) -> str:
+        found = self._ids.get(name)
+        if found is None:
+            self._read_record(name)
+            found = self._ids[name]
+        return found
+
+    def _read_record(self, name: str) -> bytes:
+        data, _, attrs = self.client.get(f"{name}/{RECORD}")
+        save_id = attrs.get(SAVE_ATTR, "")
+        if not _SAVE_ID.match(save_id):
+            raise CorruptCheckpointError(
+                f"{self.describe(f'{name}/{RECORD}')} does not name its payload. Expected "
+                f"metadata {SAVE_ATTR!r} of 16 hex digits. Received: {SAVE_ATTR}={save_id!r}. "
+                "It was not committed by safepoint's S3 backend; remove it.",
+                file=f"{name}/{RECORD}",
+            )
+        self._ids[name] = save_id
+        return data
+
+    def _key(self, relpath: str) -> str:
+        """The object key (relative to the prefix) of ``relpath``; hostile paths refused."""
+        parts = _split(relpath)
+        head, rest = parts[0], "/".join(parts[1:])
+        if STAGE_RE.match(head):
+            return f"{DATA}/{self._staged_id(head)}/{rest}"
+        if not rest:
+            return head
+        if rest == RECORD:
+            return f"{head}/{RECORD}"
+        return f"{DATA}/{self._save_id(head)}/{rest}"
+
+    # -- reading -------------------------------------------------------------------------
+    def list_names(self) -> list[str]:
+        # A prefix can outlive its record (stores that keep empty "folders"), so each
+        # candidate is checked; the catalog reads every record next anyway.
+        dirs, _ = self.client.list_dirs("")
+        names = sorted(d for d in dirs if d and not d.startswith(".") and "/" not in d)
+        if len(names) <= 1:
+            return [n for n in names if self.is_dir(n)]
+        with ThreadPoolExecutor(max_workers=min(16, len(names))) as pool:
+            return [n for n, ok in zip(names, pool.map(self.is_dir, names), strict=True) if ok]
+
+    def is_dir(self, name: str) -> bool:
+        if "/" in name or name.startswith("."):
+            return False
+        return self.exists(f"{name}/{RECORD}")
+
+    def read_bytes(self, relpath: str, *, max_size: int) -> bytes:
+        parts = _split(relpath)
+        staged = self._staged.get(parts[0][len(STAGE_PREFIX) :]) if len(parts) == 2 else None
+        if staged is not None and parts[1] == RECORD and staged.manifest is not None:
+            data = staged.manifest  # not uploaded before commit()
+        elif len(parts) == 2 and parts[1] == RECORD and not STAGE_RE.match(parts[0]):
+            data = self._read_record(parts[0])  # refreshes the name's save id
+        else:
+            key = self._key(relpath)
+            size = self.client.head(key)["size"]
+            self._check_size(relpath, size, max_size)
+            data = self.client.get_range(key, 0, size)
+        self._check_size(relpath, len(data), max_size)
+        return data
+
+    def _check_size(self, relpath: str, size: int, max_size: int) -> None:
+        if size > max_size:
+            raise CorruptCheckpointError(
+                f"{self.describe(relpath)} is {size} bytes. Expected at most {max_size}. "
+                "Received: an object too large to be a safepoint record; it was not written "
+                "by safepoint.",
+                file=relpath,
+                expected=max_size,
+                actual=size,
+            )
+
+    def open_read(self, relpath: str) -> BinaryIO:
+        key = self._key(relpath)
+        size = int(self.client.head(key)["size"])
+        return cast(BinaryIO, io.BufferedReader(RangeFile(self.client, key, size), _READ_BUFFER))
+
+    def size(self, relpath: str) -> int:
+        return int(self.client.head(self._key(relpath))["size"])
+
+    def exists(self, relpath: str) -> bool:
+        try:
+            key = self._key(relpath)
+            if "/" not in key:  # a bare name: "exists" means committed
+                key = f"{key}/{RECORD}"
+            self.client.head(key)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def local_path(self, relpath: str) -> str | None:
+        return None  # no local fast path (mmap, O_DIRECT) on an object store
+
+    # -- writing -------------------------------------------------------------------------
+    def stage(self, name: str) -> str:
+        check_name(name)
+        self._fault("stage", name)
+        prior_etag = prior_id = None
+        try:
+            _, meta, attrs = self.client.get(f"{name}/{RECORD}", stage="stage")
+            prior_etag, prior_id = meta["e_tag"], attrs.get(SAVE_ATTR)
+        except FileNotFoundError:
+            pass
+        save_id = secrets.token_hex(8)
+        with self._mutex:
+            self._staged[save_id] = _Staged(name, prior_etag, prior_id)
+        return f"{STAGE_PREFIX}{save_id}"
+
+    def open_write(self, relpath: str) -> S3Writer:
+        key = self._key(relpath)
+        self._fault("open", relpath)
+        return S3Writer(self.client, relpath, key, fault=self._fault)
+
+    def write_file(self, relpath: str, data: bytes, *, stage: str = "write") -> None:
+        parts = _split(relpath)
+        self._fault(stage, relpath)
+        if len(parts) == 2 and parts[1] == RECORD and STAGE_RE.match(parts[0]):
+            # The manifest is the commit record: it goes up in commit(), conditionally.
+            self._staged[self._staged_id(parts[0])].manifest = bytes(data)
+            return
+        self.client.put(self._key(relpath), data, stage=stage)
+
+    def commit(self, staged: str, name: str) -> None:
+        save_id = self._staged_id(staged)
+        entry = self._staged[save_id]
+        if entry.manifest is None or entry.name != name:
+            raise StorageError(
+                f"Cannot commit {staged!r} as {name!r}. Expected a staged save of that name "
+                f"with its manifest written. Received: name={entry.name!r}, manifest "
+                f"{'missing' if entry.manifest is None else 'present'}. This is a bug in the "
+                "caller.",
+                stage="manifest",
+            )
+        key = f"{name}/{RECORD}"
+        with self._mutex:
+            self._lease.check()  # only a writer that provably holds the root commits
+            self._fault("rename", name)
+            mode: Any = "create" if entry.prior_etag is None else {"e_tag": entry.prior_etag}
+            try:
+                self.client.put(
+                    key,
+                    entry.manifest,
+                    stage="manifest",
+                    mode=mode,
+                    attributes={SAVE_ATTR: save_id, "Content-Type": "application/json"},
+                )
+            except StorageError as exc:
+                if exc.errno != errno.EEXIST or not self._is_ours(key, save_id, entry.manifest):
+                    raise self._lost_race(name, exc) from exc
+            del self._staged[save_id]
+            self._ids[name] = save_id
+        if entry.prior_id and _SAVE_ID.match(entry.prior_id) and entry.prior_id != save_id:
+            self._delete_prefix(f"{DATA}/{entry.prior_id}/", stage="retention", quiet=True)
+
+    def _is_ours(self, key: str, save_id: str, manifest: bytes) -> bool:
+        """A retried conditional PUT whose first try landed finds our own record."""
+        try:
+            data, _, attrs = self.client.get(key, stage="manifest")
+        except FileNotFoundError:
+            return False
+        return attrs.get(SAVE_ATTR) == save_id and data == manifest
+
+    def _lost_race(self, name: str, exc: StorageError) -> StorageError:
+        if exc.errno != errno.EEXIST:
+            return exc
+        return StorageError(
+            f"Checkpoint {name!r} in {self.root!r} was committed by another save while this "
+            "one was in flight. Expected to be the only writer. Received: a conditional write "
+            "that lost (the other checkpoint was kept, this save was discarded). Make sure only "
+            "one process saves to this root.",
+            errno=errno.EEXIST,
+            stage="manifest",
+        )
+
+    def discard(self, staged: str) -> None:
+        save_id = staged[len(STAGE_PREFIX) :]
+        if not STAGE_RE.match(staged):
+            return
+        with self._mutex:
+            self._staged.pop(save_id, None)
+        self._delete_prefix(f"{DATA}/{save_id}/", stage="discard", quiet=True)
+
+    def _delete_prefix(self, prefix: str, *, stage: str, quiet: bool = False) -> None:
+        try:
+            keys = [m["path"] for m in self.client.list_all(prefix, stage=stage)]
+            for i in range(0, len(keys), 1000):
+                self.client.delete(keys[i : i + 1000], stage=stage)
+        except StorageError:
+            if not quiet:
+                raise  # else: unreferenced payload, removed by cleanup_stale later
+
+    def remove(self, name: str) -> None:
+        """Delete a committed checkpoint: its record first, then its payload."""
+        check_name(name)
+        self._fault("retention", name)
+        save_id: str | None = None
+        try:
+            self._read_record(name)
+            save_id = self._ids.pop(name)
+        except FileNotFoundError:
+            return
+        except CorruptCheckpointError:
+            pass  # a record that names no payload of ours: delete just the record
+        self.client.delete([f"{name}/{RECORD}"], stage="retention")
+        if save_id is not None:
+            self._delete_prefix(f"{DATA}/{save_id}/", stage="retention", quiet=True)
+
+    def cleanup_stale(self) -> list[str]:
+        """Remove payload that no record references, once older than ``stale_after``.
+
+        Runs under the lease (taken here if not held). Payload of a save in flight in
+        this process is never touched; a younger prefix may belong to a writer whose
+        lease just expired, so it is left for a later run.
+        """
+        held = self._lease.held
+        if not held:
+            self.lock()
+        try:
+            return self._clean()
+        finally:
+            if not held:
+                self.unlock()
+
+    def _clean(self) -> list[str]:
+        ids, _ = self.client.list_dirs(DATA, stage="cleanup")
+        keep = set(self._staged)
+        for name in self.list_names():
+            try:
+                self._read_record(name)
+                keep.add(self._ids[name])
+            except (FileNotFoundError, CorruptCheckpointError):
+                continue
+        candidates = [i for i in ids if i not in keep]
+        if not candidates:
+            return []
+        now = self.client.server_now()
+        removed = []
+        for save_id in candidates:
+            objs = list(self.client.list_all(f"{DATA}/{save_id}/", stage="cleanup"))
+            newest = max((o["last_modified"] for o in objs), default=None)
+            if newest is not None and (now - newest).total_seconds() > self.stale_after:
+                self._delete_prefix(f"{DATA}/{save_id}/", stage="cleanup")
+                removed.append(f"{DATA}/{save_id}")
+        return removed
+
+    # -- the run log (one object per event: S3 has no append) ---------------------------
+    def append_log(self, line: str) -> None:
+        s3_log.append(self.client, line)
+
+    def read_log(self) -> bytes:
+        return s3_log.read(self.client)
+
+    # -- the writer lease ----------------------------------------------------------------
+    def lock(self) -> None:
+        self._lease.acquire()
+        # A storage dropped without unlock() (a notebook cell) must not keep renewing the
+        # lease for the rest of the process; at exit it is released too.
+        if self._release is None or not self._release.alive:
+            self._release = weakref.finalize(self, Lease.release, self._lease)
+
+    def unlock(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release.detach()
+        self._lease.release()
+
+
+def open_root(url: str, storage_options: Mapping[str, Any] | None = None) -> S3Storage:
+    """The storage for an ``s3://`` root (what the manager and ``load`` call for URLs)."""
+    return S3Storage(url, storage_options)
+
+
+if TYPE_CHECKING:
+    from safepoint.storage.protocol import Storage
+
+    def _is_a_storage(storage: S3Storage) -> Storage:
+        return storage  # mypy checks here that S3Storage implements the protocol
+
+
+__all__ = ["S3Storage", "S3Writer", "open_root"]
