@@ -36,7 +36,7 @@ def test_saves_and_retention_through_the_manager(s3_server, s3_root):
 
 
 def test_network_errors_are_retried_with_a_bound_then_reported(s3_server, s3_root, monkeypatch):
-    from safepoint.storage import s3_config
+    from safepoint.storage.s3 import config as s3_config
 
     monkeypatch.setattr(s3_config, "MAX_RETRIES", 2)
     storage = s3.S3Storage(s3_root, s3_server.options)

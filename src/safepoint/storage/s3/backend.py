@@ -6,7 +6,7 @@ rename) becomes this, with every key below ``PREFIX/``::
     .sp-data/<save id>/<payload files>   one prefix per save, 16 random hex digits
     <name>/manifest.json                 the commit record; user metadata
                                          ``safepoint-save: <save id>`` names its payload
-    .sp-lease.json                       the writer lease (:mod:`safepoint.storage.s3_lease`)
+    .sp-lease.json                       the writer lease (:mod:`safepoint.storage.s3.lease`)
     .sp-log/<ns time>-<random>.json      the run log, one object per event
 
 1. ``stage(name)`` picks a fresh save id and remembers whether ``<name>`` is already
@@ -43,10 +43,11 @@ from typing import TYPE_CHECKING, Any, BinaryIO, cast
 from safepoint.errors import CorruptCheckpointError, StorageError
 from safepoint.ondisk.names import STAGE_PREFIX, STAGE_RE, check_name
 from safepoint.ondisk.names import split as _split
-from safepoint.storage import s3_config, s3_log
-from safepoint.storage.s3_client import S3Client
-from safepoint.storage.s3_io import RangeFile, S3Writer
-from safepoint.storage.s3_lease import DEFAULT_TTL, Lease
+from safepoint.storage.s3 import config as s3_config
+from safepoint.storage.s3 import log as s3_log
+from safepoint.storage.s3.client import S3Client
+from safepoint.storage.s3.io import RangeFile, S3Writer
+from safepoint.storage.s3.lease import DEFAULT_TTL, Lease
 
 DATA = ".sp-data"
 RECORD = "manifest.json"  # safepoint.ondisk.manifest.NAME

@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 from safepoint.errors import StorageError
-from safepoint.storage.s3_client import S3Client
+from safepoint.storage.s3.client import S3Client
 
 log = logging.getLogger("safepoint")
 

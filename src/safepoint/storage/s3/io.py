@@ -13,7 +13,7 @@ import io
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from safepoint.storage.s3_client import PART_SIZE, UPLOAD_CONCURRENCY, S3Client
+from safepoint.storage.s3.client import PART_SIZE, UPLOAD_CONCURRENCY, S3Client
 
 
 class S3Writer:

@@ -14,7 +14,7 @@ import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from safepoint.storage.s3_client import S3Client
+from safepoint.storage.s3.client import S3Client
 
 LOG_PREFIX = ".sp-log"
 #: ``read`` returns at most this many events (the newest): one GET each.

@@ -1,7 +1,7 @@
 """The S3 requests safepoint makes, each one translated into safepoint errors.
 
 A thin layer over obstore: every call names its stage, every key is relative to the
-root's prefix, and every failure goes through :func:`safepoint.storage.s3_config.translate`.
+root's prefix, and every failure goes through :func:`safepoint.storage.s3.config.translate`.
 Retries with backoff happen inside obstore (bounded by ``s3_config.MAX_RETRIES`` and
 ``RETRY_TIMEOUT``); what is still failing after them is reported, never retried into a
 commit here.
@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from safepoint.errors import StorageError
-from safepoint.storage import s3_config
-from safepoint.storage.s3_config import S3Location
+from safepoint.storage.s3 import config as s3_config
+from safepoint.storage.s3.config import S3Location
 
 T = TypeVar("T")
 #: Parts of a multipart upload, and how many go up at once.
