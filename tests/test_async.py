@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 
 import safepoint
-from safepoint_testing import FaultyStorage
+from safepoint_testing import Faults, faulty_manager
 
 torch = pytest.importorskip("torch")
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
+TESTS = str(Path(__file__).resolve().parent)  # safepoint_testing, for the children
 
 
 def model_state(seed: int) -> dict[str, object]:
@@ -57,11 +58,11 @@ def test_mutation_after_save_does_not_change_what_is_saved(tmp_path: Path) -> No
 
 
 def test_background_error_surfaces_on_wait_and_keeps_previous_latest(tmp_path: Path) -> None:
-    storage = FaultyStorage(tmp_path)
-    with safepoint.CheckpointManager(storage, async_save=True) as mgr:
+    faults = Faults()
+    with faulty_manager(tmp_path, faults, async_save=True) as mgr:
         mgr.save(model_state(1), step=1)
         mgr.wait()
-        storage.stage_to_fail = "write"
+        faults.arm("write")
         mgr.save(model_state(2), step=2)  # returns: the failure happens in the background
         with pytest.raises(safepoint.StorageError, match="write"):
             mgr.wait()
@@ -78,11 +79,11 @@ def test_background_error_surfaces_on_wait_and_keeps_previous_latest(tmp_path: P
 
 @pytest.mark.parametrize("stage", ["fsync", "manifest", "rename"])
 def test_background_error_surfaces_on_next_save(tmp_path: Path, stage: str) -> None:
-    storage = FaultyStorage(tmp_path)
-    mgr = safepoint.CheckpointManager(storage, async_save=True)
+    faults = Faults()
+    mgr = faulty_manager(tmp_path, faults, async_save=True)
     mgr.save(model_state(1), step=1)
     mgr.wait()
-    storage.stage_to_fail = stage
+    faults.arm(stage)
     mgr.save(model_state(2), step=2)
     with pytest.raises(safepoint.StorageError, match=stage):
         mgr.save(model_state(3), step=3)
@@ -93,7 +94,8 @@ def test_background_error_surfaces_on_next_save(tmp_path: Path, stage: str) -> N
 
 
 def _run_child(code: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    path = os.pathsep.join([SRC, TESTS, os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True,
@@ -125,15 +127,11 @@ def test_process_exiting_right_after_async_save_commits_it(tmp_path: Path) -> No
 def test_failure_in_flight_at_exit_is_reported(tmp_path: Path) -> None:
     proc = _run_child(
         f"""
-        import errno, numpy as np, safepoint
-        from safepoint.storage.local import LocalStorage
+        import numpy as np
+        from safepoint_testing import fail_at, faulty_manager
 
-        class Faulty(LocalStorage):
-            def _fault(self, stage, target):
-                if stage == "fsync":
-                    raise OSError(errno.EIO, "injected")
-
-        mgr = safepoint.CheckpointManager(Faulty({str(tmp_path)!r}), async_save=True)
+        faults = fail_at("fsync", times=None)
+        mgr = faulty_manager({str(tmp_path)!r}, faults, async_save=True)
         mgr.save({{"w": np.ones(1000)}}, step=1)
         """
     )

@@ -1,7 +1,7 @@
 """A fault at every stage of a save, injected through the storage seam.
 
-``LocalStorage._fault(stage, target)`` is called right before each I/O step of a
-save; a subclass raises ``EIO`` there. Whatever the stage, the save must raise a
+``LocalStorage``'s ``faults`` hook is called right before each I/O step of a
+save; ``safepoint_testing.Faults`` raises ``EIO`` there. Whatever the stage, the save must raise a
 ``StorageError`` naming it, the previous checkpoint must still be the latest and
 restore bit-exactly, nothing half-written may be listed, and the next save works.
 """
@@ -17,8 +17,8 @@ import pytest
 
 import safepoint
 from safepoint.storage import local as storage_module
-from safepoint.storage.local import TMP_MARK, TRASH_PREFIX, LocalStorage
-from safepoint_testing import FaultyStorage, listing
+from safepoint.storage.local import FAULT_STAGES, TMP_MARK, TRASH_PREFIX
+from safepoint_testing import Faults, fail_at, faulty_manager, listing
 
 STAGES = ["stage", "open", "write", "fsync", "manifest", "dir-fsync", "rename", "retention"]
 
@@ -49,14 +49,14 @@ def no_leftovers(root: Path) -> bool:
 @pytest.mark.parametrize("stage", STAGES)
 def test_fault_at_each_stage(tmp_path: Path, stage: str) -> None:
     root = tmp_path / "run"
-    storage = FaultyStorage(root)
+    faults = Faults()
     # keep=last 1 makes retention delete the previous checkpoint on every save
-    mgr = safepoint.CheckpointManager(storage, keep=safepoint.Keep(last=1))
+    mgr = faulty_manager(root, faults, keep=safepoint.Keep(last=1))
     mgr.save(state_for(1), step=1)
     mgr.save(state_for(2), step=2)
     assert [c.step for c in mgr.checkpoints()] == [2]
 
-    storage.stage_to_fail = stage
+    faults.arm(stage)
     with pytest.raises(safepoint.StorageError) as info:
         mgr.save(state_for(3), step=3)
     err = info.value
@@ -64,7 +64,7 @@ def test_fault_at_each_stage(tmp_path: Path, stage: str) -> None:
     assert err.errno == errno.EIO
     assert isinstance(err, OSError)
     assert stage in str(err)
-    assert storage.stage_to_fail is None, f"stage {stage!r} was never reached"
+    assert not faults.armed, f"stage {stage!r} was never reached"
 
     if stage == "retention":
         # the new checkpoint was committed before retention ran: it is the latest now,
@@ -89,22 +89,23 @@ def test_fault_at_each_stage(tmp_path: Path, stage: str) -> None:
 
 
 def test_every_stage_is_reached_by_a_save(tmp_path: Path) -> None:
-    """The seam covers every stage named above (so the parametrisation is exhaustive)."""
-    storage = FaultyStorage(tmp_path / "run")
-    with safepoint.CheckpointManager(storage, keep=safepoint.Keep(last=1)) as mgr:
+    """The seam covers every stage named above (so the parametrisation is exhaustive),
+    and those are the stages the storage documents."""
+    faults = Faults()
+    with faulty_manager(tmp_path / "run", faults, keep=safepoint.Keep(last=1)) as mgr:
         mgr.save(state_for(1), step=1)
         mgr.save(state_for(2), step=2)
-    assert {s for s, _ in storage.hits} == set(STAGES)
+    assert set(faults.stages) == set(STAGES) == set(FAULT_STAGES)
 
 
 @pytest.mark.parametrize("stage", ["write", "fsync", "rename", "dir-fsync"])
 def test_fault_when_replacing_same_name(tmp_path: Path, stage: str, exchange: bool) -> None:
     """Re-saving a committed name that fails must leave the old one in place."""
     root = tmp_path / "run"
-    storage = FaultyStorage(root)
-    with safepoint.CheckpointManager(storage) as mgr:
+    faults = Faults()
+    with faulty_manager(root, faults) as mgr:
         mgr.save(state_for(5), step=5)
-        storage.stage_to_fail = stage
+        faults.arm(stage)
         with pytest.raises(safepoint.StorageError):
             mgr.save(state_for(6), step=5)
         assert [c.step for c in mgr.checkpoints()] == [5]
@@ -114,12 +115,8 @@ def test_fault_when_replacing_same_name(tmp_path: Path, stage: str, exchange: bo
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
 def test_storage_error_keeps_errno_and_hint(tmp_path: Path, code: int) -> None:
-    class Full(LocalStorage):
-        def _fault(self, stage: str, target: str) -> None:
-            if stage == "write":
-                raise OSError(code, "injected")
-
-    with safepoint.CheckpointManager(Full(tmp_path / "run")) as mgr:
+    full = fail_at("write", OSError(code, "injected"), times=None)
+    with faulty_manager(tmp_path / "run", full) as mgr:
         with pytest.raises(safepoint.StorageError) as info:
             mgr.save(state_for(1), step=1)
         assert info.value.errno == code
@@ -129,34 +126,19 @@ def test_storage_error_keeps_errno_and_hint(tmp_path: Path, code: int) -> None:
 
 def test_fault_in_the_middle_of_a_sharded_save(tmp_path: Path) -> None:
     """The second shard's write fails after the first shard is durable."""
-
-    class SecondShard(LocalStorage):
-        def _fault(self, stage: str, target: str) -> None:
-            if stage == "open" and target.endswith("model-00001.safetensors"):
-                raise OSError(errno.EIO, "injected")
+    second_shard = fail_at(
+        "open", times=None, target=lambda t: t.endswith("model-00001.safetensors")
+    )
 
     root = tmp_path / "run"
     with safepoint.CheckpointManager(root, shard_bytes=4096) as mgr:
         mgr.save(state_for(1), step=1)
-    with safepoint.CheckpointManager(SecondShard(root), shard_bytes=4096) as mgr:
+    with faulty_manager(root, second_shard, shard_bytes=4096) as mgr:
         with pytest.raises(safepoint.StorageError) as info:
             mgr.save(state_for(2), step=2)
         assert info.value.stage == "open"
         assert_restores(mgr, 1)
     assert no_leftovers(root)
-
-
-class RootFsyncFails(LocalStorage):
-    """Fails the root directory fsync that makes the commit rename durable."""
-
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
-        self.armed = False
-
-    def _fault(self, stage: str, target: str) -> None:
-        if self.armed and stage == "dir-fsync" and target == "":
-            self.armed = False
-            raise OSError(errno.EIO, "injected")
 
 
 @pytest.fixture(params=[True, False], ids=["renameat2", "no-renameat2"])
@@ -171,14 +153,15 @@ def exchange(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 def test_fault_in_root_fsync_after_rename(tmp_path: Path, same_name: bool, exchange: bool) -> None:
     """The rename happened but is not durable: the save fails and the old one survives."""
     root = tmp_path / "run"
-    storage = RootFsyncFails(root)
-    with safepoint.CheckpointManager(storage) as mgr:
+    faults = Faults()
+    with faulty_manager(root, faults) as mgr:
         mgr.save(state_for(1), step=1)
-        storage.armed = True
+        # the root directory fsync that makes the commit rename durable
+        faults.arm("dir-fsync", target="")
         with pytest.raises(safepoint.StorageError) as info:
             mgr.save(state_for(2), step=1 if same_name else 2)
         assert info.value.stage == "dir-fsync"
-        assert not storage.armed
+        assert not faults.armed
         assert [c.name for c in mgr.checkpoints()] == ["step-00000001"]
         ckpt = mgr.restore()
         assert ckpt is not None

@@ -1,6 +1,6 @@
 """Family 1: an exception at every stage of a save, through the storage interface.
 
-``LocalStorage._fault(stage, target)`` is called before each stage acts (staging
+``LocalStorage``'s ``faults`` hook is called before each stage acts (staging
 mkdir, opening and writing each payload, every fsync, the manifest, the directory
 fsyncs, the rename, each retention deletion). A probe save records the sequence; then
 each position in turn raises EIO. The save must raise ``StorageError`` naming that
@@ -17,24 +17,10 @@ import pytest
 from faultkit import Oracle, leftovers, make_state, metrics_for
 
 import safepoint
-from safepoint.storage.local import LocalStorage
+from safepoint_testing import Faults, fail_at, faulty_manager
 
 SEED = 17
 NBYTES = 128 << 10
-
-
-class FailingStorage(LocalStorage):
-    """Records every stage; raises EIO at the ``fail_at``-th one."""
-
-    def __init__(self, root, fail_at: int | None = None) -> None:
-        super().__init__(root)
-        self.fail_at = fail_at
-        self.stages: list[str] = []
-
-    def _fault(self, stage: str, target: str) -> None:
-        self.stages.append(stage)
-        if len(self.stages) == self.fail_at:
-            raise OSError(errno.EIO, f"injected at stage {stage}")
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "hdf5"])
@@ -48,9 +34,10 @@ def test_error_at_every_stage(tmp_path, fmt, keep):
         mgr.save(make_state(SEED, step, NBYTES), step=step, metrics=metrics_for(step))
     mgr.close()
 
-    def save(storage: FailingStorage) -> None:
-        m = safepoint.CheckpointManager(
-            storage,
+    def save(faults: Faults) -> None:
+        m = faulty_manager(
+            root,
+            faults,
             format=fmt,
             shard_bytes=48 << 10,
             keep=safepoint.Keep(last=keep) if keep else None,
@@ -62,7 +49,7 @@ def test_error_at_every_stage(tmp_path, fmt, keep):
 
     root = tmp_path / "run"
     shutil.copytree(template, root)
-    probe = FailingStorage(root)
+    probe = Faults()
     save(probe)
     stages = probe.stages
     assert {"stage", "manifest", "dir-fsync", "rename"} <= set(stages), stages
@@ -72,7 +59,7 @@ def test_error_at_every_stage(tmp_path, fmt, keep):
         shutil.rmtree(root)
         shutil.copytree(template, root)
         with pytest.raises(safepoint.StorageError) as info:
-            save(FailingStorage(root, fail_at=k))
+            save(fail_at(None, nth=k))  # EIO at the k-th stage of any kind
         err = info.value
         # The manifest's own fsync is part of writing the commit record.
         named = "manifest" if stage == "fsync" and stages[k - 2] == "manifest" else stage

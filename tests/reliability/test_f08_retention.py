@@ -22,7 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import safepoint
-from safepoint.storage.local import LocalStorage
+from safepoint_testing import fail_at, faulty_manager
 
 SEED = 23
 NBYTES = 8 << 10
@@ -132,19 +132,8 @@ def test_order_ignores_mtimes(tmp_path, how):
     Oracle(SEED, NBYTES, keep_last=2, returned=5).check(root)
 
 
-class KillDuringRemoval(LocalStorage):
-    """SIGKILLs its own process at the ``at``-th retention stage (before or after the
-    rename to trash, or before the root fsync that makes the removal durable)."""
-
-    def __init__(self, root, at: int) -> None:
-        super().__init__(root)
-        self.at, self.seen = at, 0
-
-    def _fault(self, stage: str, target: str) -> None:
-        if stage == "retention":
-            self.seen += 1
-            if self.seen == self.at:
-                os.kill(os.getpid(), signal.SIGKILL)
+def kill_self(stage: str, target: str) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 @pytest.mark.parametrize("at", [1, 2, 3, 4])
@@ -156,7 +145,10 @@ def test_kill_during_deletion(tmp_path, at):
     mgr.close()
 
     def child() -> None:
-        m = safepoint.CheckpointManager(KillDuringRemoval(root, at), keep=safepoint.Keep(last=1))
+        # SIGKILL at the ``at``-th retention stage (before or after the rename to trash,
+        # or before the root fsync that makes the removal durable)
+        kill = fail_at("retention", kill_self, nth=at)
+        m = faulty_manager(root, kill, keep=safepoint.Keep(last=1))
         m.save(make_state(SEED, 4, NBYTES), step=4)
         os._exit(0)
 

@@ -23,20 +23,11 @@ import pytest
 from faultkit import MiB, Oracle, digest, expected_digest, fork, make_state
 
 import safepoint
-from safepoint.storage.local import LocalStorage
+from safepoint_testing import fail_at, faulty_manager
 
 SEED = 31
+HERE = os.path.dirname(os.path.abspath(__file__))
 NBYTES = 2 * MiB
-
-
-class FailAt(LocalStorage):
-    def __init__(self, root, stage: str) -> None:
-        super().__init__(root)
-        self.fail_stage = stage
-
-    def _fault(self, stage: str, target: str) -> None:
-        if stage == self.fail_stage:
-            raise OSError(errno.EIO, f"injected at {stage}")
 
 
 def test_mutation_after_save_returns_is_not_saved(tmp_path):
@@ -57,7 +48,7 @@ def test_background_error_surfaces_and_nothing_is_listed(tmp_path, stage):
     sync = safepoint.CheckpointManager(root)
     sync.save(make_state(SEED, 1, NBYTES), step=1)
     sync.close()
-    mgr = safepoint.CheckpointManager(FailAt(root, stage), async_save=True)
+    mgr = faulty_manager(root, fail_at(stage, times=None), async_save=True)
     mgr.save(make_state(SEED, 2, NBYTES), step=2)
     with pytest.raises(safepoint.StorageError) as info:
         mgr.wait()
@@ -65,7 +56,7 @@ def test_background_error_surfaces_and_nothing_is_listed(tmp_path, stage):
     mgr.close()
     Oracle(SEED, NBYTES, returned=1).check(root)
     # Not waiting: the next save() raises the background error instead.
-    mgr = safepoint.CheckpointManager(FailAt(root, stage), async_save=True)
+    mgr = faulty_manager(root, fail_at(stage, times=None), async_save=True)
     mgr.save(make_state(SEED, 2, NBYTES), step=2)
     with pytest.raises(safepoint.StorageError):
         time.sleep(0.05)
@@ -78,20 +69,17 @@ def _script(root, fail: bool) -> str:
     return textwrap.dedent(
         f"""
         import sys
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
-        import errno
-        import safepoint
+        sys.path[:0] = [{HERE!r}, {os.path.dirname(HERE)!r}]
+        import time
         from faultkit import make_state
-        from safepoint.storage.local import LocalStorage
+        from safepoint_testing import eio, fail_at, faulty_manager
 
-        class Slow(LocalStorage):
-            def _fault(self, stage, target):
-                if stage == "rename":
-                    import time; time.sleep(0.3)
-                    if {fail!r}:
-                        raise OSError(errno.EIO, "injected")
+        def slow(stage, target):
+            time.sleep(0.3)
+            if {fail!r}:
+                eio(stage, target)
 
-        mgr = safepoint.CheckpointManager(Slow({str(root)!r}), async_save=True)
+        mgr = faulty_manager({str(root)!r}, fail_at("rename", slow, times=None), async_save=True)
         mgr.save(make_state({SEED}, 1, {NBYTES}), step=1)
         """
     )
