@@ -122,6 +122,7 @@ def _run_child(code: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.e2e
 def test_process_exiting_right_after_async_save_commits_it(tmp_path: Path) -> None:
     proc = _run_child(
         f"""
@@ -140,6 +141,7 @@ def test_process_exiting_right_after_async_save_commits_it(tmp_path: Path) -> No
     assert torch.equal(ckpt.state["w"], torch.arange(8 << 20, dtype=torch.float32))
 
 
+@pytest.mark.e2e
 def test_failure_in_flight_at_exit_is_reported(tmp_path: Path) -> None:
     proc = _run_child(
         f"""
@@ -264,6 +266,7 @@ def _script(root, fail: bool) -> str:
     )
 
 
+@pytest.mark.e2e
 def test_exit_right_after_save_commits_it(tmp_path):
     root = tmp_path / "run"
     done = subprocess.run(
@@ -273,6 +276,7 @@ def test_exit_right_after_save_commits_it(tmp_path):
     Oracle(SEED, NBYTES, returned=1).check(root)
 
 
+@pytest.mark.e2e
 def test_exit_reports_a_background_failure(tmp_path):
     root = tmp_path / "run"
     done = subprocess.run(
@@ -282,6 +286,7 @@ def test_exit_reports_a_background_failure(tmp_path):
     assert safepoint.CheckpointManager(root).checkpoints() == []
 
 
+@pytest.mark.e2e
 def test_sigkill_during_async_saves(tmp_path):
     root = tmp_path / "run"
     r, w = os.pipe()

@@ -35,6 +35,8 @@ from faultkit import MiB, Oracle, kill_trial, leftovers, rng_for
 
 import safepoint
 
+pytestmark = pytest.mark.e2e  # each test SIGKILLs real saver processes
+
 HELPER = Path(__file__).resolve().parents[1] / "helpers" / "save_loop.py"
 KILLS = 50
 

@@ -327,6 +327,7 @@ def kill_self(stage: str, target: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("at", [1, 2, 3, 4])
 def test_kill_during_deletion(tmp_path, at):
     root = tmp_path / "run"
