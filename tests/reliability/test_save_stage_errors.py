@@ -111,6 +111,20 @@ def test_every_stage_is_reached_by_a_save(tmp_path: Path) -> None:
     assert set(faults.stages) == set(STAGES) == set(FAULT_STAGES)
 
 
+def test_a_fault_at_a_misspelt_stage_is_refused_not_silently_never_fired() -> None:
+    """A typo in a test's stage would make a fault that never fires (a test that cannot
+    fail); the shared helper refuses it."""
+    with pytest.raises(ValueError, match="unknown stage 'renmae'"):
+        fail_at("renmae")
+    hook = fail_at("rename", nth=2)
+    hook("rename", "a")  # the first rename passes
+    with pytest.raises(OSError) as info:
+        hook("rename", "b")
+    assert info.value.errno == errno.EIO and not hook.armed
+    hook("rename", "c")  # fired once, as asked
+    assert hook.hits == [("rename", "a"), ("rename", "b"), ("rename", "c")]
+
+
 @pytest.mark.parametrize("stage", ["write", "fsync", "rename", "dir-fsync"])
 def test_fault_when_replacing_same_name(tmp_path: Path, stage: str, exchange: bool) -> None:
     """Re-saving a committed name that fails must leave the old one in place."""
