@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test test-fast lint demo bench clean
 
 # The stamp depends on the files that define the environment, so `make install`
 # is a no-op (under a second) when nothing changed.
@@ -25,6 +25,11 @@ lint: install
 
 test: install lint
 	$(PY) -m pytest -q
+
+# The edit-test loop: everything but the end-to-end process runs (marker e2e) and the
+# long variants; under a minute on 2 cores. `make test` runs the e2e tests too.
+test-fast: install
+	$(PY) -m pytest -q -m "not e2e and not slow and not fuzz"
 
 # The main job: train, crash with SIGKILL mid-run, resume, and check the result is
 # bit-identical to an uninterrupted run.

@@ -1,4 +1,4 @@
-"""Comparison and tampering helpers shared by the core test files.
+"""Fault injection, comparison and tampering helpers shared by the test files.
 
 A plain module, not conftest.py: test files import these names directly, and
 ``from conftest import ...`` would pick up whichever of the suite's several
@@ -11,33 +11,131 @@ import errno
 import json
 import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+import safepoint
 from safepoint.ondisk.manifest import _body_digest
-from safepoint.storage.local import LocalStorage
+from safepoint.storage.local import FAULT_STAGES, LocalStorage
+
+#: What an armed fault does: an exception (instance or class) to raise, or a callable
+#: run as ``action(stage, target)`` (to stall, kill the process, cut the power...).
+Action = BaseException | type[BaseException] | Callable[[str, str], object]
 
 
-class FaultyStorage(LocalStorage):
-    """Raises EIO once at ``stage_to_fail`` when armed; records every stage it passes.
+def eio(stage: str, target: str) -> None:
+    """The default fault: the device reports an I/O error."""
+    raise OSError(errno.EIO, f"Input/output error (injected at stage {stage})")
 
-    Every write path of the local backend calls ``_fault(stage, target)`` first, so
-    setting ``stage_to_fail`` to "write", "fsync", "manifest", "rename"... fails the
-    next call of that stage, and only that one (the device then "recovers").
+
+@dataclass
+class _Rule:
+    stage: str | None
+    action: Action
+    nth: int
+    times: int | None
+    target: str | Callable[[str], bool] | None
+    seen: int = 0
+    fired: int = 0
+
+    def matches(self, stage: str, target: str) -> bool:
+        if self.stage is not None and stage != self.stage:
+            return False
+        if self.target is None:
+            return True
+        return self.target(target) if callable(self.target) else target == self.target
+
+    @property
+    def spent(self) -> bool:
+        return self.times is not None and self.fired >= self.times
+
+
+class Faults:
+    """The fault-injection hook of a test: ``LocalStorage(root, faults=Faults())``.
+
+    The one shared way tests inject faults (``LocalStorage``'s ``faults`` hook is called
+    as ``faults(stage, target)`` right before each I/O step of a save; the stages are
+    ``safepoint.storage.local.FAULT_STAGES``). It records every step it sees in
+    :attr:`hits`, and runs the faults armed with :meth:`arm`.
     """
 
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
-        self.stage_to_fail: str | None = None
+    def __init__(self) -> None:
         self.hits: list[tuple[str, str]] = []
+        self._rules: list[_Rule] = []
 
-    def _fault(self, stage: str, target: str) -> None:
+    @property
+    def stages(self) -> list[str]:
+        """The stages seen so far, in order."""
+        return [stage for stage, _ in self.hits]
+
+    @property
+    def armed(self) -> bool:
+        """Whether a fault armed here has yet to fire (as often as it was asked to)."""
+        return any(not rule.spent for rule in self._rules)
+
+    def arm(
+        self,
+        stage: str | None,
+        action: Action = eio,
+        *,
+        nth: int = 1,
+        times: int | None = 1,
+        target: str | Callable[[str], bool] | None = None,
+    ) -> Faults:
+        """Run ``action`` at the ``nth`` step of ``stage`` (``None``: of any stage) seen
+        from now on, and at the ``times - 1`` matching steps after it (``times=None``:
+        at every one). ``target`` narrows the steps that count: a relative path (``""``
+        is the root) or a predicate on it. Returns ``self``."""
+        if stage is not None and stage not in FAULT_STAGES:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {FAULT_STAGES}")
+        if nth < 1 or (times is not None and times < 1):
+            raise ValueError(f"nth and times count from 1; got nth={nth}, times={times}")
+        self._rules.append(_Rule(stage, action, nth, times, target))
+        return self
+
+    def disarm(self) -> None:
+        """Drop every armed fault (the device recovers); recording goes on."""
+        self._rules.clear()
+
+    def __call__(self, stage: str, target: str) -> None:
         self.hits.append((stage, target))
-        if stage == self.stage_to_fail:
-            self.stage_to_fail = None
-            raise OSError(errno.EIO, "Input/output error (injected)")
+        for rule in self._rules:
+            if rule.spent or not rule.matches(stage, target):
+                continue
+            rule.seen += 1
+            if rule.seen < rule.nth:
+                continue
+            rule.fired += 1
+            action = rule.action
+            if isinstance(action, BaseException) or (
+                isinstance(action, type) and issubclass(action, BaseException)
+            ):
+                raise action
+            action(stage, target)
+
+
+def fail_at(
+    stage: str | None,
+    action: Action = eio,
+    *,
+    nth: int = 1,
+    times: int | None = 1,
+    target: str | Callable[[str], bool] | None = None,
+) -> Faults:
+    """A hook that fails the ``nth`` step of ``stage`` with ``action`` (``EIO`` by
+    default); see :meth:`Faults.arm`."""
+    return Faults().arm(stage, action, nth=nth, times=times, target=target)
+
+
+def faulty_manager(
+    root: str | os.PathLike[str], faults: Faults, **kwargs: Any
+) -> safepoint.CheckpointManager:
+    """A manager whose storage is ``root`` with the fault hook ``faults``."""
+    return safepoint.CheckpointManager(LocalStorage(root, faults=faults), **kwargs)
 
 
 def tensor_bytes(value: Any) -> bytes:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e  # each test runs the benchmark scripts as real processes
+
 pytest.importorskip("torch")
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"

@@ -71,6 +71,7 @@ def test_on_epoch_end_starts_the_next_epoch_for_mid_epoch_saves(tmp_path: Path) 
     assert _saved_epochs(tmp_path) == [(3, 1), (6, 2)]
 
 
+@pytest.mark.e2e  # real training: the docs' loop, 4 epochs
 def test_the_torch_doc_loop_records_real_epochs(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     text = DOC.read_text()

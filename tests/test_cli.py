@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -212,3 +213,39 @@ def test_an_hdf5_checkpoint_without_h5py_is_incompatible_not_a_traceback(tmp_pat
         proc = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True)
         assert proc.returncode == safepoint.IncompatibleCheckpointError.exit_code, proc.stderr
         assert "Traceback" not in proc.stderr and "h5py" in proc.stderr + proc.stdout
+
+
+def test_convert_into_a_live_root_takes_the_next_seq_and_the_lock(tmp_path):
+    pytest.importorskip("h5py")
+    root = tmp_path / "run"
+    mgr = safepoint.CheckpointManager(root)
+    for step in (1, 2):
+        mgr.save({"w": np.full(4, step, np.float32)}, step=step)
+    # the manager holds the writer lock: converting into its root from another process
+    # (the CLI) must wait its turn (writers of one process share the lock, issue 10 item 8)
+    argv = ["convert", str(root / "step-00000001"), "--to", "hdf5", "--out", str(root / "copy")]
+    other = subprocess.run([sys.executable, "-m", "safepoint.cli", *argv], capture_output=True)
+    assert other.returncode == safepoint.StorageError.exit_code, other.stderr
+    mgr.close()
+    assert (
+        main(["convert", str(root / "step-00000001"), "--to", "hdf5", "--out", str(root / "copy")])
+        == 0
+    )
+    listed = safepoint.CheckpointManager(root).checkpoints()
+    assert [(c.name, c.seq) for c in listed] == [
+        ("step-00000001", 1),
+        ("step-00000002", 2),
+        ("copy", 3),
+    ]
+
+
+def test_convert_defaults_to_the_current_directory(tmp_path, monkeypatch):
+    pytest.importorskip("h5py")
+    root = tmp_path / "run"
+    safepoint.CheckpointManager(root).save({"w": np.ones(2)}, step=1)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["convert", str(root / "step-00000001"), "--to", "hdf5"]) == 0
+    assert (work / "step-00000001-hdf5" / "manifest.json").exists()
+    assert sorted(p.name for p in root.iterdir()) == ["safepoint-log.jsonl", "step-00000001"]

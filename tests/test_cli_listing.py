@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import safepoint
 from safepoint.cli import main
@@ -49,6 +50,7 @@ def test_ls_with_a_monitor_no_checkpoint_has_is_refused(tmp_path, capsys):
     assert main(["ls", str(tmp_path), "--monitor", "val_accuracy", "--mode", "min"]) == 0
 
 
+@pytest.mark.e2e
 def test_log_into_a_closed_pipe_is_quiet(tmp_path):
     with safepoint.CheckpointManager(tmp_path, keep=safepoint.Keep(last=1)) as mgr:
         for step in range(1, 400):

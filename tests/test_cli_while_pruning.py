@@ -43,6 +43,7 @@ def pruning_writer(tmp_path):
         proc.stdout.close()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("argv", [["ls"], ["ls", "--json"], ["verify", "--deep"], ["verify"]])
 def test_reading_commands_pass_while_retention_deletes(pruning_writer, capsys, argv):
     deadline, runs = time.monotonic() + 2.0, 0

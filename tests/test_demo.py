@@ -36,6 +36,7 @@ def _demo(root: str, *extra: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.e2e
 def test_demo_crash_then_resume_is_bit_identical(tmp_path):
     root = str(tmp_path / "run")
     crashed = _demo(root, "--crash-at-epoch", "6")
@@ -67,6 +68,7 @@ def test_demo_crash_then_resume_is_bit_identical(tmp_path):
     assert f"step-{15 * PER_EPOCH:06d}" in kept and len(kept) <= 2
 
 
+@pytest.mark.e2e
 def test_demo_detects_a_resume_that_lost_the_rng(tmp_path, monkeypatch):
     """Negative control: restoring without the RNG state must be caught as a mismatch."""
     root = str(tmp_path / "run")

@@ -40,6 +40,7 @@ _WRITER = textwrap.dedent(
 )
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("how", ["fork", "multiprocessing"])
 def test_a_forked_helper_does_not_keep_the_lock_after_the_writer_is_killed(
     tmp_path: Path, how: str

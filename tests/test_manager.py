@@ -444,3 +444,77 @@ def test_huge_int_metric_roundtrips_in_manifest(tmp_path: Path) -> None:
     with safepoint.CheckpointManager(tmp_path / "run") as mgr:
         mgr.save(small_state(1.0), step=1, metrics={"seen": 10**5000 + 1})
         assert mgr.checkpoints()[0].metrics["seen"] == 10**5000 + 1
+
+
+@pytest.mark.parametrize("which", [5, "step-00000005"])
+def test_missing_ok_covers_steps_and_names(tmp_path, which):
+    mgr = safepoint.CheckpointManager(tmp_path / "run")
+    assert mgr.restore(checkpoint=which, missing_ok=True) is None
+    with pytest.raises(safepoint.CheckpointNotFoundError):
+        mgr.restore(checkpoint=which)
+    mgr.save({"x": 1}, step=1)
+    assert mgr.restore(checkpoint=which, missing_ok=True) is None
+    assert mgr.restore(checkpoint=1).state == {"x": 1}
+
+
+class Counter:
+    def __init__(self, fail: bool = False) -> None:
+        self.value = 0
+        self.fail = fail
+
+    def state_dict(self) -> dict[str, int]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if self.fail:
+            raise ValueError("refusing this state")
+        self.value = state["value"]
+
+
+def test_a_failed_restore_names_what_was_already_loaded(tmp_path):
+    mgr = safepoint.CheckpointManager(tmp_path / "run")
+    a, b = Counter(), Counter()
+    a.value = b.value = 7
+    mgr.save({"a": a, "b": b}, step=1)
+    target = {"a": Counter(), "b": Counter(fail=True)}
+    with pytest.raises(
+        safepoint.StateMismatchError,
+        match=r"Already loaded before this "
+        r"failure: \['a'\]",
+    ) as exc:
+        mgr.restore(target)
+    assert exc.value.mismatched == ["b"]
+    with pytest.raises(safepoint.StateMismatchError, match="Nothing else was loaded"):
+        mgr.restore({"b": Counter(fail=True)})
+
+
+def test_an_hdf5_checkpoint_without_h5py_is_incompatible_and_latest_falls_back(
+    tmp_path, monkeypatch
+):
+    pytest.importorskip("h5py")
+    root = tmp_path / "run"
+    safepoint.CheckpointManager(root).save({"x": np.ones(2)}, step=1)
+    safepoint.CheckpointManager(root, format="hdf5").save({"x": np.zeros(2)}, step=2)
+    from safepoint import formats
+
+    real_get = formats.get
+
+    def no_h5py(name: str):
+        if name == "hdf5":
+            raise safepoint.ConfigError("The 'hdf5' format needs h5py.")
+        return real_get(name)
+
+    monkeypatch.setattr(formats, "get", no_h5py)
+    mgr = safepoint.CheckpointManager(root)
+    with pytest.raises(safepoint.IncompatibleCheckpointError, match="needs h5py"):
+        mgr.restore(checkpoint=2)
+    np.testing.assert_array_equal(mgr.restore().state["x"], np.ones(2))
+
+
+def test_a_manager_dropped_without_close_releases_the_root(tmp_path):
+    import gc
+
+    root = tmp_path / "run"
+    safepoint.CheckpointManager(root).save({"x": 1}, step=1)  # never closed
+    gc.collect()
+    assert safepoint.CheckpointManager(root).save({"x": 2}, step=2).step == 2

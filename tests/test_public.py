@@ -121,16 +121,10 @@ def test_numpy_load_of_a_dtype_numpy_cannot_spell_says_how(tmp_path):
 
 
 def test_retention_failure_message_says_the_new_checkpoint_is_committed(tmp_path):
-    import errno
+    from safepoint_testing import fail_at, faulty_manager
 
-    from safepoint.storage.local import LocalStorage
-
-    class FailingDelete(LocalStorage):
-        def _fault(self, stage: str, target: str) -> None:
-            if stage == "retention":
-                raise OSError(errno.EIO, "injected")
-
-    mgr = safepoint.CheckpointManager(FailingDelete(tmp_path / "run"), keep=safepoint.Keep(last=1))
+    failing_delete = fail_at("retention", times=None)
+    mgr = faulty_manager(tmp_path / "run", failing_delete, keep=safepoint.Keep(last=1))
     mgr.save({"x": 1}, step=1)
     with pytest.raises(safepoint.StorageError, match="new checkpoint was committed") as exc:
         mgr.save({"x": 2}, step=2)

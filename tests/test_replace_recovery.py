@@ -71,6 +71,7 @@ def _values(root: Path, name: str) -> list[float]:
     return [float(x) for x in np.asarray(weights).reshape(-1)]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("resume", [False, True], ids=["save-first", "restore-first"])
 @pytest.mark.parametrize("kind", ["dir", "file"])
 def test_a_kill_between_the_two_renames_loses_nothing(
@@ -131,6 +132,7 @@ def test_single_file_re_saves_work_without_hard_links(
 _PLAIN_CHILD = _CHILD[: _CHILD.index("st._exchange")] + "save(2.0)\nprint('not killed')\n"
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
 @pytest.mark.parametrize("kind", ["dir", "file"])
 def test_real_syscall_faults_no_renameat2_no_link_and_a_kill(tmp_path: Path, kind: str) -> None:

@@ -16,6 +16,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 import safepoint
 from safepoint.cli import main
@@ -95,6 +96,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.e2e
 def test_exit_without_close_writes_the_summary_and_a_kill_loses_only_it(tmp_path):
     for how in ("exit", "kill"):
         root = tmp_path / how

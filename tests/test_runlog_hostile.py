@@ -4,6 +4,7 @@ outside the root; reading the log is bounded."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import subprocess
@@ -77,3 +78,21 @@ def test_reading_a_huge_log_is_bounded_to_its_newest_lines(
     lines = data.decode().splitlines()
     assert lines[-1] == '{"event": "note", "i": 199}'
     assert all(line.startswith("{") for line in lines)  # starts on a line boundary
+
+
+class LogFails(LocalStorage):
+    """A root whose run log cannot be appended to (a full disk for the log only)."""
+
+    def append_log(self, line: str) -> None:
+        raise safepoint.StorageError("log failed", errno=errno.ENOSPC, stage="log")
+
+
+def test_a_run_log_failure_never_fails_a_committed_save(tmp_path, caplog):
+    mgr = safepoint.CheckpointManager(LogFails(tmp_path / "run"), keep=safepoint.Keep(last=1))
+    with caplog.at_level(logging.WARNING, logger="safepoint"):
+        first = mgr.save({"x": np.ones(3)}, step=1)
+        second = mgr.save({"x": np.zeros(3)}, step=2)
+    assert (first.step, second.step) == (1, 2)
+    # retention still ran after the failed log line: only the newest remains
+    assert [c.name for c in mgr.checkpoints()] == [second.name]
+    assert "could not write the run log" in caplog.text

@@ -9,7 +9,6 @@ by counting what the writer copies; timing lives in ``bench/async_stall.py``.
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from safepoint.storage import payload_write
 from safepoint.storage import staging as snapshot
 from safepoint.storage.local import LocalStorage
 from safepoint.storage.staging import Staging, image_layout
+from safepoint_testing import Faults
 
 torch = pytest.importorskip("torch")
 
@@ -193,39 +193,27 @@ def test_pinning_fails_soft_without_cuda(caplog: pytest.LogCaptureFixture) -> No
     assert "copying unpinned" in caplog.text
 
 
-class FailingNthWrite(LocalStorage):
-    """Raises EIO on the ``n``-th payload write call once armed."""
-
-    def __init__(self, root: Path, n: int) -> None:
-        super().__init__(root)
-        self.n, self.writes, self.armed = n, 0, False
-
-    def _fault(self, stage: str, target: str) -> None:
-        if self.armed and stage == "write":
-            self.writes += 1
-            if self.writes == self.n:
-                raise OSError(errno.EIO, "Input/output error (injected)")
-
-
 def test_failure_midway_through_passed_through_writes(tmp_path: Path) -> None:
     """An I/O error on the 2nd of several 32 MiB pass-through writes: the pieces still
     queued are dropped, the error surfaces on wait(), the previous checkpoint stays."""
-    storage = FailingNthWrite(tmp_path, n=2)
+    faults = Faults()
+    storage = LocalStorage(tmp_path, faults=faults)
     big = {"w": torch.arange(20 << 20, dtype=torch.float32)}  # 80 MiB: three pieces
     with safepoint.CheckpointManager(storage, async_save=True) as mgr:
         mgr.save(big, step=1)
         mgr.wait()
-        storage.armed = True
+        faults.hits.clear()
+        faults.arm("write", nth=2)  # EIO on the 2nd payload write call
         big["w"].add_(1.0)
         mgr.save(big, step=2)
         with pytest.raises(safepoint.StorageError, match="write"):
             mgr.wait()
-        assert storage.writes == 2  # nothing was written after the failure
+        assert faults.stages.count("write") == 2  # nothing was written after the failure
         assert [c.step for c in mgr.checkpoints()] == [1]
         restored = mgr.restore()
         assert restored is not None
         assert torch.equal(restored.state["w"], torch.arange(20 << 20, dtype=torch.float32))
-        storage.armed = False
+        faults.disarm()
         mgr.save(big, step=3)
         mgr.wait()
     assert [c.step for c in safepoint.CheckpointManager(tmp_path).checkpoints()] == [1, 3]

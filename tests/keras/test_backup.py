@@ -42,6 +42,7 @@ def uninterrupted(tmp_path_factory) -> dict[str, dict[str, bytes]]:
     return out
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("freq", "kill"),
     [("epoch", "3"), ("4", "2:9")],
@@ -61,6 +62,7 @@ def test_sigkill_then_restart_ends_bit_identical(uninterrupted, tmp_path, freq, 
     assert load(tmp_path / "final.npz") == uninterrupted[freq]
 
 
+@pytest.mark.e2e
 def test_keras_own_backup_does_not_resume_exactly(uninterrupted, tmp_path):
     """The control: without the RNG state the same kill ends with other weights."""
     args = ("--epochs", "5", "--keras-backup")

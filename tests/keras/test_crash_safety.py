@@ -51,6 +51,7 @@ CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("stage", ["write", "manifest", "fsync", "rename", "dir-fsync"])
 def test_sigkill_at_each_stage_of_a_save_leaves_a_whole_file(tmp_path, stage):
     env = {**os.environ, "KERAS_BACKEND": "torch"}

@@ -174,6 +174,7 @@ def uninterrupted(tmp_path_factory) -> dict[str, bytes]:
     return load(workdir / "final.npz")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "sig", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)]
 )

@@ -72,6 +72,7 @@ def test_examples_are_the_seed_with_only_the_import_changed():
         )
 
 
+@pytest.mark.e2e
 def test_the_three_seed_scripts_run_unchanged(workdir):
     improvements = run(workdir, "checkpoint_improvements.py")
     assert improvements.returncode == 0, improvements.stderr

@@ -105,6 +105,7 @@ def load(path) -> dict[str, bytes]:
         return {k: npz[k].tobytes() for k in npz.files}
 
 
+@pytest.mark.e2e
 def test_sigkill_then_rerun_resumes_beside_best_keras_and_keeps_it(tmp_path):
     args = ("--epochs", "4", "--best-beside")
     full = tmp_path / "full"

@@ -11,7 +11,7 @@ import pytest
 import safepoint
 from safepoint.catalog import singlefile
 from safepoint.keras import files
-from safepoint_testing import FaultyStorage
+from safepoint_testing import Faults, faulty_manager
 
 
 def build(seed: int = 7) -> keras.Model:
@@ -29,13 +29,13 @@ def save(mgr: safepoint.CheckpointManager, model: keras.Model, name: str, step: 
 
 @pytest.mark.parametrize("existed", [True, False])
 def test_a_failed_directory_fsync_keeps_the_old_file(tmp_path, existed):
-    storage = FaultyStorage(tmp_path)
-    mgr = safepoint.CheckpointManager(storage)
+    faults = Faults()
+    mgr = faulty_manager(tmp_path, faults)
     path = tmp_path / "w.weights.h5"
     if existed:
         save(mgr, build(1), "w.weights.h5", 1)
         before = path.read_bytes()
-    storage.stage_to_fail = "dir-fsync"
+    faults.arm("dir-fsync")
     with pytest.raises(safepoint.StorageError, match="intact") as info:
         save(mgr, build(2), "w.weights.h5", 2)
     assert info.value.stage == "dir-fsync"

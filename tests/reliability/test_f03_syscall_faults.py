@@ -244,11 +244,13 @@ def _enumerate(templates, tmp_path, name: str, *, exhaustive: bool) -> None:
     assert runner.outcomes["killed"] > 0 and runner.outcomes["save raised"] > 0
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_fault_at_every_syscall_position(templates, tmp_path, name):
     _enumerate(templates, tmp_path, name, exhaustive=False)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_every_error_at_every_syscall_position(templates, tmp_path, name):

@@ -27,6 +27,7 @@ from faultkit import MiB, Oracle, digest, expected_digest, leftovers, make_state
 
 import safepoint
 from safepoint.storage.local import LocalStorage
+from safepoint_testing import fail_at
 
 SEED = 21
 NBYTES = MiB // 2
@@ -40,7 +41,8 @@ class PowerLossStorage(LocalStorage):
     """A local root whose durable state is exactly what ``fsync`` made durable."""
 
     def __init__(self, root: Path, monkeypatch: pytest.MonkeyPatch, *, cut_at: int | None = None):
-        super().__init__(root)
+        # every stage of a save is a crash point, as is every fsync
+        super().__init__(root, faults=fail_at(None, self._stage_point, times=None))
         self.cut_at = cut_at
         self.points: list[str] = []
         self.dead = False
@@ -93,7 +95,7 @@ class PowerLossStorage(LocalStorage):
             self.dead = True
             raise PowerCut(f"power cut before {what} (point {self.cut_at})")
 
-    def _fault(self, stage: str, target: str) -> None:
+    def _stage_point(self, stage: str, target: str) -> None:
         self._point(stage)
 
     # -- the outage ----------------------------------------------------------------------

@@ -41,6 +41,7 @@ def test_second_writer_in_the_same_process_shares_the_root(tmp_path):
     assert [c.seq for c in safepoint.CheckpointManager(root).checkpoints()] == [1, 2, 3, 4]
 
 
+@pytest.mark.e2e
 def test_second_writer_in_another_process_fails_until_the_first_dies(tmp_path):
     root = tmp_path / "run"
     r, w = os.pipe()
@@ -68,6 +69,7 @@ def test_second_writer_in_another_process_fails_until_the_first_dies(tmp_path):
     assert [c.step for c in safepoint.CheckpointManager(root).checkpoints()] == [1, 2]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("keep_last", [None, 2], ids=["keep-all", "keep-last-2"])
 def test_reader_racing_a_writer_never_sees_a_partial_checkpoint(tmp_path, keep_last):
     root = str(tmp_path / "run")

@@ -4,7 +4,7 @@ This version of safepoint has no object-store backend: a URL root must be refuse
 clearly, before any I/O, rather than be taken for a local directory called ``s3:``.
 The protocol properties of family 12 (a failed upload leaves no manifest, the manifest
 is uploaded last, listing trusts manifests only) apply to the local backend too and are
-checked there: ``test_f01`` (nothing listed after any failed stage), ``test_f07``
+checked there: ``test_save_stage_errors`` (nothing listed after any failed stage), ``test_f07``
 (a directory without a manifest is never listed). The run against a real S3-compatible
 server on loopback belongs with the backend, in a later issue.
 """

@@ -24,6 +24,7 @@ def _weights(stdout: str) -> str:
     return found[0]
 
 
+@pytest.mark.e2e
 def test_example_stopped_by_sigterm_resumes_to_the_same_weights(tmp_path):
     whole = subprocess.run(
         [sys.executable, str(EXAMPLE), str(tmp_path / "a")],
@@ -56,6 +57,7 @@ def test_example_stopped_by_sigterm_resumes_to_the_same_weights(tmp_path):
     assert _weights(again.stdout) == _weights(whole.stdout)
 
 
+@pytest.mark.e2e
 def test_the_plain_pytorch_loop_in_the_docs_runs(tmp_path):
     text = (REPO / "docs" / "torch.md").read_text()
     section = text.split("## Plain PyTorch", 1)[1]

@@ -88,6 +88,7 @@ def _kill_and_resume(tmp_path: Path, kill_at: int, workers: int, resume_workers:
     assert f"resumed {latest.name} at step {latest.step}" in resumed.stdout
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("kill_at", "workers"),
     # Step 21 resumes from step 20, the first batch of epoch 2 (19 batches per epoch).
@@ -99,12 +100,14 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, oracle, kill_a
     _same(oracle, _final(tmp_path / "out"))
 
 
+@pytest.mark.e2e
 def test_resume_with_another_num_workers_is_exact(tmp_path, oracle):
     """The saved position counts batches the loop consumed, not those workers prefetched."""
     _kill_and_resume(tmp_path, RANDOM_STEPS[1], 2, 0)
     _same(oracle, _final(tmp_path / "out"))
 
 
+@pytest.mark.e2e
 def test_sigterm_mid_epoch_commits_a_checkpoint_and_the_resume_is_exact(tmp_path, oracle):
     """A scheduler signals the whole process group: DataLoader workers included."""
     root, out = tmp_path / "root", tmp_path / "out"

@@ -57,6 +57,7 @@ def oracle(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return result
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("kill_at", "extra"),
     [

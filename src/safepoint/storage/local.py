@@ -36,6 +36,7 @@ import shutil
 import stat
 import threading
 import weakref
+from collections.abc import Callable
 from typing import BinaryIO
 
 from safepoint.errors import CorruptCheckpointError, StorageError
@@ -61,18 +62,53 @@ from safepoint.storage.protocol import Storage, Writer  # noqa: F401  (re-export
 LOG_READ_MAX = 64 << 20
 
 
-class LocalStorage:
-    """A checkpoint root on a local (or POSIX network) file system."""
+#: The stages at which a :class:`LocalStorage` calls its ``faults`` hook, in the order a
+#: save meets them: ``stage`` (mkdir of the staging entry), ``open`` / ``write`` /
+#: ``fsync`` (each payload file), ``manifest`` (then its ``fsync``), ``dir-fsync`` (the
+#: staging directory, then the root after the rename), ``rename`` (the commit), and
+#: ``retention`` (each deletion, then the root fsync that makes the deletions durable).
+#: A single framework file (``.h5``, ``.keras``) meets ``write``, ``manifest``,
+#: ``fsync``, ``rename`` and ``dir-fsync``.
+FAULT_STAGES: tuple[str, ...] = (
+    "stage",
+    "open",
+    "write",
+    "fsync",
+    "manifest",
+    "dir-fsync",
+    "rename",
+    "retention",
+)
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+#: ``faults(stage, target)``: called right before the backend acts at ``stage`` on
+#: ``target`` (a checkpoint name or a path relative to the root).
+FaultHook = Callable[[str, str], None]
+
+
+class LocalStorage:
+    """A checkpoint root on a local (or POSIX network) file system.
+
+    ``faults`` is the fault-injection seam for tests (production code passes none):
+    it is called as ``faults(stage, target)`` right before each I/O step of a save
+    (:data:`FAULT_STAGES`), and whatever it raises fails that step as a real error
+    would: an ``OSError`` becomes a :class:`~safepoint.errors.StorageError` naming the
+    stage, and the save undoes what it staged. A hook can also record the sequence of
+    stages, or stall or kill the process at one of them.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, faults: FaultHook | None = None) -> None:
         self.root = os.path.abspath(os.fspath(root))
+        self._faults = faults
         self._held: rootlock.Root | None = None
         self._mutex = threading.RLock()  # until the lock is taken (see serial())
         self._pinned: heldview.Held | None = None  # a reader's view: the checkpoint it opened
 
     # -- hooks -------------------------------------------------------------------------
     def _fault(self, stage: str, target: str) -> None:
-        """Fault-injection seam: tests override it to fail a given stage."""
+        """Call the ``faults`` hook, if any: every write path of the backend (and of the
+        single-file commit) calls this first, so tests can fail any stage of a save."""
+        if self._faults is not None:
+            self._faults(stage, target)
 
     def describe(self, relpath: str = "") -> str:
         return os.path.join(self.root, relpath) if relpath else self.root

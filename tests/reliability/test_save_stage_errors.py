@@ -1,24 +1,37 @@
-"""A fault at every stage of a save, injected through the storage seam.
+"""An error at every stage of a save (the storage's fault hook), and what it must leave.
 
-``LocalStorage._fault(stage, target)`` is called right before each I/O step of a
-save; a subclass raises ``EIO`` there. Whatever the stage, the save must raise a
+A fault at every stage of a save, injected through the storage seam.
+
+``LocalStorage``'s ``faults`` hook is called right before each I/O step of a
+save; ``safepoint_testing.Faults`` raises ``EIO`` there. Whatever the stage, the save must raise a
 ``StorageError`` naming it, the previous checkpoint must still be the latest and
 restore bit-exactly, nothing half-written may be listed, and the next save works.
+
+Family 1: an exception at every stage of a save, through the storage interface.
+
+``LocalStorage``'s ``faults`` hook is called before each stage acts (staging
+mkdir, opening and writing each payload, every fsync, the manifest, the directory
+fsyncs, the rename, each retention deletion). A probe save records the sequence; then
+each position in turn raises EIO. The save must raise ``StorageError`` naming that
+stage, the previous checkpoint must still be latest and restore bit-exactly (unless the
+failure came after the commit, in retention), and nothing staged may be left behind.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from faultkit import Oracle, leftovers, make_state, metrics_for
 
 import safepoint
 from safepoint.storage import local as storage_module
-from safepoint.storage.local import TMP_MARK, TRASH_PREFIX, LocalStorage
-from safepoint_testing import FaultyStorage, listing
+from safepoint.storage.local import FAULT_STAGES, TMP_MARK, TRASH_PREFIX
+from safepoint_testing import Faults, fail_at, faulty_manager, listing
 
 STAGES = ["stage", "open", "write", "fsync", "manifest", "dir-fsync", "rename", "retention"]
 
@@ -49,14 +62,14 @@ def no_leftovers(root: Path) -> bool:
 @pytest.mark.parametrize("stage", STAGES)
 def test_fault_at_each_stage(tmp_path: Path, stage: str) -> None:
     root = tmp_path / "run"
-    storage = FaultyStorage(root)
+    faults = Faults()
     # keep=last 1 makes retention delete the previous checkpoint on every save
-    mgr = safepoint.CheckpointManager(storage, keep=safepoint.Keep(last=1))
+    mgr = faulty_manager(root, faults, keep=safepoint.Keep(last=1))
     mgr.save(state_for(1), step=1)
     mgr.save(state_for(2), step=2)
     assert [c.step for c in mgr.checkpoints()] == [2]
 
-    storage.stage_to_fail = stage
+    faults.arm(stage)
     with pytest.raises(safepoint.StorageError) as info:
         mgr.save(state_for(3), step=3)
     err = info.value
@@ -64,7 +77,7 @@ def test_fault_at_each_stage(tmp_path: Path, stage: str) -> None:
     assert err.errno == errno.EIO
     assert isinstance(err, OSError)
     assert stage in str(err)
-    assert storage.stage_to_fail is None, f"stage {stage!r} was never reached"
+    assert not faults.armed, f"stage {stage!r} was never reached"
 
     if stage == "retention":
         # the new checkpoint was committed before retention ran: it is the latest now,
@@ -89,22 +102,37 @@ def test_fault_at_each_stage(tmp_path: Path, stage: str) -> None:
 
 
 def test_every_stage_is_reached_by_a_save(tmp_path: Path) -> None:
-    """The seam covers every stage named above (so the parametrisation is exhaustive)."""
-    storage = FaultyStorage(tmp_path / "run")
-    with safepoint.CheckpointManager(storage, keep=safepoint.Keep(last=1)) as mgr:
+    """The seam covers every stage named above (so the parametrisation is exhaustive),
+    and those are the stages the storage documents."""
+    faults = Faults()
+    with faulty_manager(tmp_path / "run", faults, keep=safepoint.Keep(last=1)) as mgr:
         mgr.save(state_for(1), step=1)
         mgr.save(state_for(2), step=2)
-    assert {s for s, _ in storage.hits} == set(STAGES)
+    assert set(faults.stages) == set(STAGES) == set(FAULT_STAGES)
+
+
+def test_a_fault_at_a_misspelt_stage_is_refused_not_silently_never_fired() -> None:
+    """A typo in a test's stage would make a fault that never fires (a test that cannot
+    fail); the shared helper refuses it."""
+    with pytest.raises(ValueError, match="unknown stage 'renmae'"):
+        fail_at("renmae")
+    hook = fail_at("rename", nth=2)
+    hook("rename", "a")  # the first rename passes
+    with pytest.raises(OSError) as info:
+        hook("rename", "b")
+    assert info.value.errno == errno.EIO and not hook.armed
+    hook("rename", "c")  # fired once, as asked
+    assert hook.hits == [("rename", "a"), ("rename", "b"), ("rename", "c")]
 
 
 @pytest.mark.parametrize("stage", ["write", "fsync", "rename", "dir-fsync"])
 def test_fault_when_replacing_same_name(tmp_path: Path, stage: str, exchange: bool) -> None:
     """Re-saving a committed name that fails must leave the old one in place."""
     root = tmp_path / "run"
-    storage = FaultyStorage(root)
-    with safepoint.CheckpointManager(storage) as mgr:
+    faults = Faults()
+    with faulty_manager(root, faults) as mgr:
         mgr.save(state_for(5), step=5)
-        storage.stage_to_fail = stage
+        faults.arm(stage)
         with pytest.raises(safepoint.StorageError):
             mgr.save(state_for(6), step=5)
         assert [c.step for c in mgr.checkpoints()] == [5]
@@ -114,12 +142,8 @@ def test_fault_when_replacing_same_name(tmp_path: Path, stage: str, exchange: bo
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
 def test_storage_error_keeps_errno_and_hint(tmp_path: Path, code: int) -> None:
-    class Full(LocalStorage):
-        def _fault(self, stage: str, target: str) -> None:
-            if stage == "write":
-                raise OSError(code, "injected")
-
-    with safepoint.CheckpointManager(Full(tmp_path / "run")) as mgr:
+    full = fail_at("write", OSError(code, "injected"), times=None)
+    with faulty_manager(tmp_path / "run", full) as mgr:
         with pytest.raises(safepoint.StorageError) as info:
             mgr.save(state_for(1), step=1)
         assert info.value.errno == code
@@ -129,34 +153,19 @@ def test_storage_error_keeps_errno_and_hint(tmp_path: Path, code: int) -> None:
 
 def test_fault_in_the_middle_of_a_sharded_save(tmp_path: Path) -> None:
     """The second shard's write fails after the first shard is durable."""
-
-    class SecondShard(LocalStorage):
-        def _fault(self, stage: str, target: str) -> None:
-            if stage == "open" and target.endswith("model-00001.safetensors"):
-                raise OSError(errno.EIO, "injected")
+    second_shard = fail_at(
+        "open", times=None, target=lambda t: t.endswith("model-00001.safetensors")
+    )
 
     root = tmp_path / "run"
     with safepoint.CheckpointManager(root, shard_bytes=4096) as mgr:
         mgr.save(state_for(1), step=1)
-    with safepoint.CheckpointManager(SecondShard(root), shard_bytes=4096) as mgr:
+    with faulty_manager(root, second_shard, shard_bytes=4096) as mgr:
         with pytest.raises(safepoint.StorageError) as info:
             mgr.save(state_for(2), step=2)
         assert info.value.stage == "open"
         assert_restores(mgr, 1)
     assert no_leftovers(root)
-
-
-class RootFsyncFails(LocalStorage):
-    """Fails the root directory fsync that makes the commit rename durable."""
-
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
-        self.armed = False
-
-    def _fault(self, stage: str, target: str) -> None:
-        if self.armed and stage == "dir-fsync" and target == "":
-            self.armed = False
-            raise OSError(errno.EIO, "injected")
 
 
 @pytest.fixture(params=[True, False], ids=["renameat2", "no-renameat2"])
@@ -171,14 +180,15 @@ def exchange(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 def test_fault_in_root_fsync_after_rename(tmp_path: Path, same_name: bool, exchange: bool) -> None:
     """The rename happened but is not durable: the save fails and the old one survives."""
     root = tmp_path / "run"
-    storage = RootFsyncFails(root)
-    with safepoint.CheckpointManager(storage) as mgr:
+    faults = Faults()
+    with faulty_manager(root, faults) as mgr:
         mgr.save(state_for(1), step=1)
-        storage.armed = True
+        # the root directory fsync that makes the commit rename durable
+        faults.arm("dir-fsync", target="")
         with pytest.raises(safepoint.StorageError) as info:
             mgr.save(state_for(2), step=1 if same_name else 2)
         assert info.value.stage == "dir-fsync"
-        assert not storage.armed
+        assert not faults.armed
         assert [c.name for c in mgr.checkpoints()] == ["step-00000001"]
         ckpt = mgr.restore()
         assert ckpt is not None
@@ -212,3 +222,61 @@ def test_failed_rename_without_renameat2_puts_the_old_checkpoint_back(
         assert [c.name for c in mgr.checkpoints()] == ["step-00000001"]
         assert_restores(mgr, 1)
         assert no_leftovers(root), listing(root)
+
+
+SEED = 17
+NBYTES = 128 << 10
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "hdf5"])
+@pytest.mark.parametrize("keep", [None, 1], ids=["keep-all", "keep-last-1"])
+def test_error_at_every_stage(tmp_path, fmt, keep):
+    if fmt == "hdf5":
+        pytest.importorskip("h5py")
+    template = tmp_path / "template"
+    mgr = safepoint.CheckpointManager(template, format=fmt, shard_bytes=48 << 10)
+    for step in (1, 2):
+        mgr.save(make_state(SEED, step, NBYTES), step=step, metrics=metrics_for(step))
+    mgr.close()
+
+    def save(faults: Faults) -> None:
+        m = faulty_manager(
+            root,
+            faults,
+            format=fmt,
+            shard_bytes=48 << 10,
+            keep=safepoint.Keep(last=keep) if keep else None,
+        )
+        try:
+            m.save(make_state(SEED, 3, NBYTES), step=3, metrics=metrics_for(3))
+        finally:
+            m.close()
+
+    root = tmp_path / "run"
+    shutil.copytree(template, root)
+    probe = Faults()
+    save(probe)
+    stages = probe.stages
+    assert {"stage", "manifest", "dir-fsync", "rename"} <= set(stages), stages
+    if keep:
+        assert "retention" in stages
+    for k, stage in enumerate(stages, 1):
+        shutil.rmtree(root)
+        shutil.copytree(template, root)
+        with pytest.raises(safepoint.StorageError) as info:
+            save(fail_at(None, nth=k))  # EIO at the k-th stage of any kind
+        err = info.value
+        # The manifest's own fsync is part of writing the commit record.
+        named = "manifest" if stage == "fsync" and stages[k - 2] == "manifest" else stage
+        assert err.stage == named, (k, stage, err)
+        assert err.errno == errno.EIO
+        outcome = "new checkpoint was committed" if stage == "retention" else "intact"
+        assert f"stage {named!r}" in str(err) and outcome in str(err)
+        assert [n for n in leftovers(root) if ".tmp-" in n] == [], (stage, leftovers(root))
+        committed = stage == "retention" or (stage == "dir-fsync" and "rename" in stages[: k - 1])
+        oracle = Oracle(SEED, NBYTES, keep_last=keep, returned=2)
+        if stage == "retention":
+            oracle.in_flight = 3
+        latest = oracle.check(root)
+        assert latest == (3 if stage == "retention" else 2), (stage, latest, committed)
+    print(f"\n[{fmt}, keep={keep}] EIO at each of {len(stages)} stages: {stages}")
