@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import time
 from dataclasses import dataclass
 
 from safepoint.catalog import singlefile
@@ -75,12 +76,30 @@ def _payload_only(full: str, names: list[str]) -> bool:
     )
 
 
+#: Seconds to wait, one after the other, before calling a directory uncommitted or
+#: empty: a writer re-saving the name may have swapped it while we looked, and the
+#: old version we resolved is then being deleted, manifest first.
+_SETTLE_WAITS = (0.01, 0.04, 0.16)
+
+
 def classify(path: str, *, listing: bool = True) -> PathKind:
     """Say what ``path`` is, reading as little as possible (never opening a FIFO).
 
     ``listing=False`` tells a run root from other directories by its names alone,
-    without reading every manifest (the command about to list it will).
+    without reading every manifest (the command about to list it will). A directory
+    that looks uncommitted or empty is looked at again a few times first: a reader
+    racing a re-save of the name can resolve the old version while it is deleted.
     """
+    found = _classify(path, listing=listing)
+    for wait in _SETTLE_WAITS:
+        if found.kind not in ("uncommitted", "empty"):
+            break
+        time.sleep(wait)
+        found = _classify(path, listing=listing)
+    return found
+
+
+def _classify(path: str, *, listing: bool) -> PathKind:
     full = os.path.abspath(path).rstrip(os.sep) or os.sep
     if os.path.islink(full) and os.path.exists(full):
         # A link the user typed is theirs to follow (links *inside* a root are refused
