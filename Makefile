@@ -26,7 +26,7 @@ test: install lint
 	$(PY) -m pytest -q
 
 # The edit-test loop: everything but the end-to-end process runs (marker e2e) and the
-# long variants (806 of the 864 default tests, about a sixth of the CPU time of the
+# long variants (806 of the 865 default tests, about a sixth of the CPU time of the
 # full run). `make test` runs the e2e tests too.
 test-fast: install
 	$(PY) -m pytest -q -m "not e2e and not slow and not fuzz"
