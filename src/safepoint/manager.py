@@ -19,11 +19,18 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from safepoint.catalog import singlefile
 from safepoint.catalog.index import Catalog
-from safepoint.catalog.series import check_monitor, member, refuse_checkpoint_root, serial
+from safepoint.catalog.series import (
+    check_monitor,
+    member,
+    next_seq,
+    refuse_checkpoint_root,
+    serial,
+)
 from safepoint.catalog.writer import int_arg, metrics_arg, write_checkpoint
 from safepoint.checkpoint import Checkpoint, Verification
 from safepoint.errors import (
@@ -36,18 +43,19 @@ from safepoint.ondisk import formats
 from safepoint.ondisk.formats import shards
 from safepoint.ondisk.manifest import Manifest, now
 from safepoint.ondisk.template import NameTemplate, bounded
+from safepoint.preemption import DEFAULT_SIGNALS, SaveOnSignal
 from safepoint.retention import Keep, rank_best
+from safepoint.staged_file import StagedFile
 from safepoint.state.loading import restore_into
 from safepoint.state.tree import TensorLeaf, flatten
 from safepoint.storage import runlog
 from safepoint.storage.local import LocalStorage, Storage
 from safepoint.storage.staging import Staging, default_cap
 from safepoint.storage.worker import SaveWorker
+from safepoint.writer_lock import WriterLock
 
 if TYPE_CHECKING:
     import numpy as np
-
-    from safepoint.preemption import SaveOnSignal
 
 log = logging.getLogger("safepoint")
 
@@ -125,7 +133,7 @@ class CheckpointManager:
         self.catalog = Catalog(self.storage)
         self._warned: set[str] = set()
         self._closed = False
-        self._cleaned = False
+        self._lock = WriterLock(self.storage)
 
     # -- context manager ---------------------------------------------------------------
     def __enter__(self) -> CheckpointManager:
@@ -156,7 +164,7 @@ class CheckpointManager:
             finally:
                 self._flush_skips()
                 self._staging.release()
-                self.storage.unlock()
+                self._lock.close()
 
     # -- listing -----------------------------------------------------------------------
     def checkpoints(self) -> list[Checkpoint]:
@@ -206,11 +214,7 @@ class CheckpointManager:
         if step is not None:
             self.template.format(step=step, epoch=epoch, metrics=metrics)  # fail before I/O
         self.check_monitor(metrics)
-        self.storage.lock()
-        if not self._cleaned:
-            for stale in self.storage.cleanup_stale():
-                log.info("safepoint: removed %s left by an interrupted writer", stale)
-            self._cleaned = True
+        self._lock.keep()
         seq = self.next_seq()
         step = seq if step is None else step
         name = self.template.format(step=step, epoch=epoch, metrics=metrics)
@@ -301,14 +305,139 @@ class CheckpointManager:
         self._apply_retention()
         return ckpt
 
+    def save_file(
+        self,
+        name: str,
+        write_fn: Callable[[str], None],
+        *,
+        step: int | None = None,
+        epoch: int | None = None,
+        metrics: dict[str, Any] | None = None,
+        layout: str = "file",
+    ) -> Checkpoint:
+        """Commit a single file that a framework writes, as checkpoint ``name``.
+
+        ``write_fn(path)`` must write the file at ``path``, a staging path inside the root
+        whose name ends in ``name``'s suffix (``.h5``, ``.hdf5``, ``.keras`` or
+        ``.weights.h5``: Keras' ``model.save`` / ``model.save_weights`` check it).
+        safepoint then embeds its manifest in the file (an HDF5 attribute, or a zip
+        entry), fsyncs it and renames it over ``name`` (the commit transaction of
+        :mod:`safepoint.storage.commit`), logs the save and applies retention. The file is
+        listed, verified and pruned like a checkpoint directory, and read back by the
+        framework as it wrote it. ``layout`` names what the file holds (recorded in its
+        manifest). A kill at any moment leaves the previous file or the new one under
+        ``name``, complete; on an error nothing new is listed.
+
+        The root's writer lock is taken for this save and released after it, unless a
+        :meth:`save` of this manager holds it already. :meth:`stage_file` splits the
+        call in two, to commit off the training thread.
+        """
+        return self.stage_file(
+            name, write_fn, step=step, epoch=epoch, metrics=metrics, layout=layout
+        ).commit()
+
+    def stage_file(
+        self,
+        name: str,
+        write_fn: Callable[[str], None],
+        *,
+        step: int | None = None,
+        epoch: int | None = None,
+        metrics: dict[str, Any] | None = None,
+        layout: str = "file",
+    ) -> StagedFile:
+        """The first half of :meth:`save_file`: call ``write_fn`` now and return the staged file.
+
+        Its ``commit()`` (from any thread: the hashing, fsyncs and rename can overlap
+        training) finishes the save and returns the :class:`Checkpoint`; ``discard()``
+        drops it. The writer lock is held until one of them ends it.
+        """
+        if self._closed:
+            raise ConfigError("This CheckpointManager is closed. Create a new one to save.")
+        metrics = metrics_arg(metrics)
+        draft = singlefile.body(
+            name,
+            seq=0,
+            step=int_arg("step", step),
+            epoch=int_arg("epoch", epoch),
+            metrics=metrics,
+            series=self.series,
+        )
+        self.check_monitor(metrics)  # before anything is written
+        self._lock.enter()
+        try:
+            entry = singlefile.stage(self.storage, name, write_fn)
+        except BaseException:
+            self._lock.exit()
+            raise
+        return StagedFile(
+            self.storage,
+            entry,
+            draft,
+            layout,
+            next_seq=self.next_seq,
+            committed=self._file_committed,
+            done=self._lock.exit,
+        )
+
+    def _file_committed(self, ckpt: Checkpoint, fields: dict[str, Any]) -> None:
+        self.catalog.forget(ckpt.name)
+        self._log(
+            "save",
+            name=ckpt.name,
+            seq=ckpt.seq,
+            step=ckpt.step,
+            epoch=ckpt.epoch,
+            metrics=ckpt.metrics,
+            **fields,
+        )
+        self._apply_retention()
+
+    def release_lock(self) -> None:
+        """Let the root's writer lock go between saves (the next save takes it again).
+
+        Waits for the save in flight first. A manager keeps the lock from its first
+        :meth:`save` to :meth:`close`; a callback that saves during ``fit`` and cannot
+        count on a ``close`` (a fit that dies of an exception gets no callback) releases
+        it after each save, so that a retry in the same process can take it.
+        """
+        try:
+            self.wait()
+        finally:
+            self._lock.release()
+
+    def delete(self, name: str, *, reason: str = "delete") -> None:
+        """Delete committed checkpoint ``name`` (crash-safely) and log it with ``reason``.
+
+        Takes the writer lock like :meth:`save` (kept until :meth:`close` or
+        :meth:`release_lock`).
+        """
+        self._lock.keep()
+        found = {c.name: c for c in self.checkpoints()}.get(name)
+        if found is None:
+            raise CheckpointNotFoundError(
+                f"No committed checkpoint {name!r} in {self.storage.root}. Expected one of "
+                f"the names checkpoints() lists. Received: name={name!r}."
+            )
+        self._remove(found, reason)
+
+    def _remove(self, ckpt: Checkpoint, reason: str) -> None:
+        self.storage.remove(ckpt.name)
+        self.catalog.forget(ckpt.name)
+        self._log(
+            "delete",
+            name=ckpt.name,
+            seq=ckpt.seq,
+            step=ckpt.step,
+            metrics=ckpt.metrics,
+            reason=reason,
+        )
+
     def _log(self, event: str, **fields: Any) -> None:
         """Append to the run log, best effort: the log is informational, and a committed
         checkpoint must never be reported as failed because its log line was not written."""
         self._flush_skips()
-        try:
-            runlog.record(self.storage, event, **fields)
-        except SafepointError as exc:
-            log.warning("safepoint: could not write the run log (%s): %s", event, exc)
+        runlog.note(self.storage, event, **fields)
 
     def log_skip(
         self,
@@ -351,10 +480,7 @@ class CheckpointManager:
     def next_seq(self) -> int:
         """The seq of a new save: after every committed one, and unique in this process
         even while other managers of the root commit in the background."""
-        with serial(self.storage):
-            listed = max((c.seq for c in self.checkpoints()), default=0)
-            reserve = getattr(self.storage, "next_seq", None)
-            return int(reserve(listed)) if reserve is not None else listed + 1
+        return next_seq(self.catalog)
 
     def check_monitor(self, metrics: dict[str, Any]) -> None:
         """Refuse, before any I/O, a save whose metrics lack the monitor when no committed
@@ -379,18 +505,8 @@ class CheckpointManager:
         current = [c for c in self.checkpoints() if self.in_series(c)]
         keep = self.keep.select(current, monitor=self.monitor, mode=self.mode)
         for ckpt in current:
-            if ckpt.name in keep:
-                continue
-            self.storage.remove(ckpt.name)
-            self.catalog.forget(ckpt.name)
-            self._log(
-                "delete",
-                name=ckpt.name,
-                seq=ckpt.seq,
-                step=ckpt.step,
-                metrics=ckpt.metrics,
-                reason="retention",
-            )
+            if ckpt.name not in keep:
+                self._remove(ckpt, "retention")
 
     # -- restoring ---------------------------------------------------------------------
     def restore(
@@ -447,8 +563,6 @@ class CheckpointManager:
         the handler only notes the signal; the next ``ModelCheckpoint`` hook (or the
         returned guard's ``check()``) saves synchronously, then exits with 128 + signal.
         """
-        from safepoint.preemption import DEFAULT_SIGNALS, SaveOnSignal
-
         return SaveOnSignal(
             self,
             state,

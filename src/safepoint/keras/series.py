@@ -25,7 +25,6 @@ from safepoint.errors import CheckpointNotFoundError, CorruptCheckpointError, Sa
 from safepoint.manager import CheckpointManager
 from safepoint.ondisk.embedded import KEY as SINGLE_FILE
 from safepoint.ondisk.manifest import NAME as MANIFEST
-from safepoint.storage import runlog
 
 log = logging.getLogger("safepoint")
 
@@ -108,29 +107,16 @@ def restore(manager: CheckpointManager) -> tuple[Checkpoint | None, list[str]]:
 
 
 def _remove(manager: CheckpointManager, ckpt: Checkpoint, reason: str) -> None:
-    manager.storage.remove(ckpt.name)
-    manager.catalog.forget(ckpt.name)
-    try:  # best effort: the log is informational
-        runlog.record(
-            manager.storage,
-            "delete",
-            name=ckpt.name,
-            seq=ckpt.seq,
-            step=ckpt.step,
-            metrics=ckpt.metrics,
-            reason=reason,
-        )
-    except SafepointError as exc:
-        log.warning("safepoint: could not write the run log (delete): %s", exc)
+    manager.delete(ckpt.name, reason=reason)
 
 
 def prune(manager: CheckpointManager) -> None:
-    """Delete all but the ``KEEP`` newest backups (the caller holds the writer lock)."""
+    """Delete all but the ``KEEP`` newest backups."""
     for ckpt in own(manager)[:-KEEP]:
         _remove(manager, ckpt, "retention")
 
 
 def delete_all(manager: CheckpointManager) -> None:
-    """Delete every backup of this callback (the caller holds the writer lock)."""
+    """Delete every backup of this callback."""
     for ckpt in own(manager):
         _remove(manager, ckpt, "delete_checkpoint")
