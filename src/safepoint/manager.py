@@ -18,39 +18,35 @@ from __future__ import annotations
 import logging
 import os
 import time
-import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from safepoint.catalog import singlefile
+from safepoint import options
 from safepoint.catalog.index import Catalog
 from safepoint.catalog.series import (
     check_monitor,
-    member,
     next_seq,
-    refuse_checkpoint_root,
-    serial,
 )
 from safepoint.catalog.writer import int_arg, metrics_arg, write_checkpoint
 from safepoint.checkpoint import Checkpoint, Verification
 from safepoint.errors import (
     CheckpointNotFoundError,
     ConfigError,
-    SafepointError,
 )
+from safepoint.file_saving import FileSaving
+from safepoint.history import History
 from safepoint.monitor import metric_value, resolve_mode
 from safepoint.ondisk import formats
 from safepoint.ondisk.formats import shards
 from safepoint.ondisk.manifest import Manifest, now
 from safepoint.ondisk.template import NameTemplate, bounded
 from safepoint.preemption import DEFAULT_SIGNALS, SaveOnSignal
+from safepoint.pruning import Pruner
 from safepoint.retention import Keep, rank_best
-from safepoint.staged_file import StagedFile
 from safepoint.state.loading import restore_into
 from safepoint.state.tree import TensorLeaf, flatten
-from safepoint.storage import runlog
-from safepoint.storage.local import LocalStorage, Storage
-from safepoint.storage.staging import Staging, default_cap
+from safepoint.storage.local import Storage
+from safepoint.storage.staging import Staging
 from safepoint.storage.worker import SaveWorker
 from safepoint.writer_lock import WriterLock
 
@@ -60,7 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("safepoint")
 
 
-class CheckpointManager:
+class CheckpointManager(FileSaving):
     """Save and restore a run's checkpoints under one root, crash-safely.
 
     ``name`` is a ``str.format`` template over ``step``, ``epoch`` and metrics;
@@ -81,20 +77,7 @@ class CheckpointManager:
         max_staging_bytes: int | None = None,
         shard_bytes: int = formats.SHARD_BYTES,
     ) -> None:
-        if isinstance(root, str | os.PathLike):
-            text = os.fspath(root)
-            if "://" in str(text):
-                raise ConfigError(
-                    f"URL roots need an object-store backend, which this version does not "
-                    f"include yet. Expected a local path. Received: root={text!r}. Use a local "
-                    "or network-mounted directory."
-                )
-            refuse_checkpoint_root(text)
-            self.storage: Storage = LocalStorage(text)
-        elif hasattr(root, "list_names"):
-            self.storage = root
-        else:
-            raise ConfigError(f"root must be a path or a Storage. Received: root={root!r}.")
+        self.storage: Storage = options.storage_for(root)
         self.template = NameTemplate(name)
         #: Retention only ever considers checkpoints of this series (recorded in each
         #: manifest); listing, ``latest`` and ``restore`` see the whole root.
@@ -102,38 +85,18 @@ class CheckpointManager:
         self.monitor = monitor
         self._monitor_seen = False
         self.mode = resolve_mode(monitor, mode)
-        if keep is not None and not isinstance(keep, Keep):
-            raise ConfigError(f"keep must be a safepoint.Keep or None. Received: keep={keep!r}.")
-        if keep is not None and keep.best and monitor is None:
-            raise ConfigError(
-                f"keep={keep!r} keeps the best checkpoints but no monitor was given. Pass "
-                "monitor='val_loss' (or another metric), or drop best= from Keep."
-            )
-        self.keep = keep
+        self.keep = options.keep_policy(keep, monitor)
         self.format = formats.get(format)
-        if not isinstance(async_save, bool):
-            raise ConfigError(f"async_save must be True or False. Received: {async_save!r}.")
-        self.async_save = async_save
-        if max_staging_bytes is None:
-            max_staging_bytes = default_cap()
-        if (
-            isinstance(max_staging_bytes, bool)
-            or not isinstance(max_staging_bytes, int)
-            or max_staging_bytes < 0
-        ):
-            raise ConfigError(
-                "max_staging_bytes must be a non-negative int or None (half the physical "
-                f"memory). Received: max_staging_bytes={max_staging_bytes!r}."
-            )
-        self._staging = Staging(max_staging_bytes)
+        self.async_save = options.flag("async_save", async_save)
+        self._staging = Staging(options.staging_bytes(max_staging_bytes))
         self._worker = SaveWorker(str(self.storage.root))
-        if isinstance(shard_bytes, bool) or not isinstance(shard_bytes, int) or shard_bytes < 1:
-            raise ConfigError(f"shard_bytes must be a positive int. Received: {shard_bytes!r}.")
-        self.shard_bytes = shard_bytes
+        self.shard_bytes = options.shard_size(shard_bytes)
         self.catalog = Catalog(self.storage)
         self._warned: set[str] = set()
         self._closed = False
         self._lock = WriterLock(self.storage)
+        self._history = History(self.storage, self.series)
+        self._pruner = Pruner(self.catalog, self.template, self._history)
 
     # -- context manager ---------------------------------------------------------------
     def __enter__(self) -> CheckpointManager:
@@ -162,7 +125,7 @@ class CheckpointManager:
             try:
                 self.wait()
             finally:
-                self._flush_skips()
+                self._history.flush()
                 self._staging.release()
                 self._lock.close()
 
@@ -291,7 +254,7 @@ class CheckpointManager:
         seconds = time.perf_counter() - started
         ckpt = self.catalog.to_checkpoint(manifest, name)
         self.catalog.forget(name)
-        self._log(
+        self._history.record(
             "save",
             name=name,
             seq=seq,
@@ -304,94 +267,6 @@ class CheckpointManager:
         )
         self._apply_retention()
         return ckpt
-
-    def save_file(
-        self,
-        name: str,
-        write_fn: Callable[[str], None],
-        *,
-        step: int | None = None,
-        epoch: int | None = None,
-        metrics: dict[str, Any] | None = None,
-        layout: str = "file",
-    ) -> Checkpoint:
-        """Commit a single file that a framework writes, as checkpoint ``name``.
-
-        ``write_fn(path)`` must write the file at ``path``, a staging path inside the root
-        whose name ends in ``name``'s suffix (``.h5``, ``.hdf5``, ``.keras`` or
-        ``.weights.h5``: Keras' ``model.save`` / ``model.save_weights`` check it).
-        safepoint then embeds its manifest in the file (an HDF5 attribute, or a zip
-        entry), fsyncs it and renames it over ``name`` (the commit transaction of
-        :mod:`safepoint.storage.commit`), logs the save and applies retention. The file is
-        listed, verified and pruned like a checkpoint directory, and read back by the
-        framework as it wrote it. ``layout`` names what the file holds (recorded in its
-        manifest). A kill at any moment leaves the previous file or the new one under
-        ``name``, complete; on an error nothing new is listed.
-
-        The root's writer lock is taken for this save and released after it, unless a
-        :meth:`save` of this manager holds it already. :meth:`stage_file` splits the
-        call in two, to commit off the training thread.
-        """
-        return self.stage_file(
-            name, write_fn, step=step, epoch=epoch, metrics=metrics, layout=layout
-        ).commit()
-
-    def stage_file(
-        self,
-        name: str,
-        write_fn: Callable[[str], None],
-        *,
-        step: int | None = None,
-        epoch: int | None = None,
-        metrics: dict[str, Any] | None = None,
-        layout: str = "file",
-    ) -> StagedFile:
-        """The first half of :meth:`save_file`: call ``write_fn`` now and return the staged file.
-
-        Its ``commit()`` (from any thread: the hashing, fsyncs and rename can overlap
-        training) finishes the save and returns the :class:`Checkpoint`; ``discard()``
-        drops it. The writer lock is held until one of them ends it.
-        """
-        if self._closed:
-            raise ConfigError("This CheckpointManager is closed. Create a new one to save.")
-        metrics = metrics_arg(metrics)
-        draft = singlefile.body(
-            name,
-            seq=0,
-            step=int_arg("step", step),
-            epoch=int_arg("epoch", epoch),
-            metrics=metrics,
-            series=self.series,
-        )
-        self.check_monitor(metrics)  # before anything is written
-        self._lock.enter()
-        try:
-            entry = singlefile.stage(self.storage, name, write_fn)
-        except BaseException:
-            self._lock.exit()
-            raise
-        return StagedFile(
-            self.storage,
-            entry,
-            draft,
-            layout,
-            next_seq=self.next_seq,
-            committed=self._file_committed,
-            done=self._lock.exit,
-        )
-
-    def _file_committed(self, ckpt: Checkpoint, fields: dict[str, Any]) -> None:
-        self.catalog.forget(ckpt.name)
-        self._log(
-            "save",
-            name=ckpt.name,
-            seq=ckpt.seq,
-            step=ckpt.step,
-            epoch=ckpt.epoch,
-            metrics=ckpt.metrics,
-            **fields,
-        )
-        self._apply_retention()
 
     def release_lock(self) -> None:
         """Let the root's writer lock go between saves (the next save takes it again).
@@ -419,25 +294,7 @@ class CheckpointManager:
                 f"No committed checkpoint {name!r} in {self.storage.root}. Expected one of "
                 f"the names checkpoints() lists. Received: name={name!r}."
             )
-        self._remove(found, reason)
-
-    def _remove(self, ckpt: Checkpoint, reason: str) -> None:
-        self.storage.remove(ckpt.name)
-        self.catalog.forget(ckpt.name)
-        self._log(
-            "delete",
-            name=ckpt.name,
-            seq=ckpt.seq,
-            step=ckpt.step,
-            metrics=ckpt.metrics,
-            reason=reason,
-        )
-
-    def _log(self, event: str, **fields: Any) -> None:
-        """Append to the run log, best effort: the log is informational, and a committed
-        checkpoint must never be reported as failed because its log line was not written."""
-        self._flush_skips()
-        runlog.note(self.storage, event, **fields)
+        self._pruner.remove(found, reason)
 
     def log_skip(
         self,
@@ -455,27 +312,7 @@ class CheckpointManager:
         next save or deletion record, at ``close()``, at exit, or every 10,000 skips or
         60 s: a per-batch save policy would otherwise append a line per skipped batch.
         """
-        metrics = metrics_arg(metrics)
-        skips = self.__dict__.get("_skips")
-        if skips is None:
-            skips = self._skips = runlog.SkipSummary(self.storage)
-            weakref.finalize(self, skips.flush_quietly)
-        try:
-            skips.add(
-                step=step,
-                epoch=epoch,
-                metrics=metrics,
-                reason=reason,
-                series=self.template.template,
-            )
-        except SafepointError as exc:
-            log.warning("safepoint: could not write the run log (skip): %s", exc)
-
-    def _flush_skips(self) -> None:
-        """Write the pending skip summary first, so the log stays in order."""
-        skips = self.__dict__.get("_skips")
-        if skips is not None:
-            skips.flush_quietly()
+        self._history.skip(step=step, epoch=epoch, metrics=metrics_arg(metrics), reason=reason)
 
     def next_seq(self) -> int:
         """The seq of a new save: after every committed one, and unique in this process
@@ -492,21 +329,10 @@ class CheckpointManager:
 
     def in_series(self, ckpt: Checkpoint) -> bool:
         """True when ``ckpt`` was written by a manager with this name template."""
-        return member(self.catalog, self.template, ckpt.name)
+        return self._pruner.in_series(ckpt)
 
     def _apply_retention(self) -> None:
-        if self.keep is None:
-            return
-        with serial(self.storage):
-            self._prune()
-
-    def _prune(self) -> None:
-        assert self.keep is not None
-        current = [c for c in self.checkpoints() if self.in_series(c)]
-        keep = self.keep.select(current, monitor=self.monitor, mode=self.mode)
-        for ckpt in current:
-            if ckpt.name not in keep:
-                self._remove(ckpt, "retention")
+        self._pruner.apply(self.keep, monitor=self.monitor, mode=self.mode)
 
     # -- restoring ---------------------------------------------------------------------
     def restore(
