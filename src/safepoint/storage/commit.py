@@ -56,6 +56,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from safepoint.errors import StorageError
+from safepoint.ondisk.names import STAGED_FILE_STEM
 from safepoint.storage import leftovers, rootlock
 from safepoint.storage.files import _exchange, translate
 
@@ -65,7 +66,7 @@ Kind = Literal["directory", "file"]
 
 #: Inside a file target's staging entry, the file the framework writes: its name is
 #: ``FILE_STEM`` plus the final suffix.
-FILE_STEM = "checkpoint"
+FILE_STEM = STAGED_FILE_STEM
 
 
 def stage(root: str, name: str, fault: Fault) -> str:
