@@ -250,5 +250,8 @@ def body(
         tensors={},
         files={},
         payload="hdf5",
-        extra={} if series is None else {"series": series},
+        extra={
+            embedded.CONTAINER: container(name),
+            **({} if series is None else {"series": series}),
+        },
     )

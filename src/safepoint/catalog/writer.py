@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from safepoint.errors import ConfigError
+from safepoint.ondisk.embedded import CONTAINER
 from safepoint.ondisk.formats import PayloadFormat
 from safepoint.ondisk.manifest import NAME as MANIFEST_NAME
 from safepoint.ondisk.manifest import Manifest
@@ -80,6 +81,7 @@ def write_checkpoint(
             files=files,
             tensors={leaf.key: {**leaf.entry(), **locations[leaf.key]} for leaf in leaves},
             payload=fmt.name,
+            extra={**draft.extra, CONTAINER: "directory"},
         )
         storage.write_file(f"{staged}/{MANIFEST_NAME}", manifest.to_bytes(), stage="manifest")
         storage.commit(staged, draft.name)

@@ -23,7 +23,7 @@ from safepoint.catalog.index import UNREADABLE
 from safepoint.checkpoint import Checkpoint
 from safepoint.errors import CheckpointNotFoundError, CorruptCheckpointError, SafepointError
 from safepoint.manager import CheckpointManager
-from safepoint.ondisk.embedded import KEY as SINGLE_FILE
+from safepoint.ondisk.embedded import container_of
 from safepoint.ondisk.manifest import NAME as MANIFEST
 
 log = logging.getLogger("safepoint")
@@ -44,7 +44,7 @@ def _holds_a_backup(manager: CheckpointManager, name: str) -> bool:
     except (OSError, SafepointError):
         return False
     tree = found.tree
-    return SINGLE_FILE not in found.extra and isinstance(tree, dict) and set(tree) >= KEYS
+    return container_of(found) == "directory" and isinstance(tree, dict) and set(tree) >= KEYS
 
 
 def own(manager: CheckpointManager) -> list[Checkpoint]:
