@@ -105,7 +105,7 @@ def test_ticks_are_round_numbers(lo, hi, expected):
 def test_a_manifest_series_names_the_series_and_survives_deletion(tmp_path):
     """Saves group by the manifest's extra["series"] (the manager's name template);
     a save whose checkpoint is gone joins it by its masked name."""
-    from safepoint.catalog.writer import write_checkpoint
+    from safepoint.catalog.directory import write_checkpoint
     from safepoint.ondisk import formats
     from safepoint.ondisk.manifest import Manifest
     from safepoint.state.tree import flatten

@@ -44,7 +44,7 @@ def test_the_manager_and_the_commit_path_are_in_no_cycle(graph) -> None:  # type
         "safepoint.staged_file",
         "safepoint.catalog.singlefile",
         "safepoint.catalog.series",
-        "safepoint.catalog.writer",
+        "safepoint.catalog.directory",
         "safepoint.storage.commit",
         "safepoint.storage.leftovers",
         "safepoint.storage.runlog",

@@ -14,10 +14,10 @@ from typing import Any
 
 from safepoint.catalog import singlefile
 from safepoint.catalog.index import Catalog
-from safepoint.catalog.writer import int_arg, metrics_arg
 from safepoint.checkpoint import Checkpoint
 from safepoint.errors import ConfigError
 from safepoint.history import History
+from safepoint.options import int_arg, metrics_arg
 from safepoint.staged_file import StagedFile
 from safepoint.storage.protocol import Storage
 from safepoint.writer_lock import WriterLock

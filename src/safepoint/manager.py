@@ -22,12 +22,12 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from safepoint import options
+from safepoint.catalog.directory import write_checkpoint
 from safepoint.catalog.index import Catalog
 from safepoint.catalog.series import (
     check_monitor,
     next_seq,
 )
-from safepoint.catalog.writer import int_arg, metrics_arg, write_checkpoint
 from safepoint.checkpoint import Checkpoint, Verification
 from safepoint.errors import (
     CheckpointNotFoundError,
@@ -40,6 +40,7 @@ from safepoint.ondisk import formats
 from safepoint.ondisk.formats import shards
 from safepoint.ondisk.manifest import Manifest, now
 from safepoint.ondisk.template import NameTemplate, bounded
+from safepoint.options import int_arg, metrics_arg
 from safepoint.preemption import DEFAULT_SIGNALS, SaveOnSignal
 from safepoint.pruning import Pruner
 from safepoint.retention import Keep, rank_best

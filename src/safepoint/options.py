@@ -1,4 +1,4 @@
-"""The ``CheckpointManager`` constructor's arguments, checked before anything is touched.
+"""``CheckpointManager``'s arguments, checked before anything is touched.
 
 Each function returns the value the manager keeps, or raises ``ConfigError`` naming the
 argument, what was expected and how to fix it: a typo in a long run's setup must fail
@@ -8,14 +8,49 @@ at once, not at the first save hours later.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from safepoint.catalog.series import refuse_checkpoint_root
 from safepoint.errors import ConfigError
 from safepoint.retention import Keep
+from safepoint.state.metrics import clean_value
 from safepoint.storage.local import LocalStorage
 from safepoint.storage.protocol import Storage
 from safepoint.storage.staging import default_cap
+
+
+def int_arg(name: str, value: Any) -> int | None:
+    """A non-negative int (numpy ints accepted) or None; ``ConfigError`` otherwise."""
+    if value is None:
+        return None
+    if hasattr(value, "__index__") and not isinstance(value, bool):
+        value = int(value.__index__())
+        if value >= 0:
+            return value
+    raise ConfigError(
+        f"Invalid {name}. Expected a non-negative int or None. Received: {name}={value!r}."
+    )
+
+
+def metrics_arg(metrics: Any) -> dict[str, Any]:
+    """Metrics as a dict of str -> plain Python scalar (see ``state.metrics.clean_value``).
+
+    numpy scalars, 0-d arrays and tensors become the Python int/float/bool they hold,
+    so the manifest and the run log store exactly the value logged, NaN and inf included.
+    """
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise ConfigError(
+            f"metrics must be a dict of name -> number. Received: metrics={metrics!r}."
+        )
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if not isinstance(k, str):
+            raise ConfigError(f"Metric names must be str. Received: {k!r}. Use str keys.")
+        out[str(k)] = clean_value(k, v)
+    return out
 
 
 def storage_for(root: Any) -> Storage:
@@ -70,4 +105,12 @@ def shard_size(value: Any) -> int:
     return value
 
 
-__all__ = ["flag", "keep_policy", "shard_size", "staging_bytes", "storage_for"]
+__all__ = [
+    "flag",
+    "int_arg",
+    "keep_policy",
+    "metrics_arg",
+    "shard_size",
+    "staging_bytes",
+    "storage_for",
+]

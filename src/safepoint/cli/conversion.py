@@ -19,10 +19,10 @@ from dataclasses import replace
 from typing import Any
 
 from safepoint.catalog import singlefile
+from safepoint.catalog.directory import write_checkpoint
 from safepoint.catalog.index import Catalog
 from safepoint.catalog.reader import read_raw, refuse_pickle
 from safepoint.catalog.series import next_seq
-from safepoint.catalog.writer import write_checkpoint
 from safepoint.cli.report import read_weights
 from safepoint.errors import ConfigError
 from safepoint.ondisk import formats
