@@ -232,6 +232,10 @@ def body(
     metrics: dict[str, Any],
     series: str | None = None,
 ) -> Manifest:
+    """The manifest of checkpoint file ``name`` before its seal (its ``seq`` is set at commit).
+
+    Checks the name first, so a bad one fails before the framework writes anything.
+    """
     check_name(name)
     if container(name) is None:
         raise ConfigError(
