@@ -15,7 +15,7 @@ import pytest
 
 import safepoint
 from safepoint.cli.conversion import convert
-from safepoint.ondisk.embedded import CONTAINER, container_of
+from safepoint.ondisk.container import CONTAINER, container_of
 
 h5py = pytest.importorskip("h5py")
 GOLDEN = Path(__file__).parent / "data" / "golden_v1"

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from safepoint.ondisk.embedded import CONTAINER
+from safepoint.ondisk.container import CONTAINER
 from safepoint.ondisk.formats import PayloadFormat
 from safepoint.ondisk.manifest import NAME as MANIFEST_NAME
 from safepoint.ondisk.manifest import Manifest

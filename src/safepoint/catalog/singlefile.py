@@ -29,6 +29,7 @@ from typing import Any, BinaryIO
 
 from safepoint.errors import ConfigError, IncompleteCheckpointError, SafepointError, StorageError
 from safepoint.ondisk import embedded, manifest
+from safepoint.ondisk.container import CONTAINER
 from safepoint.ondisk.embedded import KEY
 from safepoint.ondisk.manifest import Manifest
 from safepoint.ondisk.template import bounded
@@ -255,7 +256,7 @@ def body(
         files={},
         payload="hdf5",
         extra={
-            embedded.CONTAINER: container(name),
+            CONTAINER: container(name),
             **({} if series is None else {"series": series}),
         },
     )

@@ -23,7 +23,7 @@ from safepoint.catalog.index import UNREADABLE
 from safepoint.checkpoint import Checkpoint
 from safepoint.errors import CheckpointNotFoundError, CorruptCheckpointError, SafepointError
 from safepoint.manager import CheckpointManager
-from safepoint.ondisk.embedded import container_of
+from safepoint.ondisk.container import container_of
 from safepoint.ondisk.manifest import NAME as MANIFEST
 
 log = logging.getLogger("safepoint")

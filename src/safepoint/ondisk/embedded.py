@@ -47,12 +47,6 @@ ATTR = "safepoint_manifest"
 ZIP_ENTRY = "safepoint-manifest.json"
 WEIGHTS_ENTRY = "model.weights.h5"
 KEY = "single_file"
-#: ``extra[CONTAINER]``: what holds a checkpoint -- ``"directory"`` (payload files and
-#: ``manifest.json``), ``"hdf5"`` (one HDF5 file) or ``"zip"`` (a ``.keras`` zip, whose
-#: weights are an HDF5 member: its ``payload`` is ``"hdf5"``). Recorded since issue 11;
-#: :func:`container_of` infers it for manifests written before.
-CONTAINER = "container"
-CONTAINERS = ("directory", "hdf5", "zip")
 _MAX_ZIP_DIRECTORY = 1 << 20  # a .keras holds a few entries (~100 bytes of directory each)
 _CHUNK = 8 << 20
 _BIG = 10**15  # wider than any offset or size a seal records
@@ -302,21 +296,6 @@ def _zip_entries(
 
 
 # ---------------------------------------------------------------------------- entry points
-def container_of(found: Manifest) -> str:
-    """``"directory"``, ``"hdf5"`` or ``"zip"``: what holds the checkpoint of ``found``.
-
-    Read from ``extra["container"]``; a manifest written before that field existed
-    says it through its single-file record (or, having none, is a directory).
-    """
-    recorded = found.extra.get(CONTAINER)
-    if recorded in CONTAINERS:
-        return str(recorded)
-    record = found.extra.get(KEY)
-    if isinstance(record, dict) and record.get("container") in ("hdf5", "zip"):
-        return str(record["container"])
-    return "directory"
-
-
 def seal(path: str, kind: str, name: str, body: Manifest, layout: str) -> tuple[Manifest, bytes]:
     """Embed ``body`` (given its record) in the written file at ``path``.
 
