@@ -54,6 +54,23 @@ def test_the_manager_and_the_commit_path_are_in_no_cycle(graph) -> None:  # type
             assert not graph.chain_exists(importer=imported, imported=module), (module, imported)
 
 
+@pytest.mark.parametrize(
+    "adapter",
+    [
+        "safepoint.keras.model_checkpoint",
+        "safepoint.keras.backup_and_restore",
+        "safepoint.keras.series",
+    ],
+)
+def test_keras_commits_through_the_manager_api_only(graph, adapter: str) -> None:  # type: ignore[no-untyped-def]
+    for internal in (
+        "safepoint.catalog.singlefile",
+        "safepoint.storage.commit",
+        "safepoint.storage.runlog",
+    ):
+        assert not graph.direct_import_exists(importer=adapter, imported=internal), internal
+
+
 def test_reserved_names_have_one_definition() -> None:
     assert leftovers.MANIFEST_NAME is names.MANIFEST_NAME
     assert manifest.NAME == names.MANIFEST_NAME

@@ -58,16 +58,36 @@ def test_save_file_commits_logs_and_applies_retention(tmp_path: Path) -> None:
         assert f["w"][0] == 3.0
 
 
+def _another_process_can_lock(root: Path) -> bool:
+    other = subprocess.run(
+        [sys.executable, "-c", "import sys; from safepoint.storage.local import LocalStorage;"
+         " LocalStorage(sys.argv[1]).lock()", str(root)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert other.returncode == 0 or "Another writer holds the lock" in other.stderr, other.stderr
+    return other.returncode == 0
+
+
 def test_save_file_holds_the_writer_lock_for_that_save_only(tmp_path: Path) -> None:
     mgr = safepoint.CheckpointManager(tmp_path)
     mgr.save_file("w.h5", _writer(1.0), step=1)
-    other = subprocess.run(
-        [sys.executable, "-c", "import sys; from safepoint.storage.local import LocalStorage;"
-         " LocalStorage(sys.argv[1]).lock()", str(tmp_path)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert other.returncode == 0, other.stderr  # the root is free between saves
+    assert _another_process_can_lock(tmp_path)  # the root is free between saves
     mgr.close()
+
+
+def test_the_lock_goes_when_the_last_staged_file_ends(tmp_path: Path) -> None:
+    with safepoint.CheckpointManager(tmp_path) as mgr:
+        first = mgr.stage_file("a.h5", _writer(1.0), step=1)
+        second = mgr.stage_file("b.h5", _writer(2.0), step=2)
+        first.commit()
+        assert not _another_process_can_lock(tmp_path)  # the second is still staged
+        second.commit()
+        assert _another_process_can_lock(tmp_path)
+        assert [c.name for c in mgr.checkpoints()] == ["a.h5", "b.h5"]
+        mgr.save({"w": np.ones(2)}, step=3)  # a save keeps the lock until close()
+        assert not _another_process_can_lock(tmp_path)
+        mgr.release_lock()
+        assert _another_process_can_lock(tmp_path)
 
 
 def test_a_staged_file_that_is_discarded_leaves_nothing(tmp_path: Path) -> None:
