@@ -106,7 +106,7 @@ def test_a_manifest_series_names_the_series_and_survives_deletion(tmp_path):
     """Saves group by the manifest's extra["series"] (the manager's name template);
     a save whose checkpoint is gone joins it by its masked name."""
     from safepoint import formats
-    from safepoint.catalog.writer import write_checkpoint
+    from safepoint.catalog.directory import write_checkpoint
     from safepoint.ondisk.manifest import Manifest
     from safepoint.state.tree import flatten
     from safepoint.storage import runlog

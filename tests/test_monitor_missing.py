@@ -52,7 +52,6 @@ def test_a_save_without_the_monitor_is_allowed_once_a_checkpoint_carries_it(
 
 
 def test_the_keras_callback_path_is_checked_too(tmp_path: Path) -> None:
-    from safepoint.catalog import singlefile
 
     pytest.importorskip("h5py")
     import h5py
@@ -66,8 +65,6 @@ def test_the_keras_callback_path_is_checked_too(tmp_path: Path) -> None:
             f["w"] = np.ones(3)
 
     with pytest.raises(safepoint.ConfigError, match="val_accuracy"):
-        singlefile.save(
-            mgr, "w.h5", write, step=1, epoch=1, metrics={"val_accuracy": 1.0}, layout="h5"
-        )
+        mgr.save_file("w.h5", write, step=1, epoch=1, metrics={"val_accuracy": 1.0}, layout="h5")
     assert os.listdir(tmp_path) == []
     mgr.close()

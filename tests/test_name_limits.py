@@ -32,7 +32,6 @@ def test_names_up_to_255_bytes_save_replace_and_prune(tmp_path: Path, length: in
 
 def test_a_255_byte_single_file_name_commits(tmp_path: Path) -> None:
     h5py = pytest.importorskip("h5py")
-    from safepoint.catalog import singlefile
 
     name = "w" * (255 - 3) + ".h5"
 
@@ -42,8 +41,7 @@ def test_a_255_byte_single_file_name_commits(tmp_path: Path) -> None:
 
     with safepoint.CheckpointManager(tmp_path, keep=safepoint.Keep(last=1)) as mgr:
         for step in (1, 2):  # the second replaces the first under the same name
-            singlefile.save(
-                mgr,
+            mgr.save_file(
                 name,
                 write,
                 step=step,

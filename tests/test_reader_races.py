@@ -36,7 +36,7 @@ from safepoint.storage import local as storage
 
 root, mode, N = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if mode == "rename":  # a file system without RENAME_EXCHANGE (NFS, CIFS, FUSE)
-    storage._exchange = lambda root, a, b: False
+    import safepoint.storage.commit as tx; tx._exchange = lambda root, a, b: False
 mgr = safepoint.CheckpointManager(root, name="current", shard_bytes=N * 8)
 version = 0
 while True:
@@ -47,7 +47,7 @@ while True:
             with h5py.File(path, "w") as h5:
                 h5["a"] = np.full(N, v, dtype=np.int64)
                 h5["b"] = np.full(N, v, dtype=np.int64)
-        singlefile.save(mgr, "weights.best.h5", write, step=version, epoch=None,
+        mgr.save_file("weights.best.h5", write, step=version, epoch=None,
                         metrics={}, layout="test-races")
     else:
         state = {"a": np.full(N, version, dtype=np.int64),

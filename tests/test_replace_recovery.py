@@ -39,11 +39,11 @@ _CHILD = textwrap.dedent(
             with h5py.File(path, "w") as f:
                 f["w"] = np.full(4, value, np.float32)
 
-        return singlefile.save(mgr, "w.h5", write, step=int(value), epoch=1, metrics={},
+        return mgr.save_file("w.h5", write, step=int(value), epoch=1, metrics={},
                                layout="keras-legacy-h5-weights")
 
     save(1.0)
-    st._exchange = lambda *a: False
+    import safepoint.storage.commit as tx; tx._exchange = lambda *a: False
 
     def no_link(*a, **k):
         raise OSError(errno.EPERM, "hard links not supported (injected)")
@@ -108,7 +108,6 @@ def test_single_file_re_saves_work_without_hard_links(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h5py = pytest.importorskip("h5py")
-    from safepoint.catalog import singlefile
 
     def no_link(*args: object, **kwargs: object) -> None:
         raise OSError(errno.EPERM, "hard links not supported (injected)")
@@ -121,15 +120,18 @@ def test_single_file_re_saves_work_without_hard_links(
                 with h5py.File(path, "w") as f:
                     f["w"] = np.full(4, value, np.float32)
 
-            singlefile.save(
-                mgr, "w.h5", write, step=int(value), epoch=1, metrics={},
+            mgr.save_file(
+                "w.h5", write, step=int(value), epoch=1, metrics={},
                 layout="keras-legacy-h5-weights",
             )  # fmt: skip
     assert _values(tmp_path, "w.h5") == [3.0] * 4
     assert sorted(os.listdir(tmp_path)) == ["safepoint-log.jsonl", "w.h5"]
 
 
-_PLAIN_CHILD = _CHILD[: _CHILD.index("st._exchange")] + "save(2.0)\nprint('not killed')\n"
+_PLAIN_CHILD = (
+    _CHILD[: _CHILD.index("import safepoint.storage.commit as tx")]
+    + "save(2.0)\nprint('not killed')\n"
+)
 
 
 @pytest.mark.e2e

@@ -24,16 +24,13 @@ def test_a_checkpoint_directory_as_root_is_refused_with_its_parent(tmp_path: Pat
 
 def test_a_single_file_checkpoint_as_root_is_refused(tmp_path: Path) -> None:
     h5py = pytest.importorskip("h5py")
-    from safepoint.catalog import singlefile
 
     def write(path: str) -> None:
         with h5py.File(path, "w") as f:
             f["w"] = np.ones(3)
 
     with safepoint.CheckpointManager(tmp_path) as mgr:
-        singlefile.save(
-            mgr, "w.h5", write, step=1, epoch=1, metrics={}, layout="keras-legacy-h5-weights"
-        )
+        mgr.save_file("w.h5", write, step=1, epoch=1, metrics={}, layout="keras-legacy-h5-weights")
     with pytest.raises(safepoint.ConfigError, match="single-file checkpoint") as info:
         safepoint.CheckpointManager(tmp_path / "w.h5")
     assert repr(str(tmp_path)) in str(info.value)

@@ -29,7 +29,6 @@ def _reference(tmp_path: Path, mode: str) -> tuple[LocalStorage, str]:
     """A checkpoint of version 0 (every value 0, step 0) to diff the racing name against."""
     ref = tmp_path / "ref"
     if mode == "file":
-        from safepoint.catalog import singlefile
 
         def write(path: str) -> None:
             import h5py
@@ -39,7 +38,7 @@ def _reference(tmp_path: Path, mode: str) -> tuple[LocalStorage, str]:
                 h5["b"] = np.zeros(races.N, dtype=np.int64)
 
         mgr = safepoint.CheckpointManager(ref)
-        singlefile.save(mgr, "zero.h5", write, step=0, epoch=None, metrics={}, layout="test-races")
+        mgr.save_file("zero.h5", write, step=0, epoch=None, metrics={}, layout="test-races")
         return LocalStorage(ref), "zero.h5"
     mgr = safepoint.CheckpointManager(ref, name="zero")
     zeros = {k: np.zeros(races.N, dtype=np.int64) for k in "ab"}

@@ -18,41 +18,45 @@ from __future__ import annotations
 import logging
 import os
 import time
-import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from safepoint import formats
+from safepoint import formats, options
+from safepoint.catalog.directory import write_checkpoint
 from safepoint.catalog.index import Catalog
-from safepoint.catalog.series import check_monitor, member, refuse_checkpoint_root, serial
-from safepoint.catalog.writer import int_arg, metrics_arg, write_checkpoint
+from safepoint.catalog.series import (
+    check_monitor,
+    next_seq,
+)
 from safepoint.checkpoint import Checkpoint, Verification
 from safepoint.errors import (
     CheckpointNotFoundError,
     ConfigError,
-    SafepointError,
 )
+from safepoint.file_saving import FileSaving
 from safepoint.formats import shards
+from safepoint.history import History
 from safepoint.monitor import metric_value, resolve_mode
 from safepoint.ondisk.manifest import Manifest, now
 from safepoint.ondisk.template import NameTemplate, bounded
+from safepoint.options import int_arg, metrics_arg
+from safepoint.preemption import DEFAULT_SIGNALS, SaveOnSignal
+from safepoint.pruning import Pruner
 from safepoint.retention import Keep, rank_best
 from safepoint.state.loading import restore_into
 from safepoint.state.tree import TensorLeaf, flatten
-from safepoint.storage import runlog
-from safepoint.storage.local import LocalStorage, Storage
-from safepoint.storage.staging import Staging, default_cap
+from safepoint.storage.local import Storage
+from safepoint.storage.staging import Staging
 from safepoint.storage.worker import SaveWorker
+from safepoint.writer_lock import WriterLock
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from safepoint.preemption import SaveOnSignal
-
 log = logging.getLogger("safepoint")
 
 
-class CheckpointManager:
+class CheckpointManager(FileSaving):
     """Save and restore a run's checkpoints under one root, crash-safely.
 
     ``name`` is a ``str.format`` template over ``step``, ``epoch`` and metrics;
@@ -73,20 +77,7 @@ class CheckpointManager:
         max_staging_bytes: int | None = None,
         shard_bytes: int = formats.SHARD_BYTES,
     ) -> None:
-        if isinstance(root, str | os.PathLike):
-            text = os.fspath(root)
-            if "://" in str(text):
-                raise ConfigError(
-                    f"URL roots need an object-store backend, which this version does not "
-                    f"include yet. Expected a local path. Received: root={text!r}. Use a local "
-                    "or network-mounted directory."
-                )
-            refuse_checkpoint_root(text)
-            self.storage: Storage = LocalStorage(text)
-        elif hasattr(root, "list_names"):
-            self.storage = root
-        else:
-            raise ConfigError(f"root must be a path or a Storage. Received: root={root!r}.")
+        self.storage: Storage = options.storage_for(root)
         self.template = NameTemplate(name)
         #: Retention only ever considers checkpoints of this series (recorded in each
         #: manifest); listing, ``latest`` and ``restore`` see the whole root.
@@ -94,38 +85,18 @@ class CheckpointManager:
         self.monitor = monitor
         self._monitor_seen = False
         self.mode = resolve_mode(monitor, mode)
-        if keep is not None and not isinstance(keep, Keep):
-            raise ConfigError(f"keep must be a safepoint.Keep or None. Received: keep={keep!r}.")
-        if keep is not None and keep.best and monitor is None:
-            raise ConfigError(
-                f"keep={keep!r} keeps the best checkpoints but no monitor was given. Pass "
-                "monitor='val_loss' (or another metric), or drop best= from Keep."
-            )
-        self.keep = keep
+        self.keep = options.keep_policy(keep, monitor)
         self.format = formats.get(format)
-        if not isinstance(async_save, bool):
-            raise ConfigError(f"async_save must be True or False. Received: {async_save!r}.")
-        self.async_save = async_save
-        if max_staging_bytes is None:
-            max_staging_bytes = default_cap()
-        if (
-            isinstance(max_staging_bytes, bool)
-            or not isinstance(max_staging_bytes, int)
-            or max_staging_bytes < 0
-        ):
-            raise ConfigError(
-                "max_staging_bytes must be a non-negative int or None (half the physical "
-                f"memory). Received: max_staging_bytes={max_staging_bytes!r}."
-            )
-        self._staging = Staging(max_staging_bytes)
+        self.async_save = options.flag("async_save", async_save)
+        self._staging = Staging(options.staging_bytes(max_staging_bytes))
         self._worker = SaveWorker(str(self.storage.root))
-        if isinstance(shard_bytes, bool) or not isinstance(shard_bytes, int) or shard_bytes < 1:
-            raise ConfigError(f"shard_bytes must be a positive int. Received: {shard_bytes!r}.")
-        self.shard_bytes = shard_bytes
+        self.shard_bytes = options.shard_size(shard_bytes)
         self.catalog = Catalog(self.storage)
         self._warned: set[str] = set()
         self._closed = False
-        self._cleaned = False
+        self._lock = WriterLock(self.storage)
+        self._history = History(self.storage, self.series)
+        self._pruner = Pruner(self.catalog, self.template, self._history)
 
     # -- context manager ---------------------------------------------------------------
     def __enter__(self) -> CheckpointManager:
@@ -154,9 +125,9 @@ class CheckpointManager:
             try:
                 self.wait()
             finally:
-                self._flush_skips()
+                self._history.flush()
                 self._staging.release()
-                self.storage.unlock()
+                self._lock.close()
 
     # -- listing -----------------------------------------------------------------------
     def checkpoints(self) -> list[Checkpoint]:
@@ -206,11 +177,7 @@ class CheckpointManager:
         if step is not None:
             self.template.format(step=step, epoch=epoch, metrics=metrics)  # fail before I/O
         self.check_monitor(metrics)
-        self.storage.lock()
-        if not self._cleaned:
-            for stale in self.storage.cleanup_stale():
-                log.info("safepoint: removed %s left by an interrupted writer", stale)
-            self._cleaned = True
+        self._lock.keep()
         seq = self.next_seq()
         step = seq if step is None else step
         name = self.template.format(step=step, epoch=epoch, metrics=metrics)
@@ -288,7 +255,7 @@ class CheckpointManager:
         seconds = time.perf_counter() - started
         ckpt = self.catalog.to_checkpoint(manifest, name)
         self.catalog.forget(name)
-        self._log(
+        self._history.record(
             "save",
             name=name,
             seq=seq,
@@ -302,14 +269,33 @@ class CheckpointManager:
         self._apply_retention()
         return ckpt
 
-    def _log(self, event: str, **fields: Any) -> None:
-        """Append to the run log, best effort: the log is informational, and a committed
-        checkpoint must never be reported as failed because its log line was not written."""
-        self._flush_skips()
+    def release_lock(self) -> None:
+        """Let the root's writer lock go between saves (the next save takes it again).
+
+        Waits for the save in flight first. A manager keeps the lock from its first
+        :meth:`save` to :meth:`close`; a callback that saves during ``fit`` and cannot
+        count on a ``close`` (a fit that dies of an exception gets no callback) releases
+        it after each save, so that a retry in the same process can take it.
+        """
         try:
-            runlog.record(self.storage, event, **fields)
-        except SafepointError as exc:
-            log.warning("safepoint: could not write the run log (%s): %s", event, exc)
+            self.wait()
+        finally:
+            self._lock.release()
+
+    def delete(self, name: str, *, reason: str = "delete") -> None:
+        """Delete committed checkpoint ``name`` (crash-safely) and log it with ``reason``.
+
+        Takes the writer lock like :meth:`save` (kept until :meth:`close` or
+        :meth:`release_lock`).
+        """
+        self._lock.keep()
+        found = {c.name: c for c in self.checkpoints()}.get(name)
+        if found is None:
+            raise CheckpointNotFoundError(
+                f"No committed checkpoint {name!r} in {self.storage.root}. Expected one of "
+                f"the names checkpoints() lists. Received: name={name!r}."
+            )
+        self._pruner.remove(found, reason)
 
     def log_skip(
         self,
@@ -327,35 +313,12 @@ class CheckpointManager:
         next save or deletion record, at ``close()``, at exit, or every 10,000 skips or
         60 s: a per-batch save policy would otherwise append a line per skipped batch.
         """
-        metrics = metrics_arg(metrics)
-        skips = self.__dict__.get("_skips")
-        if skips is None:
-            skips = self._skips = runlog.SkipSummary(self.storage)
-            weakref.finalize(self, skips.flush_quietly)
-        try:
-            skips.add(
-                step=step,
-                epoch=epoch,
-                metrics=metrics,
-                reason=reason,
-                series=self.template.template,
-            )
-        except SafepointError as exc:
-            log.warning("safepoint: could not write the run log (skip): %s", exc)
-
-    def _flush_skips(self) -> None:
-        """Write the pending skip summary first, so the log stays in order."""
-        skips = self.__dict__.get("_skips")
-        if skips is not None:
-            skips.flush_quietly()
+        self._history.skip(step=step, epoch=epoch, metrics=metrics_arg(metrics), reason=reason)
 
     def next_seq(self) -> int:
         """The seq of a new save: after every committed one, and unique in this process
         even while other managers of the root commit in the background."""
-        with serial(self.storage):
-            listed = max((c.seq for c in self.checkpoints()), default=0)
-            reserve = getattr(self.storage, "next_seq", None)
-            return int(reserve(listed)) if reserve is not None else listed + 1
+        return next_seq(self.catalog)
 
     def check_monitor(self, metrics: dict[str, Any]) -> None:
         """Refuse, before any I/O, a save whose metrics lack the monitor when no committed
@@ -367,31 +330,10 @@ class CheckpointManager:
 
     def in_series(self, ckpt: Checkpoint) -> bool:
         """True when ``ckpt`` was written by a manager with this name template."""
-        return member(self.catalog, self.template, ckpt.name)
+        return self._pruner.in_series(ckpt)
 
     def _apply_retention(self) -> None:
-        if self.keep is None:
-            return
-        with serial(self.storage):
-            self._prune()
-
-    def _prune(self) -> None:
-        assert self.keep is not None
-        current = [c for c in self.checkpoints() if self.in_series(c)]
-        keep = self.keep.select(current, monitor=self.monitor, mode=self.mode)
-        for ckpt in current:
-            if ckpt.name in keep:
-                continue
-            self.storage.remove(ckpt.name)
-            self.catalog.forget(ckpt.name)
-            self._log(
-                "delete",
-                name=ckpt.name,
-                seq=ckpt.seq,
-                step=ckpt.step,
-                metrics=ckpt.metrics,
-                reason="retention",
-            )
+        self._pruner.apply(self.keep, monitor=self.monitor, mode=self.mode)
 
     # -- restoring ---------------------------------------------------------------------
     def restore(
@@ -448,8 +390,6 @@ class CheckpointManager:
         the handler only notes the signal; the next ``ModelCheckpoint`` hook (or the
         returned guard's ``check()``) saves synchronously, then exits with 128 + signal.
         """
-        from safepoint.preemption import DEFAULT_SIGNALS, SaveOnSignal
-
         return SaveOnSignal(
             self,
             state,

@@ -33,14 +33,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from safepoint.checkpoint import Checkpoint
 from safepoint.errors import ConfigError, SafepointError
 from safepoint.storage import runlog
-
-if TYPE_CHECKING:
-    from safepoint.checkpoint import Checkpoint
-    from safepoint.manager import CheckpointManager
+from safepoint.storage.protocol import Storage
 
 log = logging.getLogger("safepoint")
 
@@ -48,6 +46,25 @@ log = logging.getLogger("safepoint")
 DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 _active: SaveOnSignal | None = None
+
+
+class Saver(Protocol):
+    """What a guard saves through: a ``CheckpointManager``. This module never imports
+    the manager (the manager imports it, for ``save_on_signal``), so the two form no
+    import cycle."""
+
+    storage: Storage
+
+    def save(
+        self,
+        state: Any,
+        *,
+        step: int | None = None,
+        epoch: int | None = None,
+        metrics: dict[str, Any] | None = None,
+    ) -> Checkpoint: ...
+
+    def wait(self) -> None: ...
 
 
 def _in_data_worker() -> bool:
@@ -78,7 +95,7 @@ class SaveOnSignal:
 
     def __init__(
         self,
-        manager: CheckpointManager,
+        manager: Saver,
         state: Mapping[str, Any] | Callable[[], Any],
         *,
         signals: Iterable[int] = DEFAULT_SIGNALS,

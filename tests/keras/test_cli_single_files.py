@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 import safepoint
-from safepoint.catalog import singlefile
 from safepoint.cli import main
 from safepoint.cli.report import flatten_arrays
 from safepoint.keras import files
@@ -35,8 +34,8 @@ def write(folder, name: str, seed: int):
     """One committed single file; step, epoch and metrics equal for every seed."""
     mgr = safepoint.CheckpointManager(folder)
     layout = LAYOUTS[name]
-    singlefile.save(
-        mgr, name, files.writer(build(seed), layout), step=1, epoch=1, metrics={"loss": 0.5},
+    mgr.save_file(
+        name, files.writer(build(seed), layout), step=1, epoch=1, metrics={"loss": 0.5},
         layout=layout,
     )  # fmt: skip
     mgr.close()

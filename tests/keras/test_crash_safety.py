@@ -14,8 +14,8 @@ import pytest
 from seed_data import pima
 
 import safepoint
-from safepoint.catalog import singlefile
 from safepoint.keras import ModelCheckpoint
+from safepoint.storage import commit as transaction
 
 # Saves weights.best.hdf5 every epoch and SIGKILLs itself when the third save reaches
 # STAGE (a stage of safepoint.catalog.singlefile's commit, through the storage fault seam).
@@ -92,7 +92,7 @@ def test_a_failed_background_commit_is_raised_by_fit(tmp_path, monkeypatch):
     first = ModelCheckpoint(path, monitor="loss", save_weights_only=True)
     model.fit(x[:40], y[:40], epochs=1, verbose=0, callbacks=[first])
     before = path.read_bytes()
-    monkeypatch.setattr(singlefile, "_fsync", failing_fsync)
+    monkeypatch.setattr(transaction, "fsync_path", failing_fsync)
     cb = ModelCheckpoint(path, monitor="loss", save_weights_only=True)
     with pytest.raises(safepoint.StorageError, match=r"stage 'fsync'.*Input/output error"):
         model.fit(x[:40], y[:40], epochs=2, verbose=0, callbacks=[cb])

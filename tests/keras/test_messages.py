@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import safepoint
-from safepoint.catalog import singlefile
 from safepoint.keras import ModelCheckpoint
+from safepoint.storage import commit as transaction
 
 
 def build() -> keras.Model:
@@ -27,7 +27,7 @@ def fit(model, callback, epochs=2):
 
 
 def test_finished_saving_is_printed_once_the_file_is_committed(tmp_path, monkeypatch):
-    real_fsync = singlefile._fsync
+    real_fsync = transaction.fsync_path
     said: list[tuple[str, bool]] = []
 
     def slow_fsync(path: str) -> None:
@@ -39,7 +39,7 @@ def test_finished_saving_is_printed_once_the_file_is_committed(tmp_path, monkeyp
             if f"Epoch {n}: finished saving" in message:
                 said.append((message.strip(), (tmp_path / f"w-{n}.weights.h5").exists()))
 
-    monkeypatch.setattr(singlefile, "_fsync", slow_fsync)
+    monkeypatch.setattr(transaction, "fsync_path", slow_fsync)
     monkeypatch.setattr("safepoint.keras.model_checkpoint.io_utils.print_msg", record)
     cb = ModelCheckpoint(tmp_path / "w-{epoch}.weights.h5", save_weights_only=True, verbose=1,
                          monitor="loss")  # fmt: skip
@@ -54,7 +54,7 @@ def test_a_failed_commit_never_says_finished_saving(tmp_path, monkeypatch, capsy
     def failing_fsync(path: str) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(singlefile, "_fsync", failing_fsync)
+    monkeypatch.setattr(transaction, "fsync_path", failing_fsync)
     cb = ModelCheckpoint(tmp_path / "w.weights.h5", save_weights_only=True, verbose=1,
                          monitor="loss")  # fmt: skip
     with pytest.raises(safepoint.StorageError, match="Input/output error"):

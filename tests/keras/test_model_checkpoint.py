@@ -386,7 +386,7 @@ def test_a_run_log_failure_never_fails_or_blocks_a_save(tmp_path, monkeypatch, c
 def test_a_failed_background_commit_does_not_become_the_best(tmp_path, monkeypatch):
     from safepoint.catalog import singlefile
 
-    real = singlefile._finish
+    real = singlefile.finish
     calls = []
 
     def fail_second(*args, **kwargs):
@@ -395,7 +395,7 @@ def test_a_failed_background_commit_does_not_become_the_best(tmp_path, monkeypat
             raise safepoint.StorageError("the disk failed (injected)", stage="fsync")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(singlefile, "_finish", fail_second)
+    monkeypatch.setattr(singlefile, "finish", fail_second)
     cb = ModelCheckpoint(tmp_path / "w.weights.h5", monitor="loss", save_best_only=True,
                          save_weights_only=True)  # fmt: skip
     model = build()
@@ -419,7 +419,7 @@ def test_a_failed_commit_nobody_waited_for_is_reported_at_exit(tmp_path, monkeyp
     def failing(*args, **kwargs):
         raise safepoint.StorageError("the disk failed (injected)", stage="fsync")
 
-    monkeypatch.setattr(singlefile, "_finish", failing)
+    monkeypatch.setattr(singlefile, "finish", failing)
     cb = ModelCheckpoint(tmp_path / "w.weights.h5", save_weights_only=True)
     cb.set_model(build())
     cb.on_train_begin()

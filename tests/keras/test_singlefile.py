@@ -9,7 +9,6 @@ import keras
 import pytest
 
 import safepoint
-from safepoint.catalog import singlefile
 from safepoint.keras import files
 from safepoint_testing import Faults, faulty_manager
 
@@ -24,7 +23,7 @@ def build(seed: int = 7) -> keras.Model:
 def save(mgr: safepoint.CheckpointManager, model: keras.Model, name: str, step: int):
     layout = files.WEIGHTS
     write = files.writer(model, layout)
-    return singlefile.save(mgr, name, write, step=step, epoch=step, metrics={}, layout=layout)
+    return mgr.save_file(name, write, step=step, epoch=step, metrics={}, layout=layout)
 
 
 @pytest.mark.parametrize("existed", [True, False])
@@ -117,7 +116,7 @@ def test_huge_declared_dims_are_refused_before_allocation(tmp_path):
 
     mgr = safepoint.CheckpointManager(tmp_path)
     layout = files.LEGACY_WEIGHTS
-    singlefile.save(mgr, "w.h5", write, step=1, epoch=1, metrics={}, layout=layout)
+    mgr.save_file("w.h5", write, step=1, epoch=1, metrics={}, layout=layout)
     assert [v.ok for v in mgr.verify()] == [True]  # sealed with its true checksum
     with pytest.raises(safepoint.CorruptCheckpointError, match="more bytes than the file"):
         mgr.restore(checkpoint="w.h5")

@@ -30,7 +30,6 @@ import pytest
 
 import safepoint
 from safepoint import cli
-from safepoint.catalog import singlefile
 from safepoint.errors import CorruptCheckpointError
 from safepoint.ondisk import checksum
 from safepoint_testing import read_manifest, write_manifest
@@ -167,7 +166,7 @@ def sealed_h5(mgr: safepoint.CheckpointManager, name: str, build: Callable[[Any]
         if patch is not None:
             patch(Path(path))
 
-    singlefile.save(mgr, name, write, step=9, epoch=None, metrics={}, layout="hostile-test")
+    mgr.save_file(name, write, step=9, epoch=None, metrics={}, layout="hostile-test")
     return Path(mgr.storage.root) / name
 
 
@@ -287,7 +286,7 @@ def sealed_keras(mgr: safepoint.CheckpointManager, name: str) -> Path:
             z.writestr("config.json", json.dumps({"class_name": "Sequential"}))
             z.writestr("model.weights.h5", weights.getvalue())
 
-    singlefile.save(mgr, name, write, step=9, epoch=None, metrics={}, layout="hostile-keras")
+    mgr.save_file(name, write, step=9, epoch=None, metrics={}, layout="hostile-keras")
     return Path(mgr.storage.root) / name
 
 

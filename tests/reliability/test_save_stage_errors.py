@@ -29,7 +29,7 @@ import pytest
 from faultkit import Oracle, leftovers, make_state, metrics_for
 
 import safepoint
-from safepoint.storage import local as storage_module
+from safepoint.storage import commit as transaction
 from safepoint.storage.local import FAULT_STAGES, TMP_MARK, TRASH_PREFIX
 from safepoint_testing import Faults, fail_at, faulty_manager, listing
 
@@ -172,7 +172,7 @@ def test_fault_in_the_middle_of_a_sharded_save(tmp_path: Path) -> None:
 def exchange(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
     """Run with the atomic swap, and as on a file system without RENAME_EXCHANGE."""
     if not request.param:
-        monkeypatch.setattr(storage_module, "_exchange", lambda root, a, b: False)
+        monkeypatch.setattr(transaction, "_exchange", lambda root, a, b: False)
     return bool(request.param)
 
 
@@ -203,7 +203,7 @@ def test_failed_rename_without_renameat2_puts_the_old_checkpoint_back(
 ) -> None:
     """Without an atomic swap the old checkpoint is moved aside first; if the new one
     then cannot be renamed in, the old one must come back under its name."""
-    monkeypatch.setattr(storage_module, "_exchange", lambda root, a, b: False)
+    monkeypatch.setattr(transaction, "_exchange", lambda root, a, b: False)
     root = tmp_path / "run"
     with safepoint.CheckpointManager(root) as mgr:
         mgr.save(state_for(1), step=1)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from safepoint.catalog.index import Catalog
+from safepoint.catalog.singlefile import container
 from safepoint.checkpoint import Checkpoint
 from safepoint.errors import ConfigError, SafepointError
 from safepoint.ondisk.template import NameTemplate
@@ -62,6 +63,19 @@ def serial(storage: Storage) -> Any:
     return lock() if lock is not None else contextlib.nullcontext()
 
 
+def next_seq(catalog: Catalog) -> int:
+    """The seq of a new save in ``storage``'s root: above every ``listed`` checkpoint and
+    unique in this process, even while other managers of the root commit in the
+    background. The one place a seq is chosen (saves, framework files, ``convert``);
+    it lists under :func:`serial`, so no commit of this process lands in between.
+    """
+    storage = catalog.storage
+    with serial(storage):
+        top = max((c.seq for c in catalog.checkpoints()), default=0)
+        reserve = getattr(storage, "next_seq", None)
+        return int(reserve(top)) if reserve is not None else top + 1
+
+
 def _holds_manifest(folder: str) -> bool:
     """True when ``folder`` holds a safepoint ``manifest.json`` (not a web app's)."""
     try:
@@ -82,8 +96,6 @@ def _holds_manifest(folder: str) -> bool:
 
 def refuse_checkpoint_root(root: str) -> None:
     """A root must hold checkpoints, not be one: writing into one would hide the run."""
-    from safepoint.catalog.singlefile import container
-
     parent = os.path.dirname(os.path.abspath(root)) or os.sep
     if os.path.isfile(root) and container(root) is not None:
         what = "a single-file checkpoint"

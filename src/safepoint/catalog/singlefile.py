@@ -2,19 +2,13 @@
 
 Frameworks read their own files (``model.load_weights("weights.best.hdf5")``), so the
 Keras drop-in writes exactly those files; this module gives them what a checkpoint
-directory has. The commit protocol is the directory one, for one file:
-
-1. stage: the framework writes ``checkpoint<suffix>`` in a marked hidden directory
-   ``.sp.tmp-<random>`` of the destination directory (same file system, so the rename
-   below is atomic; see :mod:`safepoint.storage.leftovers`);
-2. seal: the content is hashed and safepoint's manifest is embedded in the file (a
-   ``safepoint_manifest`` root attribute in HDF5, a ``safepoint-manifest.json`` entry
-   in the zip); then the file is ``fsync``-ed;
-3. commit: ``rename`` over the final name, then ``fsync`` the directory.
-
-A kill at any moment leaves the old file or the new one, never a truncated one, plus
-at worst a hidden staging entry that ``LocalStorage.cleanup_stale`` removes (or,
-on a file system without hard links, the old file in a trash entry that it puts back).
+directory has. Writing one (:func:`stage`, then :func:`finish`) is the commit
+transaction of :mod:`safepoint.storage.commit` with a file target: the framework
+writes ``checkpoint<suffix>`` in a marked staging entry of the root, safepoint's
+manifest is sealed into the file (its content hashed), and the transaction fsyncs it
+and swaps it in under its name. A kill at any moment leaves the old file or the new
+one, never a truncated one, plus at worst a hidden entry that the next writer's
+cleanup recovers or removes. ``CheckpointManager.save_file`` is the public entry.
 
 How the manifest sits inside each kind of file, and what its checksums cover, is
 :mod:`safepoint.ondisk.embedded`'s business.
@@ -27,24 +21,20 @@ anything is read.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import re
 import stat
-import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any, BinaryIO
 
-from safepoint.catalog.writer import metrics_arg
-from safepoint.checkpoint import Checkpoint
 from safepoint.errors import ConfigError, IncompleteCheckpointError, SafepointError, StorageError
 from safepoint.ondisk import embedded, manifest
+from safepoint.ondisk.container import CONTAINER
 from safepoint.ondisk.embedded import KEY
 from safepoint.ondisk.manifest import Manifest
 from safepoint.ondisk.template import bounded
-from safepoint.storage import leftovers, protocol, rootlock, runlog
+from safepoint.storage import commit as transaction
+from safepoint.storage import protocol
 from safepoint.storage.local import (
     Storage,
     check_name,
@@ -55,7 +45,6 @@ from safepoint.storage.local import (
 log = logging.getLogger("safepoint")
 
 SUFFIXES = (".weights.h5", ".keras", ".hdf5", ".h5")
-_STAGED = re.compile(r"^\.sp\.tmp-[0-9a-f]{8}(\.keras|\.weights\.h5|\.hdf5|\.h5)$")
 
 #: Embedded manifests already read, by file identity: listing a directory of large
 #: files re-reads only the ones that changed (a commit always makes a new inode).
@@ -188,114 +177,55 @@ def verify(storage: Storage, name: str) -> Manifest:
 
 
 # ---------------------------------------------------------------------------- writing
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _fault(storage: Storage) -> transaction.Fault:
+    return getattr(storage, "_fault", lambda stage, target: None)
 
 
-def _stage(storage: Storage, name: str, write: Callable[[str], None]) -> str:
-    """Write the file in a marked staging directory in the root; return its path.
+def stage(storage: Storage, name: str, write: Callable[[str], None]) -> str:
+    """Write the file in a marked staging entry of the root; return the entry name.
 
     ``write`` must create the file at the path it is given (the name keeps the final
-    suffix, as framework savers check suffixes). The staging directory has a
-    fixed-length name (:mod:`safepoint.storage.leftovers`), so any checkpoint name can be staged.
+    suffix, as framework savers check suffixes). The staging entry has a fixed-length
+    name (:mod:`safepoint.storage.leftovers`), so any checkpoint name can be staged.
     """
-    fault = getattr(storage, "_fault", lambda stage, target: None)
-    staged: str | None = None
+    root = storage.root
+    entry = transaction.stage(root, name, _fault(storage))
     try:
-        with translate("write", os.path.join(storage.root, name)):
-            os.makedirs(storage.root, exist_ok=True)
-            entry = leftovers.make_stage(storage.root, name)
-            staged = os.path.join(storage.root, entry, f"checkpoint{suffix(name)}")
-            fault("write", name)
+        staged = os.path.join(root, transaction.staged_file(entry, suffix(name)))
+        with translate("write", os.path.join(root, name)):
+            _fault(storage)("write", name)
             write(staged)
     except BaseException:
-        _discard(staged)
+        transaction.discard(root, entry)
         raise
-    return staged
+    return entry
 
 
-def _discard(staged: str | None) -> None:
-    if staged is not None:
-        stage_dir, entry = os.path.dirname(staged), os.path.basename(os.path.dirname(staged))
-        leftovers.remove_entry(stage_dir)
-        rootlock.unmark_live(os.path.dirname(stage_dir), entry)
+def discard(storage: Storage, entry: str) -> None:
+    transaction.discard(storage.root, entry)
 
 
-def _finish(storage: Storage, staged: str, body: Manifest, layout: str) -> Manifest:
-    """Seal the staged file, make it durable and rename it over its final name."""
-    fault = getattr(storage, "_fault", lambda stage, target: None)
-    name = body.name
+def finish(storage: Storage, entry: str, draft: Manifest, layout: str) -> Manifest:
+    """Seal the staged file and commit it (:func:`safepoint.storage.commit.commit`)."""
+    name = draft.name
     root = storage.root
-    final = os.path.join(root, name)
     kind = container(name)
     assert kind is not None
+    staged = os.path.join(root, transaction.staged_file(entry, suffix(name)))
     try:
         with translate("manifest", staged):
-            fault("manifest", name)
-            sealed, data = embedded.seal(staged, kind, name, body, layout)
-        # The bytes must be durable before the name points at them, and the directory
-        # entry durable before the commit is reported: a power loss afterwards must
-        # find the new file, and one before it the old file.
-        with translate("fsync", staged):
-            fault("fsync", name)
-            _fsync(staged)
-        # The file this one replaces keeps a second, hidden name until the new one is
-        # durable, so a failed directory fsync can put it back: a save that raises must
-        # leave the previous checkpoint, not a new file that could vanish on power loss.
-        # (A crash leaves the trash entry for ``LocalStorage.cleanup_stale``.)
-        kept: str | None = None
-        with translate("rename", final):
-            fault("rename", name)
-            if os.path.lexists(final):
-                kept = leftovers.keep_for_replace(root, name)
-            try:
-                os.replace(staged, final)
-            except BaseException:
-                if kept is not None:
-                    leftovers.put_back_file(root, kept, final)
-                raise
-        try:
-            with translate("dir-fsync", root):
-                fault("dir-fsync", name)
-                _fsync(root)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                if kept is not None:
-                    leftovers.put_back_file(root, kept, final)
-                else:
-                    os.unlink(final)
-            raise
-        if kept is not None:  # the old file, now out of the listing
-            leftovers.remove_entry(os.path.join(root, kept))
-    finally:
-        _discard(staged)
+            _fault(storage)("manifest", name)
+            sealed, data = embedded.seal(staged, kind, name, draft, layout)
+    except BaseException:
+        transaction.discard(root, entry)
+        raise
+    transaction.commit(root, entry, name, "file", _fault(storage), suffix=suffix(name))
     # The next listing reads this file's manifest from memory, not from the file.
-    _seen[_identity(final)] = data
+    _seen[_identity(os.path.join(root, name))] = data
     return sealed
 
 
-def commit(
-    storage: Storage,
-    name: str,
-    write: Callable[[str], None],
-    *,
-    seq: int,
-    step: int | None,
-    epoch: int | None,
-    metrics: dict[str, Any],
-    layout: str,
-    series: str | None = None,
-) -> Manifest:
-    """Write checkpoint file ``name`` with ``write(staged_path)`` and commit it atomically."""
-    body = _body(name, seq=seq, step=step, epoch=epoch, metrics=metrics, series=series)
-    return _finish(storage, _stage(storage, name, write), body, layout)
-
-
-def _body(
+def body(
     name: str,
     *,
     seq: int,
@@ -304,6 +234,10 @@ def _body(
     metrics: dict[str, Any],
     series: str | None = None,
 ) -> Manifest:
+    """The manifest of checkpoint file ``name`` before its seal (its ``seq`` is set at commit).
+
+    Checks the name first, so a bad one fails before the framework writes anything.
+    """
     check_name(name)
     if container(name) is None:
         raise ConfigError(
@@ -322,105 +256,8 @@ def _body(
         tensors={},
         files={},
         payload="hdf5",
-        extra={} if series is None else {"series": series},
+        extra={
+            CONTAINER: container(name),
+            **({} if series is None else {"series": series}),
+        },
     )
-
-
-def begin(
-    manager: Any,
-    name: str,
-    write: Callable[[str], None],
-    *,
-    step: int | None,
-    epoch: int | None,
-    metrics: dict[str, Any],
-    layout: str,
-) -> Callable[[], Checkpoint]:
-    """Write checkpoint file ``name`` into ``manager``'s root; return what commits it.
-
-    The file is written (the model captured) before this returns; the returned
-    function seals, fsyncs and renames it, logs the save and applies retention. It may
-    run on another thread (a :class:`~safepoint.storage.worker.SaveWorker`) so training goes on
-    meanwhile. The caller holds the root's writer lock from before ``begin`` until the
-    commit is done.
-    The ``seq`` continues the manager's listing, so files and checkpoint directories in
-    one root share one order; the file records the manager's series (its name
-    template), and ``Keep`` prunes only that series, files and directories alike.
-    """
-    storage = manager.storage
-    metrics = metrics_arg(metrics)
-    body = _body(
-        name,
-        seq=0,
-        step=step,
-        epoch=epoch,
-        metrics=metrics,
-        series=getattr(manager, "series", None),
-    )
-    check = getattr(manager, "check_monitor", None)
-    if check is not None:
-        check(metrics)  # before anything is written
-    started = time.perf_counter()
-    staged = _stage(storage, name, write)
-
-    def finish() -> Checkpoint:
-        # Listing the root (for seq) is part of the commit, off the training thread;
-        # the root's save mutex orders it with the other writers of this process.
-        serial = getattr(storage, "serial", None)
-        with serial() if serial is not None else contextlib.nullcontext():
-            try:
-                seq = manager.next_seq()
-            except BaseException:
-                _discard(staged)
-                raise
-            found = _finish(storage, staged, replace(body, seq=seq), layout)
-            try:  # best effort: a committed save is never reported as failed for its log line
-                runlog.record(
-                    storage,
-                    "save",
-                    name=name,
-                    seq=seq,
-                    step=step,
-                    epoch=epoch,
-                    metrics=metrics,
-                    bytes=int(found.extra[KEY].get("size", 0)),
-                    seconds=round(time.perf_counter() - started, 6),
-                )
-            except SafepointError as exc:
-                log.warning("safepoint: could not write the run log (save): %s", exc)
-            manager._apply_retention()
-        return Checkpoint(
-            name=name,
-            path=os.path.join(storage.root, name),
-            step=step,
-            epoch=epoch,
-            metrics=dict(found.metrics),
-            created=found.created,
-            seq=seq,
-        )
-
-    return finish
-
-
-def save(
-    manager: Any,
-    name: str,
-    write: Callable[[str], None],
-    *,
-    step: int | None,
-    epoch: int | None,
-    metrics: dict[str, Any],
-    layout: str,
-) -> Checkpoint:
-    """Write and commit checkpoint file ``name`` through ``manager`` (see :func:`begin`)."""
-    manager.storage.lock()
-    return begin(manager, name, write, step=step, epoch=epoch, metrics=metrics, layout=layout)()
-
-
-def is_staged(entry: str) -> bool:
-    """True for a staging file name this module creates (``.sp.tmp-<8 hex><suffix>``).
-
-    :meth:`safepoint.storage.local.LocalStorage.cleanup_stale` removes such files, and only
-    such names, so a user's own files in the same directory are never at risk.
-    """
-    return _STAGED.match(entry) is not None

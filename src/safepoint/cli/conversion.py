@@ -20,9 +20,10 @@ from typing import Any
 
 from safepoint import formats
 from safepoint.catalog import singlefile
+from safepoint.catalog.directory import write_checkpoint
 from safepoint.catalog.index import Catalog
 from safepoint.catalog.reader import read_raw, refuse_pickle
-from safepoint.catalog.writer import write_checkpoint
+from safepoint.catalog.series import next_seq
 from safepoint.cli.report import read_weights
 from safepoint.errors import ConfigError
 from safepoint.state import dtypes
@@ -77,7 +78,7 @@ def convert(src: str, dst: str, *, to: str) -> str:
     # two listed checkpoints never share one.
     out.lock()
     try:
-        seq = max((c.seq for c in Catalog(out).checkpoints()), default=0) + 1
+        seq = next_seq(Catalog(out))  # under the root's save mutex, reserved in-process
         draft = replace(found, name=dst_name, seq=seq, files={}, tensors={})
         write_checkpoint(out, fmt, draft, leaves, shard_bytes=formats.SHARD_BYTES)
     finally:

@@ -309,7 +309,6 @@ class BackupAndRestore(keras.callbacks.Callback):
         if manager is None:
             return
         if self.delete_checkpoint:
-            manager.storage.lock()
             series.delete_all(manager)  # its own backups only, never a file beside them
         manager.close()  # releases the lock
         if self.delete_checkpoint:
@@ -351,5 +350,5 @@ class BackupAndRestore(keras.callbacks.Callback):
         finally:
             # Held for the save only: a fit that dies of an exception gets no callback,
             # and a retry in the same process must be able to take the lock again.
-            self._manager.storage.unlock()
+            self._manager.release_lock()
         return saved

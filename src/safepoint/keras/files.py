@@ -13,7 +13,7 @@ suffix         save_weights_only  written with
 
 Every one of them is read back by ``model.load_weights(path)`` (and the two model
 formats by ``keras.models.load_model``). The writers write to the path they are
-given; :mod:`safepoint.catalog.singlefile` gives them a staging path and commits the result.
+given; ``CheckpointManager.save_file`` gives them a staging path and commits the result.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A drop-in for ``keras.callbacks.ModelCheckpoint`` that also runs Keras 2 code: the
 decisions and verbose lines come from :class:`safepoint.policy.SavePolicy` (Keras 3's
 rules and text), the files are the ones Keras writes (:mod:`.files`), and each one is
-committed through :mod:`safepoint.catalog.singlefile` with safepoint's manifest inside, so a
+committed by ``CheckpointManager.save_file`` (safepoint's manifest inside), so a
 ``CheckpointManager`` on the directory lists, verifies, restores and prunes them.
 
 Where it differs from Keras 3.15, on purpose:
@@ -29,7 +29,6 @@ from typing import Any
 import keras
 from keras.src.utils import io_utils
 
-from safepoint.catalog import singlefile
 from safepoint.errors import ConfigError, SafepointError
 from safepoint.keras import files, names
 from safepoint.manager import CheckpointManager
@@ -152,7 +151,6 @@ class ModelCheckpoint(keras.callbacks.Callback):
         self._current_epoch = 0
         self._batches_done = 0
         self._checked = False
-        self._cleaned = False
         # The manager's worker: one commit in flight, its error raised by wait(), and
         # reported at exit when fit() died before on_train_end collected it.
         self._committer = SaveWorker(os.path.abspath(self.directory or os.curdir))
@@ -294,32 +292,20 @@ class ModelCheckpoint(keras.callbacks.Callback):
             )
             return
         skips, self._skips = self._skips, []
-        # The directory's writer lock is held for one save only: Keras has no hook for a
-        # fit that dies of an exception, and a lock kept past it would refuse the next
-        # fit in the same process (a notebook's retry).
-        manager.storage.lock()
-        try:
-            if not self._cleaned:
-                manager.storage.cleanup_stale()
-                self._cleaned = True
-            finish = singlefile.begin(
-                manager,
-                name,
-                files.writer(self.model, self.layout),
-                step=step,
-                epoch=epoch + 1,
-                metrics=logged,
-                layout=self.layout,
-            )
-        except BaseException:
-            manager.storage.unlock()
-            raise
+        # The manager holds the directory's writer lock from this write to the commit
+        # only: Keras has no hook for a fit that dies of an exception, and a lock kept
+        # past it would refuse the next fit in the same process (a notebook's retry).
+        staged = manager.stage_file(
+            name,
+            files.writer(self.model, self.layout),
+            step=step,
+            epoch=epoch + 1,
+            metrics=logged,
+            layout=self.layout,
+        )
 
         def commit() -> None:
-            try:
-                finish()
-            finally:
-                manager.storage.unlock()
+            staged.commit()
             self.policy.accept(decision.value)  # committed: now it is the best on disk
             if self.verbose > 0:
                 # Said once the file is committed, never for a commit that failed. The

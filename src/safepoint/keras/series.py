@@ -23,9 +23,8 @@ from safepoint.catalog.index import UNREADABLE
 from safepoint.checkpoint import Checkpoint
 from safepoint.errors import CheckpointNotFoundError, CorruptCheckpointError, SafepointError
 from safepoint.manager import CheckpointManager
-from safepoint.ondisk.embedded import KEY as SINGLE_FILE
+from safepoint.ondisk.container import container_of
 from safepoint.ondisk.manifest import NAME as MANIFEST
-from safepoint.storage import runlog
 
 log = logging.getLogger("safepoint")
 
@@ -45,7 +44,7 @@ def _holds_a_backup(manager: CheckpointManager, name: str) -> bool:
     except (OSError, SafepointError):
         return False
     tree = found.tree
-    return SINGLE_FILE not in found.extra and isinstance(tree, dict) and set(tree) >= KEYS
+    return container_of(found) == "directory" and isinstance(tree, dict) and set(tree) >= KEYS
 
 
 def own(manager: CheckpointManager) -> list[Checkpoint]:
@@ -108,29 +107,16 @@ def restore(manager: CheckpointManager) -> tuple[Checkpoint | None, list[str]]:
 
 
 def _remove(manager: CheckpointManager, ckpt: Checkpoint, reason: str) -> None:
-    manager.storage.remove(ckpt.name)
-    manager.catalog.forget(ckpt.name)
-    try:  # best effort: the log is informational
-        runlog.record(
-            manager.storage,
-            "delete",
-            name=ckpt.name,
-            seq=ckpt.seq,
-            step=ckpt.step,
-            metrics=ckpt.metrics,
-            reason=reason,
-        )
-    except SafepointError as exc:
-        log.warning("safepoint: could not write the run log (delete): %s", exc)
+    manager.delete(ckpt.name, reason=reason)
 
 
 def prune(manager: CheckpointManager) -> None:
-    """Delete all but the ``KEEP`` newest backups (the caller holds the writer lock)."""
+    """Delete all but the ``KEEP`` newest backups."""
     for ckpt in own(manager)[:-KEEP]:
         _remove(manager, ckpt, "retention")
 
 
 def delete_all(manager: CheckpointManager) -> None:
-    """Delete every backup of this callback (the caller holds the writer lock)."""
+    """Delete every backup of this callback."""
     for ckpt in own(manager):
         _remove(manager, ckpt, "delete_checkpoint")

@@ -1,5 +1,22 @@
 """Names inside a checkpoint root: which are safe, which are safepoint's own.
 
+Every name safepoint reserves is listed here, and only here:
+
+* ``safepoint-log.jsonl`` (:data:`LOG_NAME`): the run log, in the root;
+* ``manifest.json`` (:data:`MANIFEST_NAME`): a checkpoint directory's commit record,
+  and ``model-NNNNN.safetensors`` / ``.h5`` (:data:`PAYLOAD_RE`) its payload files;
+* ``.sp.tmp-<16 hex>`` (:data:`STAGE_RE`): a staging entry; a single file is written
+  in it as ``checkpoint<suffix>`` (:data:`STAGED_FILE_STEM`);
+* ``.trash-sp-<16 hex>`` (:data:`TRASH_RE`): a checkpoint on its way out (or kept
+  aside during a re-save), held as :data:`TRASH_ENTRY` inside it;
+* ``.safepoint-marker`` (:data:`MARKER`): what marks those two kinds of entry as ours;
+* names earlier versions used and cleanup still recognises: ``<name>.tmp-<hex>``
+  (:data:`OLD_STAGE_RE`), ``.trash-<name>-<hex>`` (:data:`OLD_TRASH_RE`) and
+  ``.sp.tmp-<8 hex><suffix>`` staged files (:data:`OLD_STAGED_FILE_RE`).
+
+Any name containing ``.tmp-`` (:data:`TMP_MARK`), starting with ``.`` or equal to the
+log's is refused as a checkpoint name (:func:`component_problem`).
+
 A checkpoint name, a payload file name and every component of a path read from a
 manifest must be a plain single component: no separator, NUL, ``..``, hidden prefix
 or staging mark. These checks run before any I/O, so a hostile manifest cannot make
@@ -24,9 +41,14 @@ TRASH_SP_PREFIX = f"{TRASH_PREFIX}sp-"
 MARKER = ".safepoint-marker"
 STAGE_RE = re.compile(r"^\.sp\.tmp-[0-9a-f]{16}$")
 TRASH_RE = re.compile(r"^\.trash-sp-[0-9a-f]{16}$")
+MANIFEST_NAME = "manifest.json"
+PAYLOAD_RE = re.compile(r"^model-\d{5}\.(safetensors|h5)$")
+STAGED_FILE_STEM = "checkpoint"
+TRASH_ENTRY = "entry"
 #: Names earlier versions derived from the checkpoint name (still cleaned up, carefully).
 OLD_STAGE_RE = re.compile(r"^(?P<name>.+)\.tmp-[0-9a-f]{4,8}$", re.DOTALL)
 OLD_TRASH_RE = re.compile(r"^\.trash-(?P<name>.+)-[0-9a-f]{4,8}$", re.DOTALL)
+OLD_STAGED_FILE_RE = re.compile(r"^\.sp\.tmp-[0-9a-f]{8}(\.keras|\.weights\.h5|\.hdf5|\.h5)$")
 
 
 def check_name(name: str, *, what: str = "name") -> str:

@@ -21,18 +21,21 @@ import errno
 import json
 import logging
 import os
-import re
 import secrets
 import shutil
 import stat
 from typing import Any
 
 from safepoint.ondisk.names import (
+    MANIFEST_NAME,
     MARKER,
     OLD_STAGE_RE,
+    OLD_STAGED_FILE_RE,
     OLD_TRASH_RE,
+    PAYLOAD_RE,
     STAGE_PREFIX,
     STAGE_RE,
+    TRASH_ENTRY,
     TRASH_RE,
     TRASH_SP_PREFIX,
     component_problem,
@@ -43,11 +46,8 @@ from safepoint.storage.files import _write_all
 log = logging.getLogger("safepoint")
 
 #: Inside a trash entry, the checkpoint (directory or file) it holds.
-ENTRY = "entry"
+ENTRY = TRASH_ENTRY
 _MARKER_MAX = 64 << 10
-MANIFEST_NAME = "manifest.json"  # safepoint.ondisk.manifest.NAME (that module imports storage)
-_PAYLOAD = re.compile(r"^model-\d{5}\.(safetensors|h5)$")
-_OLD_SINGLE = re.compile(r"^\.sp\.tmp-[0-9a-f]{8}(\.keras|\.weights\.h5|\.hdf5|\.h5)$")
 
 
 def _write_marker(path: str, fields: dict[str, Any], *, durable: bool) -> None:
@@ -200,7 +200,7 @@ def _only_ours(path: str) -> bool:
             for n, item in enumerate(it):
                 if n > 100_000 or not item.is_file(follow_symlinks=False):
                     return False
-                if item.name not in (MANIFEST_NAME, MARKER) and not _PAYLOAD.match(item.name):
+                if item.name not in (MANIFEST_NAME, MARKER) and not PAYLOAD_RE.match(item.name):
                     return False
     except OSError:
         return False
@@ -334,7 +334,7 @@ def _clean_one(root: str, entry: str, path: str, info: os.stat_result) -> bool:
             _leave(entry, "a staging-like directory holding files safepoint does not write")
             return False
         return remove_entry(path)
-    if _OLD_SINGLE.match(entry):
+    if OLD_STAGED_FILE_RE.match(entry):
         # Staged by a killed writer of an earlier version, maybe half written (so no
         # content to recognise): a hidden name with a random part only safepoint made.
         if stat.S_ISREG(info.st_mode):

@@ -5,20 +5,9 @@ File-level I/O lives in :mod:`safepoint.storage.files`, name checks in
 
 Every byte safepoint reads or writes passes through a :class:`Storage`, so tests can
 inject faults at each stage of a save and object stores can plug in later. The local
-backend implements the commit protocol of the design (principle 1):
-
-1. stage: ``mkdir ROOT/.sp.tmp-<random>`` inside the root (never ``$TMPDIR``: a
-   rename across file systems is not atomic), marked as safepoint's
-   (:mod:`safepoint.storage.leftovers`; the name has a fixed length, so any checkpoint name fits);
-2. write each payload file, ``fsync`` it, close it; write ``manifest.json`` last and
-   ``fsync`` it (the manifest is the commit record);
-3. ``fsync`` the staging directory so its entries are durable;
-4. commit: ``rename`` the staging directory to its final name (or atomically swap
-   it with a committed one of the same name), then ``fsync`` the root so the rename
-   itself survives a power loss.
-
-An error at any stage fails the save and is never retried into a commit: after a
-failed ``fsync`` the kernel may have dropped the dirty pages, so the bytes are gone.
+backend's ``stage``/``commit``/``discard`` are the commit transaction of
+:mod:`safepoint.storage.commit` (its docstring gives the call order and what each
+failure leaves on disk), the same one single framework files go through.
 
 Readers never follow a symbolic link below the root (``O_NOFOLLOW`` on every path
 component) and never accept a path with ``..``, ``/`` or NUL in a component.
@@ -28,7 +17,6 @@ component) and never accept a path with ``..``, ``/`` or NUL in a component.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
@@ -42,13 +30,13 @@ from typing import BinaryIO
 from safepoint.errors import CorruptCheckpointError, StorageError
 from safepoint.ondisk.names import LOG_NAME, TMP_MARK, TRASH_PREFIX, check_name, component_problem  # noqa: F401
 from safepoint.ondisk.names import split as _split
+from safepoint.storage import commit as transaction
 from safepoint.storage import held as heldview
 from safepoint.storage import leftovers, rootlock
 
 # translate_read, LOG_NAME, check_name...: re-exported for the formats, catalog, adapters.
 from safepoint.storage.files import (
     LocalWriter,
-    _exchange,
     _write_all,
     append_line,
     read_tail,
@@ -252,10 +240,7 @@ class LocalStorage:
             os.makedirs(self.root, exist_ok=True)
 
     def stage(self, name: str) -> str:
-        self._ensure_root()
-        with translate("stage", self.describe(name)):
-            self._fault("stage", name)
-            return leftovers.make_stage(self.root, name)
+        return transaction.stage(self.root, name, self._fault)
 
     def open_write(self, relpath: str) -> Writer:
         with translate("open", self.describe(relpath)):
@@ -294,60 +279,12 @@ class LocalStorage:
         return rootlock.next_seq(self._held, listed)
 
     def commit(self, staged: str, name: str) -> None:
-        # The staging directory's own entries must be durable before it becomes visible
-        # under its final name; then the root's entry for the rename.
+        """Commit staging directory ``staged`` as ``name`` (:mod:`safepoint.storage.commit`)."""
         with self.serial():
-            with translate("rename", self.describe(staged)):
-                leftovers.unmark_stage(self.root, staged)
-            self._fsync_dir(staged, "dir-fsync")
-            self._swap_in(staged, name)
-        rootlock.unmark_live(self.root, staged)
-
-    def _swap_in(self, staged: str, name: str) -> None:
-        replaced: str | None = None  # the entry holding the checkpoint this one replaces
-        src, dst = os.path.join(self.root, staged), os.path.join(self.root, name)
-        with translate("rename", self.describe(name)):
-            self._fault("rename", name)
-            if os.path.lexists(dst):
-                # Same name committed before (a resumed run saving the same step again):
-                # swap atomically, so a crash leaves one complete checkpoint under that name.
-                if _exchange(self.root, staged, name):
-                    replaced = staged
-                else:
-                    # Two renames: a kill between them leaves the name missing and the old
-                    # checkpoint in a marked trash entry, which the next writer puts back.
-                    replaced = leftovers.make_trash(self.root, name, op="replace")
-                    kept = os.path.join(self.root, replaced, leftovers.ENTRY)
-                    os.rename(dst, kept)
-                    try:
-                        os.rename(src, dst)
-                    except OSError:
-                        os.rename(kept, dst)  # put the old one back
-                        leftovers.remove_entry(os.path.join(self.root, replaced))
-                        raise
-            else:
-                os.rename(src, dst)
-        try:
-            self._fsync_dir("", "dir-fsync")
-        except StorageError:
-            # The rename may not be durable: undo it rather than let a save that raised
-            # leave a checkpoint that could vanish on power loss. A replaced checkpoint goes
-            # back under its name (the new one out of the listing, discarded by the caller).
-            with contextlib.suppress(OSError):
-                if replaced == staged:
-                    _exchange(self.root, staged, name)
-                else:
-                    os.rename(dst, src)
-                    if replaced is not None:
-                        os.rename(os.path.join(self.root, replaced, leftovers.ENTRY), dst)
-                        self.discard(replaced)
-            raise
-        if replaced is not None:  # the old checkpoint, now out of the listing
-            self.discard(replaced)
+            transaction.commit(self.root, staged, name, "directory", self._fault)
 
     def discard(self, staged: str) -> None:
-        leftovers.remove_entry(os.path.join(self.root, staged))
-        rootlock.unmark_live(self.root, staged)
+        transaction.discard(self.root, staged)
 
     def remove(self, name: str) -> None:
         """Delete a committed checkpoint: move it into a marked trash entry, then remove.

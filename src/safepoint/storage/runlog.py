@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any
 
-from safepoint.errors import StorageError
+from safepoint.errors import SafepointError, StorageError
 from safepoint.state.tree import encode_float
 from safepoint.storage.local import Storage
 
@@ -40,6 +40,23 @@ def _clean(value: Any) -> Any:
 def record(storage: Storage, event: str, **fields: Any) -> None:
     line = {"event": event, "time": round(time.time(), 6), **_clean(fields)}
     storage.append_log(json.dumps(line, allow_nan=False, sort_keys=True))
+
+
+def note(storage: Storage, event: str, **fields: Any) -> bool:
+    """Append a record, best effort; False (and a warning) when it could not be written.
+
+    The one writer of save and deletion records: the log is informational, and a
+    committed checkpoint must never be reported as failed because its line was not
+    written.
+    """
+    try:
+        record(storage, event, **fields)
+    except SafepointError as exc:
+        logging.getLogger("safepoint").warning(
+            "safepoint: could not write the run log (%s): %s", event, exc
+        )
+        return False
+    return True
 
 
 def read(storage: Storage) -> list[dict[str, Any]]:
