@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from safepoint import formats, options
+from safepoint import formats
 from safepoint.catalog.directory import write_checkpoint
 from safepoint.catalog.index import Catalog
 from safepoint.catalog.series import (
@@ -33,22 +33,23 @@ from safepoint.errors import (
     CheckpointNotFoundError,
     ConfigError,
 )
-from safepoint.file_saving import FileSaving
 from safepoint.formats import shards
-from safepoint.history import History
+from safepoint.manager import options
+from safepoint.manager.file_saving import FileSaving
+from safepoint.manager.history import History
+from safepoint.manager.options import int_arg, metrics_arg
+from safepoint.manager.pruning import Pruner
+from safepoint.manager.writer_lock import WriterLock
 from safepoint.monitor import metric_value, resolve_mode
 from safepoint.ondisk.manifest import Manifest, now
 from safepoint.ondisk.template import NameTemplate, bounded
-from safepoint.options import int_arg, metrics_arg
 from safepoint.preemption import DEFAULT_SIGNALS, SaveOnSignal
-from safepoint.pruning import Pruner
 from safepoint.retention import Keep, rank_best
 from safepoint.state.loading import restore_into
 from safepoint.state.tree import TensorLeaf, flatten
 from safepoint.storage.local import Storage
 from safepoint.storage.staging import Staging
 from safepoint.storage.worker import SaveWorker
-from safepoint.writer_lock import WriterLock
 
 if TYPE_CHECKING:
     import numpy as np

@@ -16,11 +16,11 @@ from safepoint.catalog import singlefile
 from safepoint.catalog.index import Catalog
 from safepoint.checkpoint import Checkpoint
 from safepoint.errors import ConfigError
-from safepoint.history import History
-from safepoint.options import int_arg, metrics_arg
-from safepoint.staged_file import StagedFile
+from safepoint.manager.history import History
+from safepoint.manager.options import int_arg, metrics_arg
+from safepoint.manager.staged_file import StagedFile
+from safepoint.manager.writer_lock import WriterLock
 from safepoint.storage.protocol import Storage
-from safepoint.writer_lock import WriterLock
 
 
 class FileSaving:

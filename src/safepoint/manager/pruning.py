@@ -11,7 +11,7 @@ from __future__ import annotations
 from safepoint.catalog.index import Catalog
 from safepoint.catalog.series import member, serial
 from safepoint.checkpoint import Checkpoint
-from safepoint.history import History
+from safepoint.manager.history import History
 from safepoint.ondisk.template import NameTemplate
 from safepoint.retention import Keep
 
