@@ -130,3 +130,45 @@ def test_retention_failure_message_says_the_new_checkpoint_is_committed(tmp_path
         mgr.save({"x": 2}, step=2)
     assert exc.value.stage == "retention"
     assert mgr.latest().step == 2
+
+
+def test_every_module_states_its_interface() -> None:
+    """Internal modules declare ``__all__`` (or are private), so that an internal like
+    the payload writer's chunk pool does not look as public as ``safepoint.load``.
+
+    Read from the source, not imported: the adapters' frameworks need not be loaded.
+    """
+    import ast
+    from pathlib import Path
+
+    package = Path(safepoint.__file__).parent
+    missing, stale = [], []
+    for path in sorted(package.rglob("*.py")):
+        if path.name.startswith("_") and path.name != "__init__.py":
+            continue
+        tree = ast.parse(path.read_text())
+        defined: set[str] = set()
+        declared: list[str] | None = None
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                defined.add(node.name)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                defined.update((a.asname or a.name).split(".")[0] for a in node.names)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for target in targets:
+                    if isinstance(target, ast.Name):
+                        defined.add(target.id)
+                        if target.id == "__all__" and node.value is not None:
+                            declared = list(ast.literal_eval(node.value))
+        where = str(path.relative_to(package))
+        if declared is None:
+            if path.read_text().strip():
+                missing.append(where)
+            continue
+        stale += [f"{where}:{name}" for name in declared if name not in defined]
+        stale += [
+            f"{where}:{name}" for name in declared if name.startswith("_") and name != "__version__"
+        ]
+    assert not missing, f"modules without __all__: {missing}"
+    assert not stale, f"__all__ names that are missing or private: {stale}"

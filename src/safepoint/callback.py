@@ -291,3 +291,6 @@ class ModelCheckpoint:
         if value is not None:
             self.manager.wait()
             self.policy.accept(value)
+
+
+__all__ = ["ModelCheckpoint", "State"]

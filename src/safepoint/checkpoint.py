@@ -34,3 +34,6 @@ class Verification:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+__all__ = ["Checkpoint", "Verification"]

@@ -86,3 +86,6 @@ def is_better(value: float, best: float | None, mode: str) -> bool:
     if best is None:
         return True
     return value < best if mode == "min" else value > best
+
+
+__all__ = ["MODES", "is_better", "metric_value", "resolve_mode"]

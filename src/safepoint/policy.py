@@ -169,3 +169,6 @@ def _shown(raw: Any) -> str:
     except (TypeError, ValueError):
         return str(raw)
     return str(value) if math.isnan(value) else f"{value:.5f}"
+
+
+__all__ = ["Decision", "SavePolicy", "check_save_freq"]

@@ -299,3 +299,6 @@ class SaveOnSignal:
         else:
             os.write(2, (text + "\n").encode())
         raise SystemExit(code)
+
+
+__all__ = ["DEFAULT_SIGNALS", "SaveOnSignal", "Saver", "active", "record_save"]

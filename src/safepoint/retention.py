@@ -73,3 +73,6 @@ def rank_best(
     sign = 1.0 if mode == "min" else -1.0
     valid.sort(key=lambda vc: (sign * vc[0], vc[1].seq))
     return [c for _, c in valid]
+
+
+__all__ = ["Keep", "rank_best"]

@@ -53,3 +53,6 @@ def write_checkpoint(
         storage.discard(staged)
         raise
     return manifest
+
+
+__all__ = ["write_checkpoint"]

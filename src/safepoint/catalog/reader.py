@@ -326,3 +326,14 @@ def load(path: str | os.PathLike[str], *, as_numpy: bool = True, mmap: bool = Fa
     if not stat.S_ISDIR(mode):  # a link (never followed, as in a root), a FIFO...
         raise held.refusal(storage.root, name)
     return read_checkpoint(storage, name, as_numpy=as_numpy, lazy=mmap)[1]
+
+
+__all__ = [
+    "load",
+    "read_checkpoint",
+    "read_manifest",
+    "read_raw",
+    "read_state",
+    "refuse_pickle",
+    "verify",
+]

@@ -108,3 +108,6 @@ def refuse_checkpoint_root(root: str) -> None:
         f"checkpoints. Received: root={root!r}. Pass its parent folder, {parent!r}, and "
         f"restore(checkpoint={os.path.basename(os.path.abspath(root))!r}) to load this one."
     )
+
+
+__all__ = ["check_monitor", "member", "next_seq", "refuse_checkpoint_root", "serial"]

@@ -261,3 +261,20 @@ def body(
             **({} if series is None else {"series": series}),
         },
     )
+
+
+__all__ = [
+    "SUFFIXES",
+    "body",
+    "container",
+    "discard",
+    "finish",
+    "is_single_file",
+    "manifest_bytes",
+    "read_checkpoint",
+    "read_manifest",
+    "read_state",
+    "stage",
+    "suffix",
+    "verify",
+]

@@ -314,3 +314,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+__all__ = [
+    "Result",
+    "cmd_convert",
+    "cmd_demo",
+    "cmd_diff",
+    "cmd_gc",
+    "cmd_log",
+    "cmd_plot",
+    "cmd_verify",
+    "main",
+    "parser",
+]

@@ -88,3 +88,6 @@ def convert(src: str, dst: str, *, to: str) -> str:
 
 def _dtype(entry: dict[str, Any]) -> dtypes.DType:
     return dtypes.BY_NAME[str(entry["dtype"])]
+
+
+__all__ = ["convert"]

@@ -291,3 +291,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "seed's pima-indians-diabetes.csv) instead of the breast-cancer data",
     )
     parser.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
+
+
+__all__ = [
+    "BATCH",
+    "add_arguments",
+    "build",
+    "evaluate",
+    "fingerprint",
+    "load_data",
+    "make_loader",
+    "new_state",
+    "reference_run",
+    "run",
+    "train_epoch",
+]

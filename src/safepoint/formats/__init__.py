@@ -168,3 +168,15 @@ def expect(cond: bool, file: str, why: str, *, expected: Any = None, actual: Any
             expected=expected,
             actual=actual,
         )
+
+
+__all__ = [
+    "SHARD_BYTES",
+    "Files",
+    "Locations",
+    "PayloadFormat",
+    "expect",
+    "get",
+    "materialize",
+    "shards",
+]

@@ -168,3 +168,6 @@ def _read_dataset(h5: Any, relpath: str, entry: dict[str, Any]) -> np.ndarray:
     if nbytes:
         dset.read_direct(buf.view(np_dtype).reshape(shape))
     return buf
+
+
+__all__ = ["HDF5Format"]

@@ -330,3 +330,6 @@ def _changed(what: str, expected: int, actual: int) -> ConfigError:
         f"{expected}. Received: a tensor resized or replaced during save(). Do not modify the "
         "state from another thread until save() returns."
     )
+
+
+__all__ = ["MAX_HEADER", "SafetensorsFormat", "header_bytes", "parse_header"]

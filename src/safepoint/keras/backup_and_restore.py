@@ -352,3 +352,6 @@ class BackupAndRestore(keras.callbacks.Callback):
             # and a retry in the same process must be able to take the lock again.
             self._manager.release_lock()
         return saved
+
+
+__all__ = ["BackupAndRestore"]

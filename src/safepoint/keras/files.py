@@ -78,3 +78,6 @@ def writer(model: Any, layout: str) -> Callable[[str], None]:
                 legacy_h5_format.save_weights_to_hdf5_group(h5, model)
 
     return write_legacy
+
+
+__all__ = ["KERAS", "LEGACY_MODEL", "LEGACY_WEIGHTS", "WEIGHTS", "layout_for", "writer"]

@@ -334,3 +334,6 @@ class ModelCheckpoint(keras.callbacks.Callback):
             )
             self._manager = manager
         return self._manager
+
+
+__all__ = ["ModelCheckpoint"]

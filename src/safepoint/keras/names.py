@@ -77,3 +77,6 @@ def notice(names: list[str]) -> str:
         "for them (messages and file names keep your spelling). Rename them in your code "
         "to silence this notice."
     )
+
+
+__all__ = ["ALIASES", "aliased", "aliased_in", "canonical", "key", "notice", "numeric"]

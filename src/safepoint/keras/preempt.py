@@ -115,3 +115,6 @@ def install(
         )
         return None
     return FitGuard(manager, save, running, signals)
+
+
+__all__ = ["DEFAULT_SIGNALS", "FitGuard", "check_signals", "install"]

@@ -120,3 +120,6 @@ def delete_all(manager: CheckpointManager) -> None:
     """Delete every backup of this callback."""
     for ckpt in own(manager):
         _remove(manager, ckpt, "delete_checkpoint")
+
+
+__all__ = ["KEEP", "KEYS", "NAME", "PATTERN", "delete_all", "own", "prune", "restore"]

@@ -149,3 +149,15 @@ def load_callback_states(callbacks: Sequence[Any], saved: dict[str, Any]) -> lis
                 value = [np.asarray(v) for v in value]
             setattr(cb, attr, value)
     return sorted(unmatched)
+
+
+__all__ = [
+    "assign",
+    "callback_key",
+    "callback_states",
+    "check",
+    "global_seed_variables",
+    "load_callback_states",
+    "optimizer_variables",
+    "values",
+]

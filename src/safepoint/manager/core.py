@@ -398,3 +398,6 @@ class CheckpointManager(FileSaving):
             grace_period=grace_period,
             exit_code=exit_code,
         )
+
+
+__all__ = ["CheckpointManager"]

@@ -79,3 +79,6 @@ def hash_stream(f: Any, size: int, *, file: str) -> str:
     if f.read(1):
         raise CorruptCheckpointError(f"{file} is longer than its manifest says.", file=file)
     return hasher.hexdigest()
+
+
+__all__ = ["ALGORITHM", "Hasher", "check", "check_size", "digest_bytes", "hash_stream"]

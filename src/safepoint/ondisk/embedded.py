@@ -396,3 +396,18 @@ def arrays(f: BinaryIO, name: str, record: dict[str, Any]) -> dict[str, Any]:
     data = kept[WEIGHTS_ENTRY]  # the bytes whose size and checksum were verified
     with _open_h5(io.BytesIO(data), name) as h5:
         return h5tree.arrays(h5, name, len(data))
+
+
+__all__ = [
+    "ATTR",
+    "KEY",
+    "WEIGHTS_ENTRY",
+    "ZIP_ENTRY",
+    "arrays",
+    "check",
+    "check_record",
+    "manifest_bytes",
+    "read_h5_manifest",
+    "seal",
+    "unsealed",
+]

@@ -358,3 +358,21 @@ def _check_tensor(key: Any, entry: Any, files: dict[str, Any], where: str) -> No
 
 def tensor_nbytes(entry: dict[str, Any]) -> int:
     return math.prod(entry["shape"]) * dtypes.BY_NAME[entry["dtype"]].itemsize
+
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "LIBS",
+    "MAX_BYTES",
+    "MAX_DIMS",
+    "MAX_PARSE_COST",
+    "NAME",
+    "PAYLOADS",
+    "Manifest",
+    "no_duplicates",
+    "now",
+    "parse",
+    "parse_cost",
+    "tensor_nbytes",
+]

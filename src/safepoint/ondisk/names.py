@@ -94,3 +94,25 @@ def split(relpath: str) -> list[str]:
                 file=relpath,
             )
     return parts
+
+
+__all__ = [
+    "LOG_NAME",
+    "MANIFEST_NAME",
+    "MARKER",
+    "OLD_STAGED_FILE_RE",
+    "OLD_STAGE_RE",
+    "OLD_TRASH_RE",
+    "PAYLOAD_RE",
+    "STAGED_FILE_STEM",
+    "STAGE_PREFIX",
+    "STAGE_RE",
+    "TMP_MARK",
+    "TRASH_ENTRY",
+    "TRASH_PREFIX",
+    "TRASH_RE",
+    "TRASH_SP_PREFIX",
+    "check_name",
+    "component_problem",
+    "split",
+]

@@ -110,3 +110,6 @@ def bounded(what: str, value: int | None) -> int | None:
             "(a counter of optimizer steps or epochs)."
         )
     return value
+
+
+__all__ = ["MAX_COUNTER", "NameTemplate", "bounded"]

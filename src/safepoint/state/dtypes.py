@@ -122,3 +122,15 @@ def payload_layout(
     if dt.itemsize == 1 and dt.name != "bool":
         return RAW, shape
     return RAW, (*shape, dt.itemsize)
+
+
+__all__ = [
+    "BY_NAME",
+    "BY_SAFETENSORS",
+    "RAW",
+    "DType",
+    "from_numpy",
+    "from_torch",
+    "lookup",
+    "payload_layout",
+]

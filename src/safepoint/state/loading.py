@@ -362,3 +362,6 @@ def restore_into(target: Any, loaded: Any, *, strict: bool = True) -> Any:
             stacklevel=3,
         )
     return _load(target, loaded, "", strict, [], problems.skip)
+
+
+__all__ = ["restore_into"]

@@ -150,3 +150,6 @@ def decode(node: Any) -> dict[str, Any]:
             raise MetricsError(f"duplicate metric {pair[0]!r:.80}")
         out[pair[0]] = _decode_value(pair[0], pair[1])
     return out
+
+
+__all__ = ["MetricsError", "clean_value", "decode", "encode", "is_numeric"]

@@ -71,3 +71,6 @@ class RNGState:
         torch.set_rng_state(state["torch"])
         if "torch_cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["torch_cuda"])
+
+
+__all__ = ["RNGState"]

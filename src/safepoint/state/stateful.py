@@ -100,3 +100,5 @@ class NumpyRandomStateState:
 
 register(np.random.Generator, NumpyGeneratorState)
 register(np.random.RandomState, NumpyRandomStateState)
+
+__all__ = ["NumpyGeneratorState", "NumpyRandomStateState", "Stateful", "register", "view"]

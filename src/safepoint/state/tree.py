@@ -365,3 +365,17 @@ def tensor_refs(tree: Any) -> list[str]:
             else:
                 stack.extend(reversed(list(node.values())))
     return refs
+
+
+__all__ = [
+    "MAX_DEPTH",
+    "SavedState",
+    "TensorLeaf",
+    "as_bytes",
+    "encode_float",
+    "flatten",
+    "is_stateful",
+    "is_torch_tensor",
+    "tensor_refs",
+    "unflatten",
+]

@@ -263,3 +263,6 @@ def read_tail(path: str, limit: int) -> bytes:
     if start:
         data = data[data.find(b"\n") + 1 :] if b"\n" in data else b""
     return data
+
+
+__all__ = ["ALIGN", "LocalWriter", "append_line", "read_tail", "translate", "translate_read"]

@@ -389,3 +389,6 @@ class LocalStorage:
         if held is not None:
             self._release.detach()
             rootlock.release(held)
+
+
+__all__ = ["FAULT_STAGES", "LOG_READ_MAX", "FaultHook", "LocalStorage"]

@@ -84,7 +84,7 @@ class _Pool:
                 free.append(chunk)
 
 
-POOL = _Pool()
+_POOL = _Pool()
 
 
 class PayloadStream:
@@ -122,7 +122,7 @@ class PayloadStream:
     # -- direct ------------------------------------------------------------------------
     def _start(self) -> None:
         for _ in range(DEPTH):
-            chunk = POOL.take(self._chunk_size)
+            chunk = _POOL.take(self._chunk_size)
             self._owned.append(chunk)
             self._free.put(chunk)
         self._thread = threading.Thread(target=self._io, name="safepoint-write", daemon=True)
@@ -212,7 +212,7 @@ class PayloadStream:
             self._thread.join()
             self._thread = None
             for chunk in self._owned:
-                POOL.give(chunk)
+                _POOL.give(chunk)
             self._owned = []
 
     def close(self) -> tuple[int, str]:
@@ -237,3 +237,14 @@ class PayloadStream:
             self._error = self._error or RuntimeError("aborted")
             self._drain()
         self._sink.abort()
+
+
+__all__ = [
+    "DEPTH",
+    "MAX_CHUNK",
+    "MIN_CHUNK",
+    "PASS_CHUNK",
+    "PayloadStream",
+    "aligned",
+    "chunk_size",
+]

@@ -141,3 +141,5 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+__all__ = ["Root", "acquire", "is_live", "mark_live", "next_seq", "release", "unmark_live"]

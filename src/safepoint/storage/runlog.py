@@ -151,3 +151,6 @@ class SkipSummary:
             self._key = None
         if pending is not None:
             record(self.storage, "skip", **pending)
+
+
+__all__ = ["SkipSummary", "note", "read", "record"]

@@ -254,3 +254,6 @@ def _wait_for_devices(devices: list[object]) -> None:
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(dev))  # type: ignore[arg-type]
         event.synchronize()
+
+
+__all__ = ["Snapshot", "Staging", "default_cap", "image_layout", "layout"]

@@ -81,3 +81,6 @@ class SaveWorker:
 def _report_all() -> None:
     for worker in list(_LIVE):
         worker.report()
+
+
+__all__ = ["SaveWorker"]

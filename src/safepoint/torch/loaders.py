@@ -100,3 +100,6 @@ def register() -> None:
     except ImportError:
         return
     stateful.register(StatefulDataLoader, StatefulLoaderState, over_protocol=True)
+
+
+__all__ = ["StatefulLoaderState", "register", "warn_if_position_lost"]

@@ -303,3 +303,6 @@ class ResumableSampler(Sampler[int]):
         self._epoch, self._position = epoch, position
         rewind = state.get("torch_rng")
         self._rewind = None if rewind is None else _as_byte_tensor(rewind).clone()
+
+
+__all__ = ["ResumableSampler"]
