@@ -1,7 +1,4 @@
-"""The manager accepts an S3Storage as its root: saves, retention and the run log on a bucket.
-
-(Restoring needs the formats to stop calling ``fileno()``: issue 11's storage seam.)
-"""
+"""The manager on a bucket: saves, retention, the run log, restore and verify."""
 
 from __future__ import annotations
 
@@ -33,6 +30,36 @@ def test_saves_and_retention_through_the_manager(s3_server, s3_root):
     assert [e["step"] for e in events if e["event"] == "save"] == [1, 2, 3, 4]
     mgr.close()
     assert ".sp-lease.json" not in {m["path"] for m in storage.client.list_all("")}  # released
+
+
+def test_an_s3_url_root_round_trips_every_kind_of_leaf_bit_exact(s3_server, s3_root):
+    rng = np.random.default_rng(7)
+    state = {
+        "f32": rng.standard_normal((300, 17)).astype(np.float32),
+        "i64": rng.integers(-(2**62), 2**62, size=33, dtype=np.int64),
+        "u8": rng.integers(0, 255, size=40_000, dtype=np.uint8),
+        "empty": np.zeros((0, 4), dtype=np.float16),
+        "meta": {"text": "ünï $x", "huge": 2**70, "nan": float("nan")},
+    }
+    mgr = safepoint.CheckpointManager(
+        s3_root,
+        storage_options=s3_server.options,
+        monitor="loss",
+        keep=safepoint.Keep(last=1, best=1),
+    )
+    mgr.save(state, step=1, metrics={"loss": 0.1})
+    mgr.save({**state, "u8": state["u8"][::-1].copy()}, step=2, metrics={"loss": 0.5})
+    assert [c.step for c in mgr.checkpoints()] == [1, 2]  # the best and the newest
+    assert all(v.ok for v in mgr.verify())
+    best = mgr.restore(checkpoint="best")
+    latest = mgr.restore()
+    mgr.close()
+    assert best is not None and latest is not None and latest.step == 2
+    for key in ("f32", "i64", "u8", "empty"):
+        got = best.state[key]
+        assert got.dtype == state[key].dtype and got.tobytes() == state[key].tobytes(), key
+    assert latest.state["u8"].tobytes() == state["u8"][::-1].tobytes()
+    assert best.state["meta"]["huge"] == 2**70 and best.state["meta"]["text"] == "ünï $x"
 
 
 def test_network_errors_are_retried_with_a_bound_then_reported(s3_server, s3_root, monkeypatch):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from safepoint import formats
@@ -77,8 +77,9 @@ class CheckpointManager(FileSaving):
         async_save: bool = False,
         max_staging_bytes: int | None = None,
         shard_bytes: int = formats.SHARD_BYTES,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
-        self.storage: Storage = options.storage_for(root)
+        self.storage: Storage = options.storage_for(root, storage_options)
         self.template = NameTemplate(name)
         #: Retention only ever considers checkpoints of this series (recorded in each
         #: manifest); listing, ``latest`` and ``restore`` see the whole root.

@@ -53,15 +53,26 @@ def metrics_arg(metrics: Any) -> dict[str, Any]:
     return out
 
 
-def storage_for(root: Any) -> Storage:
-    """The storage of ``root``: a local directory for a path, or the given ``Storage``."""
+def storage_for(root: Any, storage_options: Mapping[str, Any] | None = None) -> Storage:
+    """The storage of ``root``: a local directory for a path, an S3 bucket for an
+    ``s3://BUCKET/PREFIX`` URL (``storage_options`` or the ``AWS_*`` variables configure
+    it), or the given ``Storage``."""
     if isinstance(root, str | os.PathLike):
-        text = os.fspath(root)
-        if "://" in str(text):
+        text = str(os.fspath(root))
+        if text.startswith("s3://"):
+            from safepoint.storage.s3 import open_root  # obstore loads only for S3 roots
+
+            return open_root(text, storage_options)
+        if "://" in text:
             raise ConfigError(
-                f"URL roots need an object-store backend, which this version does not "
-                f"include yet. Expected a local path. Received: root={text!r}. Use a local "
-                "or network-mounted directory."
+                "Unsupported URL scheme for a checkpoint root. Expected a local path or "
+                f"s3://BUCKET/PREFIX. Received: root={text!r}. Use a local or network-mounted "
+                "directory, or an S3-compatible bucket."
+            )
+        if storage_options is not None:
+            raise ConfigError(
+                "storage_options configure object-store roots only. Expected an s3:// root "
+                f"with them. Received: root={text!r}. Drop storage_options for a local path."
             )
         refuse_checkpoint_root(text)
         return LocalStorage(text)

@@ -216,9 +216,6 @@ class S3Storage:
         except FileNotFoundError:
             return False
 
-    def local_path(self, relpath: str) -> str | None:
-        return None  # no local fast path (mmap, O_DIRECT) on an object store
-
     # -- writing -------------------------------------------------------------------------
     def stage(self, name: str) -> str:
         check_name(name)
