@@ -24,6 +24,9 @@ from safepoint import cli
 from safepoint.catalog import reader
 from safepoint.storage.local import LocalStorage
 
+# Real concurrency (a child process re-saving while readers read): the e2e set.
+pytestmark = pytest.mark.e2e
+
 SECONDS = 2.5
 N = 8192  # int64s per tensor: two payload files of 64 KiB each
 

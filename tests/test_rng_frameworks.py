@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# Child processes that load torch (or must not): the e2e set.
+pytestmark = pytest.mark.e2e
+
 SAVE = """
 import sys, torch, safepoint
 torch.manual_seed(5)

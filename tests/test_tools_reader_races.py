@@ -22,6 +22,9 @@ from safepoint.cli import report
 from safepoint.cli.conversion import convert
 from safepoint.storage.local import LocalStorage
 
+# Real concurrency (threads or a child process racing a writer): the e2e set.
+pytestmark = pytest.mark.e2e
+
 SECONDS = 2.0
 
 

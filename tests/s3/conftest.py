@@ -215,7 +215,10 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     return s3_server
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    # Also declared in pyproject.toml by the test-suite split; declared here so this
-    # directory runs under --strict-markers on its own.
-    config.addinivalue_line("markers", "e2e: subprocess kill/resume runs (seconds each)")
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test here talks to a real S3 server process: the e2e set (``make test``
+    runs it, ``make test-fast`` leaves it out)."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.e2e)

@@ -76,26 +76,48 @@ def _payload_only(full: str, names: list[str]) -> bool:
     )
 
 
-#: Seconds to wait, one after the other, before calling a directory uncommitted or
-#: empty: a writer re-saving the name may have swapped it while we looked, and the
-#: old version we resolved is then being deleted, manifest first.
-_SETTLE_WAITS = (0.01, 0.04, 0.16)
+#: Seconds to wait, one after the other, for a missing name to come back while a writer
+#: has a save in flight beside it: without RENAME_EXCHANGE a re-save renames the old
+#: version away before it renames the new one in.
+_ABSENT_WAITS = (0.01, 0.04, 0.16)
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def _writer_in_flight(parent: str) -> bool:
+    try:
+        return any(TMP_MARK in n or n.startswith(TRASH_PREFIX) for n in os.listdir(parent))
+    except OSError:
+        return False
 
 
 def classify(path: str, *, listing: bool = True) -> PathKind:
     """Say what ``path`` is, reading as little as possible (never opening a FIFO).
 
     ``listing=False`` tells a run root from other directories by its names alone,
-    without reading every manifest (the command about to list it will). A directory
-    that looks uncommitted or empty is looked at again a few times first: a reader
-    racing a re-save of the name can resolve the old version while it is deleted.
+    without reading every manifest (the command about to list it will).
+
+    A writer may re-save the name while we look: the old version we resolved is then
+    deleted, manifest first, and would look uncommitted or empty. So such an answer
+    counts only if the path still names the directory we looked at; and a missing
+    name is looked up again for a moment while a save is in flight beside it.
     """
-    found = _classify(path, listing=listing)
-    for wait in _SETTLE_WAITS:
-        if found.kind not in ("uncommitted", "empty"):
-            break
-        time.sleep(wait)
+    for _ in range(3):
+        before = _inode(path)
         found = _classify(path, listing=listing)
+        if found.kind not in ("uncommitted", "empty") or _inode(path) == before:
+            break
+    if found.kind == "missing" and _writer_in_flight(os.path.dirname(found.path)):
+        for wait in _ABSENT_WAITS:
+            time.sleep(wait)
+            again = _classify(path, listing=listing)
+            if again.kind != "missing":
+                return again
     return found
 
 
