@@ -26,11 +26,11 @@ lint: install
 test: install lint
 	$(PY) -m pytest -q
 
-# The edit-test loop: everything but the end-to-end process runs (marker e2e) and the
-# long variants (806 of the 865 default tests, about a sixth of the CPU time of the
-# full run). `make test` runs the e2e tests too.
+# The edit-test loop: everything but the end-to-end runs (marker e2e: processes killed
+# and resumed, real training, concurrency races, the S3 server) and the long variants,
+# on both cores. `make test` runs it all, serially.
 test-fast: install
-	$(PY) -m pytest -q -m "not e2e and not slow and not fuzz"
+	$(PY) -m pytest -q -n 2 -m "not e2e and not slow and not fuzz"
 
 # The main job: train, crash with SIGKILL mid-run, resume, and check the result is
 # bit-identical to an uninterrupted run.
