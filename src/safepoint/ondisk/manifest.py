@@ -190,8 +190,11 @@ def _affordable(containers: int, members: int) -> bool:
 #: Manifests parsed lately, by their exact bytes: a restore lists the root (parsing
 #: every manifest) and then reads the chosen checkpoint's manifest again from the
 #: version it holds open. Same bytes, same manifest: the second parse is a lookup.
+#: Bounded by count and by the bytes held as keys, so a root of very large manifests
+#: cannot make a long-running process keep a gigabyte of them.
 _PARSED: OrderedDict[bytes, Manifest] = OrderedDict()
 _PARSED_MAX = 16
+_PARSED_MAX_BYTES = 16 << 20
 _PARSED_LOCK = threading.Lock()
 
 
@@ -207,9 +210,11 @@ def parse(data: bytes, *, where: str) -> Manifest:
             _PARSED.move_to_end(data)
             return found
     found = _parse(data, where=where)
+    if len(data) > _PARSED_MAX_BYTES:
+        return found  # too large to keep: parsed again if read again
     with _PARSED_LOCK:
         _PARSED[data] = found
-        while len(_PARSED) > _PARSED_MAX:
+        while len(_PARSED) > _PARSED_MAX or sum(map(len, _PARSED)) > _PARSED_MAX_BYTES:
             _PARSED.popitem(last=False)
     return found
 
