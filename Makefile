@@ -27,10 +27,11 @@ test: install lint
 	$(PY) -m pytest -q
 
 # The edit-test loop: everything but the end-to-end runs (marker e2e: processes killed
-# and resumed, real training, concurrency races, the S3 server) and the long variants,
-# on both cores. `make test` runs it all, serially.
+# and resumed, real training, concurrency races, the S3 server), the few heavy single
+# tests and the long variants, on both cores, with a quarter of the Hypothesis examples.
+# `make test` runs it all, serially, at full counts.
 test-fast: install
-	$(PY) -m pytest -q -n 2 -m "not e2e and not slow and not fuzz"
+	SAFEPOINT_HYPOTHESIS_PROFILE=fast $(PY) -m pytest -q -n 2 -m "not e2e and not heavy and not slow and not fuzz"
 
 # The main job: train, crash with SIGKILL mid-run, resume, and check the result is
 # bit-identical to an uninterrupted run.

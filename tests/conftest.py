@@ -27,6 +27,10 @@ settings.register_profile(
     max_examples=40,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+# `make test-fast` is the edit-test loop: a quarter of the examples (every property
+# still runs; `make test` runs the full counts). Tests with their own counts scale them
+# through ``safepoint_testing.examples``.
+settings.register_profile("fast", settings.get_profile("safepoint"), max_examples=10)
 settings.load_profile(os.environ.get("SAFEPOINT_HYPOTHESIS_PROFILE", "safepoint"))
 
 

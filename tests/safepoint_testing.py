@@ -223,3 +223,14 @@ def write_manifest(ckpt_dir: Path, body: dict[str, Any], *, sign: bool = True) -
 def listing(root: Path) -> set[str]:
     """Every entry of a checkpoint root, hidden ones included."""
     return set(os.listdir(root)) if root.exists() else set()
+
+
+def examples(n: int) -> int:
+    """``n`` Hypothesis examples, scaled like the loaded profile's default (40).
+
+    The ``fast`` profile of ``make test-fast`` runs a quarter of each count, never
+    fewer than 5, so a property test with its own count shrinks with the others.
+    """
+    from hypothesis import settings
+
+    return max(5, n * settings.default.max_examples // 40)

@@ -22,6 +22,7 @@ from safepoint.errors import ConfigError
 from safepoint.ondisk import manifest
 from safepoint.storage import runlog
 from safepoint.storage.local import LocalStorage
+from safepoint_testing import examples
 
 GOLDEN = Path(__file__).parent / "data" / "metrics_v0"
 
@@ -226,7 +227,7 @@ _values = st.one_of(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(_names, _values, max_size=6))
 def test_any_metrics_round_trip_through_a_manifest(metrics: dict[str, Any]) -> None:
     expected = {k: _plain(v) for k, v in metrics.items()}

@@ -304,6 +304,7 @@ def in_entry_data(path, pos: int) -> bool:
     return False
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("filename", ["w.hdf5", "w.weights.h5", "w.keras"])
 def test_every_flipped_byte_is_caught_before_hdf5_parses_it(xy, tmp_path, filename):
     weights_only = filename.endswith(".weights.h5")

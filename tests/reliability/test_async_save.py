@@ -171,6 +171,7 @@ def test_two_quick_saves_commit_in_order(tmp_path: Path) -> None:
     assert torch.equal(ckpt.state["model"]["w"], model_state(2)["model"]["w"])  # type: ignore[index]
 
 
+@pytest.mark.heavy
 def test_staging_is_reused_without_rss_growth(tmp_path: Path) -> None:
     state = {"w": torch.randn(8 << 20), "v": torch.randn(1 << 20)}  # 36 MiB
     size = 36 << 20

@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 
 import safepoint
 from safepoint.ondisk.manifest import _body_digest
+from safepoint_testing import examples
 
 ALLOWED = (
     safepoint.CorruptCheckpointError,
@@ -320,7 +321,7 @@ def _tests(n: int, mark=None):
     return tuple(mark(t) for t in tests) if mark else tests
 
 
-test_manifest_bytes, test_manifest_json, test_payload_bytes = _tests(DEFAULT_EXAMPLES)
+test_manifest_bytes, test_manifest_json, test_payload_bytes = _tests(examples(DEFAULT_EXAMPLES))
 (
     test_manifest_bytes_long,
     test_manifest_json_long,

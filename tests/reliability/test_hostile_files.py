@@ -397,6 +397,7 @@ def test_hostile_keras_zip(tmp_path: Path, how: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------- parse cost
+@pytest.mark.heavy
 def test_manifest_that_parses_into_gigabytes(tmp_path: Path) -> None:
     root = good_root(tmp_path)
     text = (root / NEW / "manifest.json").read_bytes()
@@ -413,6 +414,7 @@ def test_manifest_that_parses_into_gigabytes(tmp_path: Path) -> None:
     assert peak < 256 << 20, peak
 
 
+@pytest.mark.heavy
 def test_safetensors_header_that_parses_into_gigabytes(tmp_path: Path) -> None:
     root = good_root(tmp_path)
     payload = root / NEW / "model-00000.safetensors"

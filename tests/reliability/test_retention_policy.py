@@ -34,7 +34,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import safepoint
-from safepoint_testing import fail_at, faulty_manager
+from safepoint_testing import examples, fail_at, faulty_manager
 
 _counter = itertools.count()
 
@@ -100,7 +100,7 @@ keeps = st.one_of(
 )
 
 
-@settings(max_examples=100)
+@settings(max_examples=examples(100))
 @given(
     keep=keeps,
     mode=st.sampled_from(["min", "max"]),

@@ -39,6 +39,7 @@ def compile_model():  # type: ignore[no-untyped-def]
     return wrap
 
 
+@pytest.mark.heavy
 def test_plain_checkpoint_restores_into_a_compiled_model(tmp_path: Path, compile_model) -> None:  # type: ignore[no-untyped-def]
     saved, fresh = _model(0), _model(1)
     compiled = compile_model(fresh)
