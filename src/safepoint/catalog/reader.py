@@ -15,7 +15,7 @@ import os
 import stat
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import numpy as np
@@ -34,6 +34,7 @@ from safepoint.ondisk.manifest import Manifest
 from safepoint.state.tree import unflatten
 from safepoint.storage import held
 from safepoint.storage.local import LocalStorage, Storage, check_name
+from safepoint.storage.urls import is_url, open_url, split_url
 
 _T = TypeVar("_T")
 
@@ -292,8 +293,17 @@ def refuse_pickle(path: str) -> IncompatibleCheckpointError:
     )
 
 
-def load(path: str | os.PathLike[str], *, as_numpy: bool = True, mmap: bool = False) -> Any:
+def load(
+    path: str | os.PathLike[str],
+    *,
+    as_numpy: bool = True,
+    mmap: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Any:
     """Read one checkpoint directory as a plain tree (numpy arrays + JSON values).
+
+    ``path`` may be a URL, ``s3://BUCKET/PREFIX/NAME`` (configured by
+    ``storage_options`` or the ``AWS_*`` variables, as for a manager's root).
 
     ``as_numpy=False`` returns torch tensors where torch tensors were saved; import
     torch first (safepoint never loads a framework itself). Every payload checksum is
@@ -311,7 +321,15 @@ def load(path: str | os.PathLike[str], *, as_numpy: bool = True, mmap: bool = Fa
             "Expected torch loaded by the program. Received: as_numpy=False. Run "
             "'import torch' first, or keep as_numpy=True for numpy arrays."
         )
-    full = os.path.abspath(os.fspath(path))
+    text = os.fspath(path)
+    if isinstance(text, str) and is_url(text):
+        return _load_url(text, as_numpy=as_numpy, mmap=mmap, storage_options=storage_options)
+    if storage_options is not None:
+        raise ConfigError(
+            "storage_options configure object-store locations only. Expected an s3:// "
+            f"path with them. Received: path={text!r}. Drop storage_options for a local path."
+        )
+    full = os.path.abspath(text)
     parent, name = os.path.split(full.rstrip(os.sep))
     check_name(name, what="checkpoint directory name")
     storage = LocalStorage(parent)
@@ -326,6 +344,24 @@ def load(path: str | os.PathLike[str], *, as_numpy: bool = True, mmap: bool = Fa
     if not stat.S_ISDIR(mode):  # a link (never followed, as in a root), a FIFO...
         raise held.refusal(storage.root, name)
     return read_checkpoint(storage, name, as_numpy=as_numpy, lazy=mmap)[1]
+
+
+def _load_url(
+    url: str, *, as_numpy: bool, mmap: bool, storage_options: Mapping[str, Any] | None
+) -> Any:
+    """:func:`load` of a checkpoint in an object store: every payload is read and
+    checksummed (``mmap`` has nothing to map there and reads the same bytes)."""
+    root, name = split_url(url)
+    check_name(name, what="checkpoint name")
+    storage = open_url(root, storage_options)
+    if not storage.is_dir(name):
+        raise CheckpointNotFoundError(
+            f"No committed checkpoint {name!r} in {root}. Expected {url} to name a "
+            f"checkpoint of that root. Received: path={url!r}. Run 'safepoint ls {root}' "
+            "for the names of its checkpoints."
+        )
+    del mmap  # an object store has no file to map: the read is whole and verified
+    return read_checkpoint(storage, name, as_numpy=as_numpy)[1]
 
 
 __all__ = [

@@ -16,15 +16,17 @@ from collections.abc import Sequence
 from safepoint.catalog import reader
 from safepoint.cli import pathkind, report
 from safepoint.cli.listing import cmd_ls, cmd_show
+from safepoint.cli.remote import storage_at
 from safepoint.errors import (
     CheckpointNotFoundError,
+    ConfigError,
     CorruptCheckpointError,
     SafepointError,
     StorageError,
 )
 from safepoint.manager import CheckpointManager
 from safepoint.storage import runlog
-from safepoint.storage.local import LocalStorage
+from safepoint.storage.urls import is_url
 
 Result = tuple[str, Exception | None]
 
@@ -39,7 +41,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         # Someone else's .h5 or a pickle is a verification failure like a bad checksum:
         # one FAILED line (and JSON record) naming what the file is, exit 6.
         name = os.path.basename(found.path)
-        storage = LocalStorage(found.parent)
+        storage = storage_at(found.parent)
         error: Exception | None = None
         try:
             storage, name, _ = pathkind.need_checkpoint(found.path, "verify")
@@ -116,14 +118,21 @@ def _read_whole(mgr: CheckpointManager, name: str) -> Exception | None:
     try:
         mgr.restore(checkpoint=name)
     except CheckpointNotFoundError as exc:
-        return _GONE if not os.path.lexists(os.path.join(mgr.storage.root, name)) else exc
+        return _GONE if not _still_there(mgr, name) else exc
     except SafepointError as exc:
         return exc
     return None
 
 
+def _still_there(mgr: CheckpointManager, name: str) -> bool:
+    root = str(mgr.storage.root)
+    if is_url(root):
+        return mgr.storage.is_dir(name)
+    return os.path.lexists(os.path.join(root, name))
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
-    storage = LocalStorage(pathkind.need_root(args.root, "gc").path)
+    storage = storage_at(pathkind.need_root(args.root, "gc").path)
     storage.lock()
     try:
         removed = storage.cleanup_stale()
@@ -138,7 +147,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 def cmd_log(args: argparse.Namespace) -> int:
     from safepoint.cli.logview import describe, need_log
 
-    storage = LocalStorage(need_log(pathkind.need_root(args.root, "log").path))
+    storage = storage_at(need_log(pathkind.need_root(args.root, "log").path))
     for item in runlog.read(storage):
         print(json.dumps(item, sort_keys=True) if args.json else describe(item))
     return 0
@@ -167,6 +176,12 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from safepoint.cli.conversion import convert
 
+    if is_url(args.checkpoint):
+        raise ConfigError(
+            "convert rewrites a checkpoint on a local disk. Expected a local checkpoint "
+            f"directory or file. Received: checkpoint={args.checkpoint!r}. Restore it with "
+            "safepoint.load(URL) and save it into a local CheckpointManager first."
+        )
     storage, name, _ = pathkind.need_checkpoint(args.checkpoint, "convert")
     src = os.path.join(storage.root, name)
     # By default the copy goes to the current directory, not into the run's root, where
@@ -193,7 +208,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.run(args)
 
 
-_ROOT = "run root: the directory a CheckpointManager (or safepoint.keras) saves into"
+_ROOT = (
+    "run root: the directory a CheckpointManager (or safepoint.keras) saves into, or "
+    "s3://BUCKET/PREFIX (endpoint and credentials from the AWS_* variables)"
+)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -216,7 +234,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(fn=cmd_ls)
     s = sub.add_parser("show", help="describe one checkpoint: metrics, files, tensors")
-    s.add_argument("checkpoint", help="checkpoint directory or single file (.keras, .h5)")
+    s.add_argument(
+        "checkpoint",
+        help="checkpoint directory or single file (.keras, .h5), or s3://BUCKET/PREFIX/NAME",
+    )
     s.add_argument(
         "--json", action="store_true", help="print the whole manifest (and a single file's weights)"
     )
@@ -226,7 +247,9 @@ def parser() -> argparse.ArgumentParser:
         help="check sizes and checksums of every checkpoint in a root, or of one checkpoint "
         "(exit 3 when there is none to check)",
     )
-    s.add_argument("path", help="a run root, or one checkpoint (directory or single file)")
+    s.add_argument(
+        "path", help="a run root, or one checkpoint (directory or single file); local or s3://"
+    )
     s.add_argument("--json", action="store_true", help="one record per checkpoint")
     s.add_argument(
         "--deep",

@@ -14,6 +14,7 @@ from typing import Any
 
 from safepoint.errors import CheckpointNotFoundError, ConfigError
 from safepoint.storage.local import LOG_NAME
+from safepoint.storage.urls import is_url
 
 __all__ = ["describe", "need_log"]
 
@@ -24,6 +25,8 @@ def need_log(root: str) -> str:
     Checked with ``lstat`` before anything opens it: a FIFO put where the log belongs
     would block a reader forever, and a symlink may point out of the root.
     """
+    if is_url(root):
+        return root  # an object store keeps the log as objects: nothing to lstat
     path = os.path.join(root, LOG_NAME)
     try:
         mode = os.lstat(path).st_mode

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from safepoint.catalog import singlefile
 from safepoint.catalog.index import Catalog
+from safepoint.cli.remote import classify_url, storage_at
 from safepoint.errors import (
     CheckpointNotFoundError,
     ConfigError,
@@ -32,6 +33,8 @@ from safepoint.errors import (
 )
 from safepoint.ondisk.manifest import NAME as MANIFEST_NAME
 from safepoint.storage.local import LOG_NAME, TMP_MARK, TRASH_PREFIX, LocalStorage
+from safepoint.storage.protocol import Storage
+from safepoint.storage.urls import is_url
 
 __all__ = ["PathKind", "classify", "need_checkpoint", "need_root"]
 
@@ -107,6 +110,9 @@ def classify(path: str, *, listing: bool = True) -> PathKind:
     counts only if the path still names the directory we looked at; and a missing
     name is looked up again for a moment while a save is in flight beside it.
     """
+    if is_url(path):
+        url = path.rstrip("/")
+        return PathKind(url, *classify_url(url, listing=listing))
     for _ in range(3):
         before = _inode(path)
         found = _classify(path, listing=listing)
@@ -188,7 +194,9 @@ def _what(found: PathKind) -> str:
         "pickle": "a pickle file (torch.save and the like)",
         "file": "a plain file",
         "root": f"a run root holding {found.count} committed checkpoint(s)",
-        "empty": "an empty directory",
+        "empty": "a prefix with no checkpoints (or a misspelt one)"
+        if is_url(found.path)
+        else "an empty directory",
         "leftover": "the leftover of an interrupted save (a staging or trash directory), not "
         "a committed checkpoint",
         "uncommitted": "a directory with payload files but no manifest.json: a checkpoint that "
@@ -240,7 +248,7 @@ def need_root(path: str, command: str) -> PathKind:
     )
 
 
-def need_checkpoint(path: str, command: str) -> tuple[LocalStorage, str, PathKind]:
+def need_checkpoint(path: str, command: str) -> tuple[Storage, str, PathKind]:
     """``path`` as one committed checkpoint: its parent storage and name.
 
     A directory without a manifest inside a run root is reported as what it is; the
@@ -260,7 +268,7 @@ def need_checkpoint(path: str, command: str) -> tuple[LocalStorage, str, PathKin
     if found.kind == "unreadable":
         raise _unreadable(found, expected)
     if found.kind == "checkpoint":
-        return LocalStorage(found.parent), os.path.basename(found.path), found
+        return storage_at(found.parent), os.path.basename(found.path), found
     received = f"Received: path={found.path!r}."
     if found.kind == "root":
         example = os.path.join(found.path, found.detail) if found.detail else "ROOT/NAME"

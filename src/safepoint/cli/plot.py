@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from safepoint.catalog.index import Catalog
+from safepoint.cli.remote import storage_at
 from safepoint.errors import ConfigError, SafepointError
 from safepoint.storage import runlog
-from safepoint.storage.local import LocalStorage
+from safepoint.storage.urls import is_url
 
 __all__ = ["Point", "collect", "plot", "ticks"]
 
@@ -72,7 +73,7 @@ def collect(root: str, *, metrics: list[str] | None = None) -> Data:
     that of its checkpoint's manifest; for saves of checkpoints deleted since, the
     name with its numbers masked, which is what the template masks to as well.
     """
-    storage = LocalStorage(root)
+    storage = storage_at(root)
     catalog = Catalog(storage)
     events = [e for e in runlog.read(storage) if e.get("event") in ("save", "skip")]
     shown: dict[str, str] = {}  # series key -> label (the template, once one is known)
@@ -135,7 +136,7 @@ def ticks(lo: float, hi: float, count: int = 5) -> list[float]:
 def plot(root: str, out: str, *, metrics: list[str] | None = None) -> tuple[int, int, str]:
     """Draw the run's metrics into ``out``; return (points, series, renderer)."""
     data = collect(root, metrics=metrics)
-    title = f"safepoint run {os.path.abspath(root)}"
+    title = f"safepoint run {root if is_url(root) else os.path.abspath(root)}"
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -18,6 +18,7 @@ from safepoint.state.metrics import clean_value
 from safepoint.storage.local import LocalStorage
 from safepoint.storage.protocol import Storage
 from safepoint.storage.staging import default_cap
+from safepoint.storage.urls import is_url, open_url
 
 
 def int_arg(name: str, value: Any) -> int | None:
@@ -59,16 +60,8 @@ def storage_for(root: Any, storage_options: Mapping[str, Any] | None = None) -> 
     it), or the given ``Storage``."""
     if isinstance(root, str | os.PathLike):
         text = str(os.fspath(root))
-        if text.startswith("s3://"):
-            from safepoint.storage.s3 import open_root  # obstore loads only for S3 roots
-
-            return open_root(text, storage_options)
-        if "://" in text:
-            raise ConfigError(
-                "Unsupported URL scheme for a checkpoint root. Expected a local path or "
-                f"s3://BUCKET/PREFIX. Received: root={text!r}. Use a local or network-mounted "
-                "directory, or an S3-compatible bucket."
-            )
+        if is_url(text):
+            return open_url(text, storage_options)
         if storage_options is not None:
             raise ConfigError(
                 "storage_options configure object-store roots only. Expected an s3:// root "

@@ -24,7 +24,7 @@ Readers resolve ``<name>/<file>`` through the record's save id; listing shows on
 names whose record exists (the catalog then trusts only records that parse and
 verify). Retention deletes the record first, then the payload, so a crash in between
 leaves unreferenced payload, which :meth:`S3Storage.cleanup_stale` removes once it is
-older than a grace period. See docs/s3.md.
+older than a grace period. See docs/object-storage.md.
 """
 
 from __future__ import annotations
