@@ -124,76 +124,113 @@ def _warm_up(server: S3Server, deadline: float) -> None:
         obstore.delete(store, key)
 
 
+class WeedProcess:
+    """One SeaweedFS server (``weed server -s3``) on loopback: started, killed with
+    SIGKILL and restarted on the same ports and data, as a crashed server would be."""
+
+    def __init__(self, base: Path) -> None:
+        self.weed = _weed()
+        self.base = base
+        (base / "data").mkdir(parents=True, exist_ok=True)
+        identities = {
+            "identities": [
+                {
+                    "name": "safepoint",
+                    "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                }
+            ]
+        }
+        (base / "s3.json").write_text(json.dumps(identities))
+        self.ports = _free_ports(8)
+        self.server = S3Server(f"http://127.0.0.1:{self.ports[6]}", ACCESS_KEY, SECRET_KEY, BUCKET)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = open(base / "weed.log", "ab")  # noqa: SIM115  (closed by stop())
+
+    def _argv(self) -> list[str]:
+        master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = self.ports
+        base = self.base
+        return [
+            self.weed,
+            "server",
+            f"-dir={base / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={master}",
+            f"-master.port.grpc={master_grpc}",
+            "-master.telemetry=false",
+            "-master.volumeSizeLimitMB=64",
+            "-volume.max=0",
+            f"-volume.port={volume}",
+            f"-volume.port.grpc={volume_grpc}",
+            "-filer",
+            f"-filer.port={filer}",
+            f"-filer.port.grpc={filer_grpc}",
+            f"-filer.localSocket={base / 'filer.sock'}",
+            "-s3",
+            f"-s3.port={s3}",
+            f"-s3.port.grpc={s3_grpc}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-s3.localSocket={base / 's3.sock'}",
+            f"-s3.config={base / 's3.json'}",
+            "-s3.iam=false",
+            "-iam=false",
+        ]
+
+    def start(self) -> float:
+        """Start (or restart) the server; return the seconds it took to serve."""
+        started = time.monotonic()
+        for sock in ("filer.sock", "s3.sock"):  # a killed server leaves its sockets
+            (self.base / sock).unlink(missing_ok=True)
+        self.proc = subprocess.Popen(
+            self._argv(), stdout=self.log, stderr=subprocess.STDOUT, cwd=self.base
+        )
+        _create_bucket(self.server, started + START_TIMEOUT)
+        _warm_up(self.server, started + START_TIMEOUT)
+        return time.monotonic() - started
+
+    def kill(self) -> None:
+        """SIGKILL: no draining, no flushing, as a crash or an OOM kill."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def stop(self) -> None:
+        # SIGTERM makes weed drain for ~10 s; its data is a throwaway directory.
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+        self.log.close()
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     pytest.importorskip("obstore")  # the s3 extra
-    weed = _weed()
-    base: Path = tmp_path_factory.mktemp("seaweedfs")
-    data = base / "data"
-    data.mkdir()
-    identities = {
-        "identities": [
-            {
-                "name": "safepoint",
-                "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-            }
-        ]
-    }
-    config = base / "s3.json"
-    config.write_text(json.dumps(identities))
-    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = _free_ports(8)
-    argv = [
-        weed,
-        "server",
-        f"-dir={data}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        f"-master.port={master}",
-        f"-master.port.grpc={master_grpc}",
-        "-master.telemetry=false",
-        "-master.volumeSizeLimitMB=64",
-        "-volume.max=0",
-        f"-volume.port={volume}",
-        f"-volume.port.grpc={volume_grpc}",
-        "-filer",
-        f"-filer.port={filer}",
-        f"-filer.port.grpc={filer_grpc}",
-        f"-filer.localSocket={base / 'filer.sock'}",
-        "-s3",
-        f"-s3.port={s3}",
-        f"-s3.port.grpc={s3_grpc}",
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
-        f"-s3.localSocket={base / 's3.sock'}",
-        f"-s3.config={config}",
-        "-s3.iam=false",
-        "-iam=false",
-    ]
-    server = S3Server(f"http://127.0.0.1:{s3}", ACCESS_KEY, SECRET_KEY, BUCKET)
-    log = open(base / "weed.log", "wb")  # noqa: SIM115  (closed below)
-    started = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=base)
+    weed = WeedProcess(tmp_path_factory.mktemp("seaweedfs"))
     try:
-        _create_bucket(server, started + START_TIMEOUT)
-        _warm_up(server, started + START_TIMEOUT)
-        server = S3Server(
-            server.endpoint,
-            ACCESS_KEY,
-            SECRET_KEY,
-            BUCKET,
-            started_in=time.monotonic() - started,
-        )
-        yield server
+        took = weed.start()
+        yield S3Server(weed.server.endpoint, ACCESS_KEY, SECRET_KEY, BUCKET, started_in=took)
     finally:
-        # SIGTERM makes weed drain for ~10 s; its data is a throwaway directory.
-        proc.terminate()
-        try:
-            proc.wait(timeout=1)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        weed.stop()
+
+
+@pytest.fixture
+def private_s3(tmp_path: Path) -> Iterator[WeedProcess]:
+    """A server of this test's own, which the test may kill and restart."""
+    pytest.importorskip("obstore")
+    weed = WeedProcess(tmp_path / "seaweedfs")
+    try:
+        weed.start()
+        yield weed
+    finally:
+        weed.stop()
 
 
 @pytest.fixture
