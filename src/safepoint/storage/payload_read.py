@@ -15,7 +15,7 @@ import mmap
 import os
 import threading
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import BinaryIO, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -151,14 +151,34 @@ def read_image(fd: int, size: int, *, threads: int = 4) -> tuple[np.ndarray, str
     return image[:size], _in_order(size, fill, view, threads=threads)
 
 
+@runtime_checkable
+class RangeReadable(Protocol):
+    """A file object that reads any range on request, from several threads at once (an
+    object store's ranged GETs): the reader keeps ``RANGE_THREADS`` ranges in flight."""
+
+    def read_range_into(self, view: memoryview, offset: int) -> None: ...
+
+
+#: Ranged requests in flight while one payload object is read (a parallel restore).
+RANGE_THREADS = 8
+
+
 def read_stream(source: BinaryIO, size: int) -> tuple[np.ndarray, str]:
     """Read ``size`` bytes of ``source`` (any file object) into one buffer; hash them.
 
-    The portable path, for roots without :class:`LocalFiles` (an object store's ranged
-    reader): one sequential pass, ``size`` already checked against the manifest.
+    The portable path, for roots without :class:`LocalFiles`, ``size`` already checked
+    against the manifest: ranges read in parallel where ``source`` is
+    :class:`RangeReadable` (an object store), else one sequential pass.
     """
     image = np.empty(size, dtype=np.uint8)
     view = image.data
+    ranged = getattr(source, "raw", source)  # under an io.BufferedReader, if any
+    if isinstance(ranged, RangeReadable):
+
+        def fill(begin: int, end: int) -> None:
+            ranged.read_range_into(view[begin:end], begin)
+
+        return image, _in_order(size, fill, view, threads=RANGE_THREADS)
     hasher = Hasher()
     got = 0
     while got < size:
@@ -196,4 +216,11 @@ def read_payload(
                 return read_image(f.fileno(), size)
 
 
-__all__ = ["map_image", "read_image", "read_payload", "read_stream"]
+__all__ = [
+    "RANGE_THREADS",
+    "RangeReadable",
+    "map_image",
+    "read_image",
+    "read_payload",
+    "read_stream",
+]

@@ -125,6 +125,29 @@ class S3Client:
         )
         return bytes(buf)
 
+    def get_range_into(self, relkey: str, start: int, view: memoryview) -> None:
+        """Fill ``view`` with the object's bytes from ``start`` (one ranged GET).
+
+        One copy, from obstore's buffer into ``view``; safe to call from several
+        threads at once (a parallel restore does).
+        """
+        end = start + view.nbytes
+        if end <= start:
+            return
+        buf = self.call(
+            "read",
+            relkey,
+            self.obstore.get_range,
+            self.store,
+            self.location.key(relkey),
+            start=start,
+            end=end,
+        )
+        got = memoryview(buf).cast("B")
+        if got.nbytes != view.nbytes:
+            raise EOFError(f"{self.url(relkey)} ended {view.nbytes - got.nbytes} bytes early")
+        view[:] = got
+
     def head(self, relkey: str, *, stage: str = "read") -> dict[str, Any]:
         return dict(
             self.call(stage, relkey, self.obstore.head, self.store, self.location.key(relkey))

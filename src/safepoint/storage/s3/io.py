@@ -3,7 +3,8 @@
 :class:`S3Writer` streams a payload file as one object (obstore's buffered writer: one
 PUT when small, a multipart upload with ``UPLOAD_CONCURRENCY`` parts in flight above
 ``PART_SIZE``). :class:`RangeFile` reads an object with ranged GETs, so a reader that
-seeks reads only what it touches.
+seeks reads only what it touches, and a whole-payload read has several ranges in
+flight at once (:meth:`RangeFile.read_range_into`).
 """
 
 from __future__ import annotations
@@ -77,6 +78,13 @@ class RangeFile(io.RawIOBase):
         data = self._client.get_range(self._key, self._pos, self._size)  # one request
         self._pos += len(data)
         return data
+
+    def read_range_into(self, view: memoryview, offset: int) -> None:
+        """Fill ``view`` from ``offset`` with one ranged GET (thread-safe: it shares no
+        position), so a restore reads one object with several requests in flight."""
+        if offset < 0 or offset + view.nbytes > self._size:
+            raise EOFError(f"range {offset}+{view.nbytes} is outside the {self._size} bytes")
+        self._client.get_range_into(self._key, offset, view)
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
