@@ -154,6 +154,7 @@ class WeedProcess:
         base = self.base
         return [
             self.weed,
+            f"-logdir={base}",  # glog files, else left in /tmp
             "server",
             f"-dir={base / 'data'}",
             "-ip=127.0.0.1",
@@ -185,12 +186,20 @@ class WeedProcess:
         started = time.monotonic()
         for sock in ("filer.sock", "s3.sock"):  # a killed server leaves its sockets
             (self.base / sock).unlink(missing_ok=True)
+        # TMPDIR: where weed puts the sockets it has no flag for (the master's gRPC one).
+        env = {**os.environ, "TMPDIR": str(self.base)}
         self.proc = subprocess.Popen(
-            self._argv(), stdout=self.log, stderr=subprocess.STDOUT, cwd=self.base
+            self._argv(), stdout=self.log, stderr=subprocess.STDOUT, cwd=self.base, env=env
         )
         _create_bucket(self.server, started + START_TIMEOUT)
         _warm_up(self.server, started + START_TIMEOUT)
         return time.monotonic() - started
+
+    def _sweep(self) -> None:
+        """Remove the gRPC sockets weed puts in /tmp whatever TMPDIR says."""
+        _, master_grpc, _, volume_grpc, _, _, _, s3_grpc = self.ports
+        for kind, port in (("master", master_grpc), ("volume", volume_grpc), ("s3", s3_grpc)):
+            Path(f"/tmp/seaweedfs-{kind}-grpc-{port}.sock").unlink(missing_ok=True)
 
     def kill(self) -> None:
         """SIGKILL: no draining, no flushing, as a crash or an OOM kill."""
@@ -198,6 +207,7 @@ class WeedProcess:
             self.proc.kill()
             self.proc.wait()
             self.proc = None
+        self._sweep()
 
     def stop(self) -> None:
         # SIGTERM makes weed drain for ~10 s; its data is a throwaway directory.
@@ -209,4 +219,5 @@ class WeedProcess:
                 self.proc.kill()
                 self.proc.wait()
             self.proc = None
+        self._sweep()
         self.log.close()
