@@ -26,13 +26,10 @@ records (timestamps, offsets) are checked only by ``zipfile`` as it reads.
 from __future__ import annotations
 
 import io
-import lzma
 import mmap
 import os
 import secrets
-import struct
 import zipfile
-import zlib
 from dataclasses import replace
 from typing import Any, BinaryIO
 
@@ -42,13 +39,11 @@ from safepoint.errors import StorageError
 from safepoint.ondisk import checksum, h5tree, manifest
 from safepoint.ondisk.h5tree import corrupt
 from safepoint.ondisk.manifest import Manifest
+from safepoint.ondisk.ziparchive import ZIP_ENTRY, ZIP_ERRORS, open_zip, zip_entries
 
 ATTR = "safepoint_manifest"
-ZIP_ENTRY = "safepoint-manifest.json"
 WEIGHTS_ENTRY = "model.weights.h5"
 KEY = "single_file"
-_MAX_ZIP_DIRECTORY = 1 << 20  # a .keras holds a few entries (~100 bytes of directory each)
-_CHUNK = 8 << 20
 _BIG = 10**15  # wider than any offset or size a seal records
 _PREFIX = b'{\n "format": "safepoint"'  # how Manifest.to_bytes() begins
 _proven: set[str] = set()
@@ -71,60 +66,6 @@ def _open_h5(source: Any, name: str, mode: str = "r") -> Any:
         return h5py.File(source, mode)
     except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise corrupt(name, "not a readable HDF5 file", actual=str(exc)[:120]) from None
-
-
-def _zip_directory_size(f: Any) -> int:
-    """The central directory's size as the end records declare it (0 if none is found).
-
-    Found as ``zipfile`` finds it (the last end-of-directory signature, then the
-    zip64 record it points to), so the bound checked here is the one ``zipfile``
-    then parses: it builds an object per entry, and a small file can declare a
-    million entries.
-    """
-    fd = f.fileno()
-    size = os.fstat(fd).st_size
-    tail = os.pread(fd, min(size, 22 + 0xFFFF), max(0, size - 22 - 0xFFFF))
-    at = tail.rfind(b"PK\x05\x06")
-    if at < 0 or at + 22 > len(tail):
-        return 0
-    directory: int = struct.unpack_from("<L", tail, at + 12)[0]
-    if at >= 20 and tail[at - 20 : at - 16] == b"PK\x06\x07":
-        (where,) = struct.unpack_from("<Q", tail, at - 12)
-        record = os.pread(fd, 56, where) if where < size else b""
-        if len(record) == 56 and record[:4] == b"PK\x06\x06":
-            directory = max(directory, struct.unpack_from("<Q", record, 40)[0])
-    return directory
-
-
-#: What ``zipfile`` raises for a damaged or unreadable entry: an encrypted flag
-#: (RuntimeError), an unknown compression method (NotImplementedError), a broken
-#: compressed stream (zlib.error, LZMAError, OSError for bzip2) as well as its own.
-_ZIP_ERRORS = (
-    zipfile.BadZipFile,
-    OSError,
-    EOFError,
-    ValueError,
-    RuntimeError,
-    NotImplementedError,
-    zlib.error,
-    lzma.LZMAError,
-)
-
-
-def _open_zip(source: Any, name: str) -> zipfile.ZipFile:
-    if hasattr(source, "fileno"):
-        directory = _zip_directory_size(source)
-        if directory > _MAX_ZIP_DIRECTORY:
-            raise corrupt(
-                name,
-                "the zip directory is too large",
-                expected=_MAX_ZIP_DIRECTORY,
-                actual=directory,
-            )
-    try:
-        return zipfile.ZipFile(source)
-    except _ZIP_ERRORS as exc:
-        raise corrupt(name, "not a readable zip file", actual=str(exc)[:120]) from None
 
 
 # ---------------------------------------------------------------------------- HDF5
@@ -241,60 +182,6 @@ def _check_h5(f: BinaryIO, name: str, record: dict[str, Any]) -> None:
     checksum.check(name, expected=str(record.get("digest")), actual=digest)
 
 
-# ---------------------------------------------------------------------------- zip
-def _zip_entries(
-    z: zipfile.ZipFile,
-    name: str,
-    recorded: dict[str, Any] | None,
-    keep: dict[str, bytes] | None = None,
-) -> dict[str, Any]:
-    """Each entry's size and digest (ours excluded), bounded by ``recorded`` sizes.
-
-    Entries are inflated in chunks and stop at the size the manifest vouches for, so
-    a zip bomb costs at most that much work and one chunk of memory. The entries
-    named in ``keep`` are also kept there, as the very bytes hashed.
-    """
-    out: dict[str, Any] = {}
-    for info in z.infolist():
-        if info.filename == ZIP_ENTRY:
-            continue
-        limit = None
-        if recorded is not None:
-            if info.filename not in recorded:
-                raise corrupt(name, f"unexpected zip entry {info.filename!r}")
-            limit = int(recorded[info.filename]["size"])
-        hasher = checksum.Hasher()
-        size = 0
-        chunks: list[bytes] | None = [] if keep is not None and info.filename in keep else None
-        try:
-            with z.open(info) as f:
-                while chunk := f.read(_CHUNK if limit is None else min(_CHUNK, limit - size + 1)):
-                    size += len(chunk)
-                    if limit is not None and size > limit:
-                        raise corrupt(name, f"zip entry {info.filename!r} grew", expected=limit)
-                    hasher.update(chunk)
-                    if chunks is not None:
-                        chunks.append(chunk)
-        except _ZIP_ERRORS as exc:
-            raise corrupt(
-                name, f"zip entry {info.filename!r} is unreadable", actual=str(exc)
-            ) from None
-        out[info.filename] = {"size": size, checksum.ALGORITHM: hasher.hexdigest()}
-        if keep is not None and chunks is not None:
-            keep[info.filename] = b"".join(chunks)
-    if recorded is not None:
-        missing = sorted(set(recorded) - set(out))
-        if missing:
-            raise corrupt(name, "zip entries are missing", expected=missing, actual=sorted(out))
-        for entry, info in recorded.items():
-            where = f"{name}:{entry}"
-            checksum.check_size(where, expected=int(info["size"]), actual=out[entry]["size"])
-            checksum.check(
-                where, expected=info[checksum.ALGORITHM], actual=out[entry][checksum.ALGORITHM]
-            )
-    return out
-
-
 # ---------------------------------------------------------------------------- entry points
 def seal(path: str, kind: str, name: str, body: Manifest, layout: str) -> tuple[Manifest, bytes]:
     """Embed ``body`` (given its record) in the written file at ``path``.
@@ -305,7 +192,7 @@ def seal(path: str, kind: str, name: str, body: Manifest, layout: str) -> tuple[
     if kind == "hdf5":
         return _seal_h5(path, name, body, extra)
     with zipfile.ZipFile(path, "a") as z:
-        record = {**extra, "entries": _zip_entries(z, name, None)}
+        record = {**extra, "entries": zip_entries(z, name, None)}
         sealed = replace(body, extra={**body.extra, KEY: record})
         data = sealed.to_bytes()
         z.writestr(ZIP_ENTRY, data)
@@ -321,7 +208,7 @@ def manifest_bytes(f: BinaryIO, kind: str, name: str) -> bytes:
         finally:
             if isinstance(view, mmap.mmap):
                 view.close()
-    with _open_zip(f, name) as z:
+    with open_zip(f, name) as z:
         try:
             entry = z.getinfo(ZIP_ENTRY)
         except KeyError:
@@ -330,7 +217,7 @@ def manifest_bytes(f: BinaryIO, kind: str, name: str) -> bytes:
             raise corrupt(name, "embedded manifest too large", actual=entry.file_size)
         try:
             return z.read(entry)  # zipfile inflates no more than the declared file_size
-        except _ZIP_ERRORS as exc:
+        except ZIP_ERRORS as exc:
             raise corrupt(name, "embedded manifest unreadable", actual=str(exc)) from None
 
 
@@ -372,8 +259,8 @@ def check(f: BinaryIO, name: str, record: dict[str, Any]) -> None:
     if record["container"] == "hdf5":
         _check_h5(f, name, record)
         return
-    with _open_zip(f, name) as z:
-        _zip_entries(z, name, record.get("entries", {}))
+    with open_zip(f, name) as z:
+        zip_entries(z, name, record.get("entries", {}))
 
 
 def arrays(f: BinaryIO, name: str, record: dict[str, Any]) -> dict[str, Any]:
@@ -388,9 +275,9 @@ def arrays(f: BinaryIO, name: str, record: dict[str, Any]) -> dict[str, Any]:
         with _open_h5(f, name) as h5:
             return h5tree.arrays(h5, name, os.fstat(f.fileno()).st_size)
     kept: dict[str, bytes] = {WEIGHTS_ENTRY: b""}
-    with _open_zip(f, name) as z:
+    with open_zip(f, name) as z:
         has_weights = WEIGHTS_ENTRY in z.namelist()
-        _zip_entries(z, name, record.get("entries", {}), keep=kept)
+        zip_entries(z, name, record.get("entries", {}), keep=kept)
     if not has_weights:
         return {}
     data = kept[WEIGHTS_ENTRY]  # the bytes whose size and checksum were verified

@@ -1,30 +1,16 @@
 """A checkpoint root in an S3 bucket: ``s3://BUCKET/PREFIX``, committed without a rename.
 
-S3 has no rename and no directories, so the local commit protocol (stage, fsync,
-rename) becomes this, with every key below ``PREFIX/``::
-
-    .sp-data/<save id>/<payload files>   one prefix per save, 16 random hex digits
-    <name>/manifest.json                 the commit record; user metadata
-                                         ``safepoint-save: <save id>`` names its payload
-    .sp-lease.json                       the writer lease (:mod:`safepoint.storage.s3.lease`)
-    .sp-log/<ns time>-<random>.json      the run log, one object per event
-
-1. ``stage(name)`` picks a fresh save id and remembers whether ``<name>`` is already
-   committed (its record's ETag): staged paths ``.sp.tmp-<id>/<file>`` map to
-   ``.sp-data/<id>/<file>``;
-2. payload files go up as whole objects (multipart above 16 MiB, 8 parts at once);
-   the manifest written into the staging area is kept in memory;
-3. ``commit`` renews the lease, then writes ``<name>/manifest.json`` with
-   ``If-None-Match: *`` (or ``If-Match`` on the ETag seen at stage time when the
-   name is being re-saved). Its existence is the commit. A conditional write that
-   fails is examined: our own record (a retried request whose first try succeeded)
-   is success; anything else is a lost race, reported, never overwritten.
-
-Readers resolve ``<name>/<file>`` through the record's save id; listing shows only
-names whose record exists (the catalog then trusts only records that parse and
-verify). Retention deletes the record first, then the payload, so a crash in between
-leaves unreferenced payload, which :meth:`S3Storage.cleanup_stale` removes once it is
-older than a grace period. See docs/object-storage.md.
+Keys below ``PREFIX/``: ``.sp-data/<save id>/<payload files>`` (one prefix per save),
+``<name>/manifest.json`` (the commit record, whose user metadata ``safepoint-save``
+names its payload), ``.sp-lease.json`` (the writer lease, :mod:`.lease`) and
+``.sp-log/`` (the run log, one object per event). A save stages under a fresh save
+id, uploads its payload (multipart above 16 MiB), and commits by writing the record
+with ``If-None-Match: *`` (``If-Match`` on the ETag seen at stage time for a re-save)
+after renewing the lease: the record's existence is the commit; a failed conditional
+write that finds our own record is a retried success, anything else a lost race,
+never overwritten. Retention deletes the record first, then the payload; payload no
+record references is removed by :meth:`S3Storage.cleanup_stale` once older than a
+grace period. docs/object-storage.md has the whole protocol and its costs.
 """
 
 from __future__ import annotations
