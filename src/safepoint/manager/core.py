@@ -24,15 +24,9 @@ from typing import TYPE_CHECKING, Any
 from safepoint import formats
 from safepoint.catalog.directory import write_checkpoint
 from safepoint.catalog.index import Catalog
-from safepoint.catalog.series import (
-    check_monitor,
-    next_seq,
-)
+from safepoint.catalog.series import check_monitor, next_seq
 from safepoint.checkpoint import Checkpoint, Verification
-from safepoint.errors import (
-    CheckpointNotFoundError,
-    ConfigError,
-)
+from safepoint.errors import CheckpointNotFoundError, ConfigError
 from safepoint.formats import shards
 from safepoint.manager import options
 from safepoint.manager.file_saving import FileSaving
