@@ -11,7 +11,11 @@ host, pid and time to live:
   of ``Last-Modified``): the root is refused with a ``StorageError`` naming the lease,
   its holder and when it expires.
 - **take over**: an expired lease (a crashed writer) is replaced with ``If-Match`` on
-  the ETag that was read, so two writers taking over at once cannot both win.
+  the ETag that was read, so two writers taking over at once cannot both win. A lease
+  whose holder provably died is taken over at once, without waiting for it to expire:
+  same kernel boot and pid namespace as ours (so its pid means the same process), and
+  that pid gone or now another process (a different start time). A job restarted on
+  the machine where it was killed saves at once; one restarted elsewhere waits.
 - **keep**: a daemon thread renews it (``If-Match`` on our own last ETag) every third
   of its time to live; a failed renewal marks the lease lost, and the next commit
   refuses to run (:meth:`Lease.check` renews synchronously first).
@@ -65,6 +69,7 @@ class Lease:
             "token": self.token,
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            **_process_identity(os.getpid()),
             "ttl": self.ttl,
             "renewed": round(time.time(), 3),
         }
@@ -98,7 +103,7 @@ class Lease:
             else DEFAULT_TTL
         )
         age = (self.client.server_now() - meta["last_modified"]).total_seconds()
-        if age <= ttl + 1.0:
+        if age <= ttl + 1.0 and not _holder_died(holder):
             raise StorageError(
                 f"The S3 root {self.client.location.url!r} is leased by another writer "
                 f"(lease object {self.client.url(LEASE_KEY)}: host={holder.get('host')!r}, "
@@ -109,8 +114,10 @@ class Lease:
                 stage="lock",
             )
         log.warning(
-            "safepoint: taking over the expired S3 lease %s (host=%r pid=%r, %.0f s old)",
+            "safepoint: taking over the S3 lease %s of a writer that %s (host=%r pid=%r, "
+            "%.0f s old)",
             self.client.url(LEASE_KEY),
+            "expired" if age > ttl + 1.0 else "died on this machine",
             holder.get("host"),
             holder.get("pid"),
             age,
@@ -185,6 +192,52 @@ class Lease:
                     log.error("safepoint: %s", exc)
                     return
                 log.warning("safepoint: renewing the S3 lease failed (retrying): %s", exc)
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read(4096).strip()
+    except OSError:
+        return None
+
+
+def _process_identity(pid: int) -> dict[str, Any]:
+    """What names process ``pid`` uniquely on this machine since boot (Linux): the boot
+    id, the pid namespace and the process's start time. Empty where /proc has none."""
+    boot = _read_text("/proc/sys/kernel/random/boot_id")
+    try:
+        pidns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return {}
+    stat = _read_text(f"/proc/{pid}/stat")
+    if boot is None or stat is None:
+        return {}
+    # Field 22 (starttime) comes after the command name, which may hold spaces: split
+    # after its closing parenthesis.
+    fields = stat.rpartition(")")[2].split()
+    return {"boot": boot, "pidns": pidns, "start": fields[19] if len(fields) > 19 else None}
+
+
+def _holder_died(holder: dict[str, Any]) -> bool:
+    """Whether the lease's holder is provably dead: it ran under this kernel boot and
+    pid namespace, and its pid is gone or names a process started at another time.
+
+    Any doubt (another machine or container, no /proc, a lease written by an older
+    safepoint) is not proof: the lease is then left to expire.
+    """
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    ours = _process_identity(os.getpid())
+    if not ours or holder.get("host") != socket.gethostname():
+        return False
+    if holder.get("boot") != ours["boot"] or holder.get("pidns") != ours["pidns"]:
+        return False
+    if holder.get("start") is None:
+        return False
+    now = _process_identity(pid)
+    return not now or now.get("start") != holder["start"]
 
 
 def _parse(data: bytes) -> dict[str, Any]:
