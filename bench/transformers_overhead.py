@@ -86,9 +86,8 @@ def main() -> None:
     print("| trainer | per checkpoint | vs transformers |")
     print("| --- | --- | --- |")
     print(f"| transformers.Trainer (no fsync, pickles) | {hf * 1000:.0f} ms | 1.00x |")
-    print(
-        f"| safepoint.transformers.Trainer (fsynced, atomic) | {sp * 1000:.0f} ms | {sp / hf:.2f}x |"
-    )
+    label = "safepoint.transformers.Trainer (fsynced, atomic)"
+    print(f"| {label} | {sp * 1000:.0f} ms | {sp / hf:.2f}x |")
     print("raw samples (s):", {k: [round(x, 3) for x in v] for k, v in times.items()})
 
 
