@@ -334,7 +334,7 @@ def load(
     check_name(name, what="checkpoint directory name")
     storage = LocalStorage(parent)
     if singlefile.is_single_file(storage, name):
-        return singlefile.read_checkpoint(storage, name)[1]
+        return singlefile.read_checkpoint(storage, name, as_numpy=as_numpy)[1]
     try:
         mode = os.lstat(full).st_mode
     except FileNotFoundError:

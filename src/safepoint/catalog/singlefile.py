@@ -1,4 +1,4 @@
-"""Single-file checkpoints: HDF5 (``.h5``, ``.hdf5``, ``.weights.h5``) and ``.keras`` zips.
+"""Single-file checkpoints: HDF5 (``.h5``, ``.hdf5``, ``.weights.h5``), ``.keras``, ``.ckpt``.
 
 Frameworks read their own files (``model.load_weights("weights.best.hdf5")``), so the
 Keras drop-in writes exactly those files; this module gives them what a checkpoint
@@ -28,11 +28,13 @@ from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from safepoint.errors import ConfigError, IncompleteCheckpointError, SafepointError, StorageError
+from safepoint.formats import treezip
 from safepoint.ondisk import embedded, manifest
 from safepoint.ondisk.container import CONTAINER
 from safepoint.ondisk.embedded import KEY
 from safepoint.ondisk.manifest import Manifest
 from safepoint.ondisk.template import bounded
+from safepoint.ondisk.ziparchive import open_zip, zip_entries
 from safepoint.storage import commit as transaction
 from safepoint.storage import protocol
 from safepoint.storage.local import (
@@ -44,7 +46,7 @@ from safepoint.storage.local import (
 
 log = logging.getLogger("safepoint")
 
-SUFFIXES = (".weights.h5", ".keras", ".hdf5", ".h5")
+SUFFIXES = (".weights.h5", ".keras", ".ckpt", ".hdf5", ".h5")
 
 #: Embedded manifests already read, by file identity: listing a directory of large
 #: files re-reads only the ones that changed (a commit always makes a new inode).
@@ -52,8 +54,9 @@ _seen: dict[tuple[Any, ...], bytes] = {}
 
 
 def container(name: str) -> str | None:
-    """``"zip"`` for ``.keras``, ``"hdf5"`` for HDF5 suffixes, None otherwise."""
-    if name.endswith(".keras"):
+    """``"zip"`` for ``.keras`` and ``.ckpt`` (a state tree zip, :mod:`safepoint.formats.treezip`),
+    ``"hdf5"`` for HDF5 suffixes, None otherwise."""
+    if name.endswith((".keras", ".ckpt")):
         return "zip"
     if name.endswith((".h5", ".hdf5")):
         return "hdf5"
@@ -155,17 +158,29 @@ def read_manifest(storage: Storage, name: str) -> Manifest:
         return _manifest(storage, name, f)
 
 
-def read_state(storage: Storage, name: str, found: Manifest) -> dict[str, Any]:
-    """Verify checkpoint file ``name`` and return its weights as a tree of numpy arrays."""
+def _contents(f: BinaryIO, name: str, record: dict[str, Any], *, as_numpy: bool) -> Any:
+    """Verify the open file and read what it holds: a Keras file's weights as numpy
+    arrays, or a state tree zip's whole state (torch tensors unless ``as_numpy``)."""
+    if record.get("layout") != treezip.LAYOUT:
+        return embedded.arrays(f, name, record)
+    kept = {treezip.STATE_ENTRY: b"", treezip.TENSORS_ENTRY: b""}
+    with open_zip(f, name) as z:
+        zip_entries(z, name, record.get("entries", {}), keep=kept)
+    state, tensors = kept[treezip.STATE_ENTRY], kept[treezip.TENSORS_ENTRY]
+    return treezip.read(name, state, tensors, as_numpy=as_numpy)
+
+
+def read_state(storage: Storage, name: str, found: Manifest, *, as_numpy: bool = True) -> Any:
+    """Verify checkpoint file ``name`` and return what it holds (see :func:`_contents`)."""
     with _open(storage, name) as f:
-        return embedded.arrays(f, name, found.extra[KEY])
+        return _contents(f, name, found.extra[KEY], as_numpy=as_numpy)
 
 
-def read_checkpoint(storage: Storage, name: str) -> tuple[Manifest, dict[str, Any]]:
-    """The manifest and weights of checkpoint file ``name``, both from one version."""
+def read_checkpoint(storage: Storage, name: str, *, as_numpy: bool = True) -> tuple[Manifest, Any]:
+    """The manifest and contents of checkpoint file ``name``, both from one version."""
     with _open(storage, name) as f:
         found = _manifest(storage, name, f)
-        return found, embedded.arrays(f, name, found.extra[KEY])
+        return found, _contents(f, name, found.extra[KEY], as_numpy=as_numpy)
 
 
 def verify(storage: Storage, name: str) -> Manifest:

@@ -137,7 +137,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     record = found.extra.get(singlefile.KEY)
     if isinstance(record, dict):
         tensors = {k: (str(v.dtype), list(v.shape), "numpy") for k, v in arrays.items()}
-        kind = "Keras .keras zip" if record.get("container") == "zip" else "HDF5 file"
+        kind = (
+            "state tree zip"
+            if record.get("layout") == "tree-zip"
+            else "Keras .keras zip"
+            if record.get("container") == "zip"
+            else "HDF5 file"
+        )
         form = f"{kind}, layout {record.get('layout')}"
     else:
         tensors = {k: (e["dtype"], e["shape"], e["lib"]) for k, e in found.tensors.items()}

@@ -150,6 +150,8 @@ def _classify(path: str, *, listing: bool) -> PathKind:
             storage = LocalStorage(os.path.dirname(full))
             if singlefile.is_single_file(storage, name):
                 return PathKind(full, "checkpoint", kind)
+            if name.lower().endswith(PICKLE_SUFFIXES):  # Lightning's own .ckpt: a pickle
+                return PathKind(full, "pickle")
             return PathKind(full, "foreign", kind)
         if name.lower().endswith(PICKLE_SUFFIXES):
             return PathKind(full, "pickle")

@@ -56,7 +56,8 @@ class CheckpointManager(FileSaving):
 
     ``name`` is a ``str.format`` template over ``step``, ``epoch`` and metrics;
     ``monitor``/``mode`` define "best"; ``keep`` is a :class:`~safepoint.Keep` policy
-    (``None`` keeps everything); ``format`` is ``"safetensors"`` or ``"hdf5"``.
+    (``None`` keeps everything); ``format`` is ``"safetensors"`` or ``"hdf5"``;
+    ``run_log=False`` writes no run log into the root (a folder other tools list).
     """
 
     def __init__(
@@ -72,6 +73,7 @@ class CheckpointManager(FileSaving):
         max_staging_bytes: int | None = None,
         shard_bytes: int = formats.SHARD_BYTES,
         storage_options: Mapping[str, Any] | None = None,
+        run_log: bool = True,
     ) -> None:
         self.storage: Storage = options.storage_for(root, storage_options)
         self.template = NameTemplate(name)
@@ -91,7 +93,7 @@ class CheckpointManager(FileSaving):
         self._warned: set[str] = set()
         self._closed = False
         self._lock = WriterLock(self.storage)
-        self._history = History(self.storage, self.series)
+        self._history = History(self.storage, self.series, enabled=options.flag("run_log", run_log))
         self._pruner = Pruner(self.catalog, self.template, self._history)
 
     # -- context manager ---------------------------------------------------------------

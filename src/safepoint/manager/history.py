@@ -23,13 +23,16 @@ log = logging.getLogger("safepoint")
 class History:
     """The run-log writer of one manager (series ``series`` in ``storage``'s root)."""
 
-    def __init__(self, storage: Storage, series: str) -> None:
+    def __init__(self, storage: Storage, series: str, *, enabled: bool = True) -> None:
         self._storage = storage
         self._series = series
+        self._enabled = enabled  # False: a root that must hold nothing but checkpoints
         self._skips: runlog.SkipSummary | None = None
 
     def record(self, event: str, **fields: Any) -> None:
         """Append a save or deletion record (after the pending skip summary)."""
+        if not self._enabled:
+            return
         self.flush()
         runlog.note(self._storage, event, **fields)
 
@@ -37,6 +40,8 @@ class History:
         self, *, step: int | None, epoch: int | None, metrics: dict[str, Any], reason: str
     ) -> None:
         """Note a skipped save (see ``CheckpointManager.log_skip``)."""
+        if not self._enabled:
+            return
         skips = self._skips
         if skips is None:
             skips = self._skips = runlog.SkipSummary(self._storage)
