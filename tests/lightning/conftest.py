@@ -1,0 +1,29 @@
+"""Lightning tests: real ``Trainer.fit`` runs of a tiny model on CPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("pytorch_lightning")
+
+# Lightning's own notices about this tiny set-up (few loader workers, a folder reused on
+# purpose, torch's pytree deprecation inside Lightning): not ours to fix.
+_LIGHTNING_NOISE = (
+    "ignore:.*does not have many workers.*",
+    "ignore:.*exists and is not empty.*",
+    "ignore:.*isinstance\\(treespec, LeafSpec\\).*",
+    "ignore:.*number of training batches.*is smaller than the logging interval.*",
+    "ignore:.*You called `self.log\\(.*",
+    "ignore:.*but have no `val_dataloader`.*",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    for item in items:
+        if str(item.path).startswith(here):
+            for spec in _LIGHTNING_NOISE:
+                item.add_marker(pytest.mark.filterwarnings(spec))
