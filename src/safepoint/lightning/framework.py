@@ -6,24 +6,25 @@ from __future__ import annotations
 from typing import Any
 
 try:
-    import lightning.pytorch as pl
-    from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO as BaseCheckpointIO
-    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-    from lightning.pytorch.callbacks import ModelCheckpoint as BaseModelCheckpoint
+    import lightning.pytorch as _pl
+    from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO as _BaseIO
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO as _TorchIO
+    from lightning.pytorch.callbacks import ModelCheckpoint as _BaseCallback
 except ImportError:
-    import pytorch_lightning as pl
-    from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO as BaseCheckpointIO
-    from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-    from pytorch_lightning.callbacks import ModelCheckpoint as BaseModelCheckpoint
+    import pytorch_lightning as _pl  # type: ignore[no-redef]
+    from lightning_fabric.plugins.io.checkpoint_io import (  # type: ignore[assignment]
+        CheckpointIO as _BaseIO,
+    )
+    from lightning_fabric.plugins.io.torch_io import (  # type: ignore[assignment]
+        TorchCheckpointIO as _TorchIO,
+    )
+    from pytorch_lightning.callbacks import (  # type: ignore[assignment]
+        ModelCheckpoint as _BaseCallback,
+    )
 
-LightningModule: Any = pl.LightningModule
-Trainer: Any = pl.Trainer
+pl: Any = _pl
+BaseCheckpointIO: Any = _BaseIO
+BaseModelCheckpoint: Any = _BaseCallback
+TorchCheckpointIO: Any = _TorchIO
 
-__all__ = [
-    "BaseCheckpointIO",
-    "BaseModelCheckpoint",
-    "LightningModule",
-    "TorchCheckpointIO",
-    "Trainer",
-    "pl",
-]
+__all__ = ["BaseCheckpointIO", "BaseModelCheckpoint", "TorchCheckpointIO", "pl"]
