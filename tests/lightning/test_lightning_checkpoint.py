@@ -140,3 +140,17 @@ def test_sigkill_mid_epoch_then_resume_ends_bit_identical(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     digest = [line for line in full.stdout.splitlines() if line.startswith("weights")]
     assert digest and digest[0] in resumed.stdout.splitlines()
+
+
+def test_another_checkpoint_io_is_not_silently_replaced(tmp_path):
+    from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    class Theirs(TorchCheckpointIO):
+        pass
+
+    pl.seed_everything(0, verbose=False)
+    t = pl.Trainer(max_epochs=1, accelerator="cpu", enable_progress_bar=False, logger=False,
+                   plugins=[Theirs()],
+                   callbacks=[trainer(tmp_path).checkpoint_callback])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"safepoint\.lightning\.CheckpointIO"):
+        t.fit(Model(), data())
