@@ -19,6 +19,7 @@ and puts them back when a fit resumes, so a run resumed mid-epoch with a
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from safepoint.errors import ConfigError
@@ -67,9 +68,9 @@ def _samplers(trainer: Any) -> list[ResumableSampler]:
 class ModelCheckpoint(BaseModelCheckpoint):  # type: ignore[misc]
     """Lightning's ``ModelCheckpoint`` (same arguments), writing safepoint files."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._resume: dict[str, Any] | None = None
+    # No __init__ of its own: Lightning's signature stays what LightningCLI and
+    # jsonargparse introspect.
+    _resume: dict[str, Any] | None = None
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         install(trainer)
@@ -107,9 +108,15 @@ class ModelCheckpoint(BaseModelCheckpoint):  # type: ignore[misc]
                 sampler.load_state_dict(state)
         RNGState().load_state_dict(resume["rng"])
 
-    def _link_checkpoint(self, trainer: Any, filepath: str, linkpath: str) -> None:
-        if trainer.is_global_zero and filepath != linkpath:
-            self._save_checkpoint(trainer, linkpath)
+    @staticmethod
+    def _link_checkpoint(trainer: Any, filepath: str, linkpath: str) -> None:
+        """``save_last="link"``: a full, committed ``last.ckpt`` rather than a symlink
+        (a link dangles once retention removes its target). Written right after
+        ``filepath`` from the same trainer state, so it holds the same checkpoint."""
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            callback = trainer.checkpoint_callback
+            weights_only = bool(getattr(callback, "save_weights_only", False))
+            trainer.save_checkpoint(linkpath, weights_only)
         trainer.strategy.barrier()
 
 
