@@ -181,3 +181,20 @@ def test_damaged_blob_named_in_every_sharing_checkpoint(tmp_path: Path) -> None:
     with safepoint.CheckpointManager(tmp_path) as mgr:
         errors = [v.error for v in mgr.verify()]
     assert all(e is not None and "model-00000.safetensors" in str(e) for e in errors)
+
+
+def test_a_key_collision_never_substitutes_content(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safepoint.catalog import dedup
+
+    monkeypatch.setattr(dedup, "blob_key", lambda head, buf: "ab" * 16)  # every key collides
+    a, b = torch.zeros(100), torch.ones(100)
+    with safepoint.CheckpointManager(tmp_path, dedup=True) as mgr:
+        mgr.save({"a": a, "b": b, "a2": a.clone()}, step=0)
+        got = mgr.restore().state
+        assert torch.equal(got["a"], a) and torch.equal(got["b"], b)
+        assert torch.equal(got["a2"], a)
+        assert all(v.error is None for v in mgr.verify())
+    files = read_manifest(tmp_path / "step-00000000")["files"]
+    assert sorted("blob" in info for info in files.values()) == [False, True, True]

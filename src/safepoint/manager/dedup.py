@@ -87,7 +87,7 @@ class Hints:
         self._known = {
             key: (ident, refs[key])
             for key, ident in identities.items()
-            if ident is not None and key in refs
+            if ident is not None and key in refs and refs[key].key
         }
 
     def take(self) -> dict[str, tuple[Any, ...] | None]:

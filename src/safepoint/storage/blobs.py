@@ -32,6 +32,7 @@ from safepoint.storage.files import translate
 #: Seconds an unreferenced blob is kept, measured from its last link change: a
 #: ``safepoint gc`` from another process then never races a save that just found it.
 GRACE_S = 3600.0
+_CHUNK = 8 << 20
 
 
 def blob_relpath(key: str) -> str:
@@ -60,6 +61,28 @@ def has(root: str, key: str) -> bool:
         return stat.S_ISREG(os.lstat(os.path.join(root, blob_relpath(key))).st_mode)
     except FileNotFoundError:
         return False
+
+
+def same_bytes(root: str, key: str, parts: list[memoryview]) -> bool:
+    """True when blob ``key`` holds exactly the bytes of ``parts`` (compared byte by
+    byte: the key is a fast hash, so an equal key alone never substitutes content)."""
+    try:
+        fd = os.open(os.path.join(root, blob_relpath(key)), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        if os.fstat(fd).st_size != sum(p.nbytes for p in parts):
+            return False
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+            for part in parts:
+                flat = part.cast("B")
+                for start in range(0, flat.nbytes, _CHUNK):
+                    want = flat[start : start + _CHUNK]
+                    if f.read(want.nbytes) != want:
+                        return False
+        return True
+    finally:
+        os.close(fd)
 
 
 def publish(root: str, temp: str, key: str) -> None:
@@ -147,5 +170,6 @@ __all__ = [
     "inode",
     "link",
     "publish",
+    "same_bytes",
     "temp_relpath",
 ]
