@@ -62,7 +62,7 @@ def run(base: str, mib: int, ckpts: int, frozen_share: float, dedup: bool) -> di
     model, opt = build(mib, frozen_share)
     frozen = {k: v for k, v in model.state_dict().items() if not v.requires_grad}
     root = tempfile.mkdtemp(dir=base)
-    times, written = [], 0
+    times, written, first_written = [], 0, 0
     with safepoint.CheckpointManager(root, dedup=dedup, run_log=False) as mgr:
         for step in range(ckpts):
             opt.step()  # Adam moments and trainable weights change in place
@@ -72,6 +72,7 @@ def run(base: str, mib: int, ckpts: int, frozen_share: float, dedup: bool) -> di
             mgr.save(state(model, opt, ema), step=step)
             times.append(time.perf_counter() - t0)
             written += unique_bytes(root) - before
+            first_written = first_written or written
         full = sum(
             int(f["size"]) for f in mgr.catalog.manifest(mgr.checkpoints()[-1].name).files.values()
         )
@@ -85,7 +86,9 @@ def run(base: str, mib: int, ckpts: int, frozen_share: float, dedup: bool) -> di
         "later": statistics.median(times[1:]),
         "total": sum(times),
         "written": written,
-        "floor": full + (ckpts - 1) * changed,
+        # one full checkpoint (each distinct tensor once: the EMA equals the weights)
+        # plus the tensors that changed at each later step
+        "floor": first_written + (ckpts - 1) * changed,
         "full": full,
         "restore": restore,
     }

@@ -58,7 +58,8 @@ class CheckpointManager(FileSaving):
     ``name`` is a ``str.format`` template over ``step``, ``epoch`` and metrics;
     ``monitor``/``mode`` define "best"; ``keep`` is a :class:`~safepoint.Keep` policy
     (``None`` keeps everything); ``format`` is ``"safetensors"`` or ``"hdf5"``;
-    ``run_log=False`` writes no run log into the root (a folder other tools list).
+    ``run_log=False`` writes no run log into the root (a folder other tools list);
+    ``dedup=True`` stores each distinct tensor once per root (docs/dedup.md).
     """
 
     def __init__(
