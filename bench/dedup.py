@@ -60,7 +60,7 @@ def unique_bytes(root: str) -> int:
 
 def run(base: str, mib: int, ckpts: int, frozen_share: float, dedup: bool) -> dict[str, float]:
     model, opt = build(mib, frozen_share)
-    frozen = {k: v for k, v in model.state_dict().items() if not v.requires_grad}
+    frozen = {k: v.detach() for k, v in model.named_parameters() if not v.requires_grad}
     root = tempfile.mkdtemp(dir=base)
     times, written, first_written = [], 0, 0
     with safepoint.CheckpointManager(root, dedup=dedup, run_log=False) as mgr:
