@@ -29,7 +29,7 @@ from safepoint.checkpoint import Checkpoint, Verification
 from safepoint.errors import CheckpointNotFoundError, ConfigError
 from safepoint.formats import shards
 from safepoint.manager import options
-from safepoint.manager.dedup import REHASH_EVERY, DedupSaving
+from safepoint.manager.dedup import REHASH_EVERY, dedup_saving
 from safepoint.manager.file_saving import FileSaving
 from safepoint.manager.history import History
 from safepoint.manager.options import int_arg, metrics_arg
@@ -100,15 +100,7 @@ class CheckpointManager(FileSaving):
         self._history = History(self.storage, self.series, enabled=options.flag("run_log", run_log))
         self._pruner = Pruner(self.catalog, self.template, self._history)
         #: ``dedup=True``: tensors equal to committed ones are hard-linked blobs (docs/dedup.md).
-        self._dedup = (
-            DedupSaving(
-                self.storage,
-                int_arg("dedup_rehash_every", dedup_rehash_every) or 1,
-                self.format.name,
-            )
-            if options.flag("dedup", dedup)
-            else None
-        )
+        self._dedup = dedup_saving(self.storage, dedup, dedup_rehash_every, self.format.name)
 
     # -- context manager ---------------------------------------------------------------
     def __enter__(self) -> CheckpointManager:
@@ -263,13 +255,14 @@ class CheckpointManager(FileSaving):
             files={},
             extra={"series": self.series},
         )
-        if self._dedup is not None:
-            manifest = self._dedup.write(draft, leaves)
-        else:
-            shard, fmt = self.shard_bytes, self.format
-            manifest = write_checkpoint(
+        shard, fmt = self.shard_bytes, self.format
+        manifest = (
+            self._dedup.write(draft, leaves)
+            if self._dedup is not None
+            else write_checkpoint(
                 self.storage, fmt, draft, leaves, shard_bytes=shard, images=images
             )
+        )
         seconds = time.perf_counter() - started
         ckpt = self.catalog.to_checkpoint(manifest, name)
         self.catalog.forget(name)

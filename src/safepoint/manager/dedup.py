@@ -18,6 +18,7 @@ from typing import Any
 
 from safepoint.catalog.dedup import BlobRef, write_dedup_checkpoint
 from safepoint.errors import ConfigError
+from safepoint.manager import options
 from safepoint.ondisk.manifest import Manifest
 from safepoint.state.tree import TensorLeaf
 from safepoint.storage import blobs
@@ -137,4 +138,11 @@ class DedupSaving:
         blobs.collect(str(self.storage.root), grace_s=IN_PROCESS_GRACE_S)
 
 
-__all__ += ["IN_PROCESS_GRACE_S", "DedupSaving"]
+def dedup_saving(storage: Storage, dedup: Any, rehash_every: Any, fmt: str) -> DedupSaving | None:
+    """The manager's dedup path for ``dedup=``/``dedup_rehash_every=`` (validated)."""
+    if not options.flag("dedup", dedup):
+        return None
+    return DedupSaving(storage, options.int_arg("dedup_rehash_every", rehash_every) or 1, fmt)
+
+
+__all__ += ["IN_PROCESS_GRACE_S", "DedupSaving", "dedup_saving"]
