@@ -25,7 +25,7 @@ from safepoint.errors import (
     StorageError,
 )
 from safepoint.manager import CheckpointManager
-from safepoint.storage import runlog
+from safepoint.storage import blobs, runlog
 from safepoint.storage.urls import is_url
 
 Result = tuple[str, Exception | None]
@@ -136,11 +136,16 @@ def cmd_gc(args: argparse.Namespace) -> int:
     storage.lock()
     try:
         removed = storage.cleanup_stale()
+        # Under the writer lock no save is in flight: a blob no checkpoint links is
+        # garbage (--grace keeps recently unlinked ones anyway; see storage/blobs.py).
+        freed = blobs.collect(str(storage.root), grace_s=args.grace)
     finally:
         storage.unlock()
     for name in removed:
         print(f"removed {name}")
     print(f"{len(removed)} leftover staging/trash entries removed from {storage.root}.")
+    if freed[0]:
+        print(f"{freed[0]} unreferenced blobs removed ({freed[1]} bytes freed).")
     return 0
 
 
@@ -186,8 +191,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
     src = os.path.join(storage.root, name)
     # By default the copy goes to the current directory, not into the run's root, where
     # it would become one more (and the newest) checkpoint of the run.
-    out = args.out or os.path.join(os.getcwd(), f"{name}-{args.to}")
-    print(f"converted {src} -> {convert(src, out, to=args.to)} ({args.to})")
+    # A converted checkpoint is always written whole (its own files, no shared
+    # blobs): --standalone alone exports a dedup checkpoint self-contained.
+    to = args.to or "safetensors"
+    if args.to is None and not args.standalone:
+        raise ConfigError(
+            "convert needs a target. Expected --to safetensors|hdf5 or --standalone. "
+            "Received: neither. Pass --to FORMAT, or --standalone to export a dedup "
+            "checkpoint self-contained."
+        )
+    out = args.out or os.path.join(os.getcwd(), f"{name}-{to}")
+    print(f"converted {src} -> {convert(src, out, to=to)} ({to})")
     return 0
 
 
@@ -263,6 +277,12 @@ def parser() -> argparse.ArgumentParser:
         "a writer holds the root)",
     )
     s.add_argument("root", help=_ROOT)
+    s.add_argument(
+        "--grace",
+        type=float,
+        default=0.0,
+        help="keep unreferenced dedup blobs unlinked less than this many seconds ago",
+    )
     s.set_defaults(fn=cmd_gc)
     s = sub.add_parser(
         "log", help="print the run log (saves, skips with epoch and reason, deletions)"
@@ -282,7 +302,12 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("checkpoint", help="checkpoint directory or single file (.keras, .h5)")
     s.add_argument(
-        "--to", required=True, choices=("safetensors", "hdf5"), help="payload format to write"
+        "--to", default=None, choices=("safetensors", "hdf5"), help="payload format to write"
+    )
+    s.add_argument(
+        "--standalone",
+        action="store_true",
+        help="export with its own copy of every blob (default format: safetensors)",
     )
     s.add_argument(
         "--out",

@@ -68,6 +68,31 @@ def _size(mgr: CheckpointManager, ckpt: Checkpoint) -> int | None:
         return None
 
 
+def _sharing(mgr: CheckpointManager, names: list[str]) -> dict[str, tuple[int, int]]:
+    """``name -> (own, shared)`` bytes of dedup checkpoints: a blob that another listed
+    checkpoint also references is shared (deleting this one would not free it)."""
+    per: dict[str, dict[str, int]] = {}
+    for name in names:
+        try:
+            found = mgr.catalog.manifest(name)
+        except (FileNotFoundError, CheckpointNotFoundError):
+            continue
+        if found.extra.get("dedup"):
+            keys: dict[str, int] = {}
+            for fname, info in found.files.items():
+                keys[str(info.get("blob", f"own:{fname}"))] = int(info["size"])
+            per[name] = keys
+    users: dict[str, int] = {}
+    for keys in per.values():
+        for key in keys:
+            users[key] = users.get(key, 0) + 1
+    out = {}
+    for name, keys in per.items():
+        own = sum(size for key, size in keys.items() if users[key] == 1)
+        out[name] = (own, sum(keys.values()) - own)
+    return out
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     root = pathkind.need_root(args.root, "ls").path
     try:
@@ -92,6 +117,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     # A writer's retention may delete a checkpoint after it was listed: it is gone,
     # not an error, and is left out.
     sized = [(c, n) for c in listed if (n := _size(mgr, c)) is not None]
+    sharing = _sharing(mgr, [c.name for c in listed])
     if args.json:
         items = [
             {
@@ -99,6 +125,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 "metrics": c.metrics,
                 "bytes": n,
                 "best": c.name == best_name,
+                **(
+                    {"own_bytes": sharing[c.name][0], "shared_bytes": sharing[c.name][1]}
+                    if c.name in sharing
+                    else {}
+                ),
             }
             for c, n in sized
         ]
@@ -114,13 +145,20 @@ def cmd_ls(args: argparse.Namespace) -> int:
             str(c.step),
             "-" if c.epoch is None else str(c.epoch),
             _fmt_size(n),
+            *(
+                [_fmt_size(sharing[c.name][0]), _fmt_size(sharing[c.name][1])]
+                if c.name in sharing
+                else (["-", "-"] if sharing else [])
+            ),
             _dt.datetime.fromtimestamp(c.created).strftime("%Y-%m-%d %H:%M:%S"),
             _fmt_metrics(c.metrics) + ("  (best)" if c.name == best_name else ""),
         ]
         for c, n in sized
     ]
     header = ["name", "seq", "step", "epoch", "size", "created", "metrics"]
-    for line in _table(header, rows, align="lrrrrll"):
+    if sharing:  # a dedup root: what deleting each one would free, and what it shares
+        header[5:5] = ["own", "shared"]
+    for line in _table(header, rows, align="lrrrrrrll" if sharing else "lrrrrll"):
         print(line)
     return 0
 

@@ -29,6 +29,7 @@ from safepoint.checkpoint import Checkpoint, Verification
 from safepoint.errors import CheckpointNotFoundError, ConfigError
 from safepoint.formats import shards
 from safepoint.manager import options
+from safepoint.manager.dedup import REHASH_EVERY, dedup_saving
 from safepoint.manager.file_saving import FileSaving
 from safepoint.manager.history import History
 from safepoint.manager.options import int_arg, metrics_arg
@@ -57,7 +58,8 @@ class CheckpointManager(FileSaving):
     ``name`` is a ``str.format`` template over ``step``, ``epoch`` and metrics;
     ``monitor``/``mode`` define "best"; ``keep`` is a :class:`~safepoint.Keep` policy
     (``None`` keeps everything); ``format`` is ``"safetensors"`` or ``"hdf5"``;
-    ``run_log=False`` writes no run log into the root (a folder other tools list).
+    ``run_log=False`` writes no run log into the root (a folder other tools list);
+    ``dedup=True`` stores each distinct tensor once per root (docs/dedup.md).
     """
 
     def __init__(
@@ -74,6 +76,8 @@ class CheckpointManager(FileSaving):
         shard_bytes: int = formats.SHARD_BYTES,
         storage_options: Mapping[str, Any] | None = None,
         run_log: bool = True,
+        dedup: bool = False,
+        dedup_rehash_every: int = REHASH_EVERY,
     ) -> None:
         self.storage: Storage = options.storage_for(root, storage_options)
         self.template = NameTemplate(name)
@@ -95,6 +99,8 @@ class CheckpointManager(FileSaving):
         self._lock = WriterLock(self.storage)
         self._history = History(self.storage, self.series, enabled=options.flag("run_log", run_log))
         self._pruner = Pruner(self.catalog, self.template, self._history)
+        #: ``dedup=True``: tensors equal to committed ones are hard-linked blobs (docs/dedup.md).
+        self._dedup = dedup_saving(self.storage, dedup, dedup_rehash_every, self.format.name)
 
     # -- context manager ---------------------------------------------------------------
     def __enter__(self) -> CheckpointManager:
@@ -180,6 +186,8 @@ class CheckpointManager(FileSaving):
         step = seq if step is None else step
         name = self.template.format(step=step, epoch=epoch, metrics=metrics)
         created = now()
+        if self._dedup is not None:
+            self._dedup.snapshot(leaves)  # the cheap-skip hint is checked before any copy
         if self.async_save:
             groups = list(shards(leaves, self.shard_bytes))
             prefixes = [self.format.image_prefix(g) for g in groups]
@@ -247,8 +255,13 @@ class CheckpointManager(FileSaving):
             files={},
             extra={"series": self.series},
         )
-        manifest = write_checkpoint(
-            self.storage, self.format, draft, leaves, shard_bytes=self.shard_bytes, images=images
+        shard, fmt = self.shard_bytes, self.format
+        manifest = (
+            self._dedup.write(draft, leaves)
+            if self._dedup is not None
+            else write_checkpoint(
+                self.storage, fmt, draft, leaves, shard_bytes=shard, images=images
+            )
         )
         seconds = time.perf_counter() - started
         ckpt = self.catalog.to_checkpoint(manifest, name)
@@ -265,6 +278,8 @@ class CheckpointManager(FileSaving):
             **({} if waited is None else {"background": True, "waited": round(waited, 6)}),
         )
         self._apply_retention()
+        if self._dedup is not None:
+            self._dedup.collect()
         return ckpt
 
     def release_lock(self) -> None:

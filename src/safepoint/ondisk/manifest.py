@@ -29,7 +29,7 @@ import numpy as np
 
 from safepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError
 from safepoint.ondisk import checksum
-from safepoint.ondisk.names import component_problem
+from safepoint.ondisk.names import BLOB_KEY_RE, component_problem
 from safepoint.state import dtypes
 from safepoint.state import metrics as metriccodec
 from safepoint.state.tree import tensor_refs
@@ -291,6 +291,9 @@ def _from_body(body: dict[str, Any], where: str) -> Manifest:
         digest = info.get(checksum.ALGORITHM)
         if not isinstance(digest, str) or len(digest) != 16:
             raise _fail(where, f"{fname} needs a {checksum.ALGORITHM} digest", digest)
+        blob = info.get("blob")  # optional: the file is a shared blob (docs/dedup.md)
+        if blob is not None and (not isinstance(blob, str) or not BLOB_KEY_RE.match(blob)):
+            raise _fail(where, f"{fname} has a blob key that is not 32 lowercase hex", blob)
     tensors = body.get("tensors")
     if not isinstance(tensors, dict):
         raise _fail(where, "tensors must be an object", tensors)

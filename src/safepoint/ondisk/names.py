@@ -42,6 +42,10 @@ MARKER = ".safepoint-marker"
 STAGE_RE = re.compile(r"^\.sp\.tmp-[0-9a-f]{16}$")
 TRASH_RE = re.compile(r"^\.trash-sp-[0-9a-f]{16}$")
 MANIFEST_NAME = "manifest.json"
+#: The content-addressed blob store of a dedup root (see storage/blobs.py); each
+#: blob is named by the 32 lowercase hex digits of its blake2b-128.
+BLOBS = ".sp-blobs"
+BLOB_KEY_RE = re.compile(r"^[0-9a-f]{32}$")
 PAYLOAD_RE = re.compile(r"^model-\d{5}\.(safetensors|h5)$")
 STAGED_FILE_STEM = "checkpoint"
 TRASH_ENTRY = "entry"
@@ -81,10 +85,11 @@ def component_problem(name: object) -> str | None:
 def split(relpath: str) -> list[str]:
     """The components of a path below the root; ``CorruptCheckpointError`` if unsafe."""
     parts = relpath.split("/")
-    for part in parts:
+    for index, part in enumerate(parts):
         problem = component_problem(part)
         if problem and not (
             STAGE_RE.match(part)
+            or (index == 0 and part == BLOBS)
             or (TMP_MARK in part and component_problem(part.replace(TMP_MARK, "-")) is None)
         ):
             raise CorruptCheckpointError(
@@ -97,6 +102,8 @@ def split(relpath: str) -> list[str]:
 
 
 __all__ = [
+    "BLOBS",
+    "BLOB_KEY_RE",
     "LOG_NAME",
     "MANIFEST_NAME",
     "MARKER",

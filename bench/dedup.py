@@ -1,0 +1,145 @@
+"""Dedup checkpoints (issue 15): bytes written, save and restore time, vs dedup off.
+
+A model of ``--mib`` MiB of float32 parameters (1024x1024 linear weights), 90% frozen,
+Adam on the trainable 10% (so a full checkpoint is 90 frozen + 10 trainable + 20
+optimizer units, of which 30 change per step), plus an EMA copy of the frozen weights
+equal to them. ``--ckpts`` checkpoints per run, one optimizer step between saves;
+``--reps`` runs, medians reported. Then the same with nothing frozen (every tensor
+changes every step): the save-time overhead of dedup when there is nothing to share.
+
+    python bench/dedup.py [--mib 256] [--ckpts 10] [--reps 3] [--dir /tmp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+
+import torch
+
+import safepoint
+
+LAYER = 1024 * 1024 * 4  # bytes of one 1024x1024 float32 weight
+
+
+def build(mib: int, frozen_share: float) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    layers = max(10, mib * (1 << 20) // LAYER)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.Linear(1024, 1024, bias=False) for _ in range(layers)))
+    n_frozen = round(layers * frozen_share)
+    for layer in list(model)[:n_frozen]:
+        layer.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(trainable, lr=1e-3)
+    for p in trainable:
+        p.grad = torch.randn_like(p)
+    return model, opt
+
+
+def state(model: torch.nn.Module, opt: torch.optim.Optimizer, ema: dict) -> dict:
+    return {"model": model.state_dict(), "optim": opt.state_dict(), "ema": ema}
+
+
+def unique_bytes(root: str) -> int:
+    """Bytes on disk of every payload file of the root, each inode once."""
+    seen: dict[int, int] = {}
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if name.startswith(".") or not os.path.isdir(path):
+            continue
+        for f in os.listdir(path):
+            st = os.stat(os.path.join(path, f))
+            if f.endswith(".safetensors"):
+                seen[st.st_ino] = st.st_size
+    return sum(seen.values())
+
+
+def run(base: str, mib: int, ckpts: int, frozen_share: float, dedup: bool) -> dict[str, float]:
+    model, opt = build(mib, frozen_share)
+    frozen = {k: v.detach() for k, v in model.named_parameters() if not v.requires_grad}
+    root = tempfile.mkdtemp(dir=base)
+    times, written, first_written = [], 0, 0
+    with safepoint.CheckpointManager(root, dedup=dedup, run_log=False) as mgr:
+        for step in range(ckpts):
+            opt.step()  # Adam moments and trainable weights change in place
+            ema = {k: v for k, v in frozen.items()}  # an EMA of frozen weights: equal
+            before = unique_bytes(root)
+            t0 = time.perf_counter()
+            mgr.save(state(model, opt, ema), step=step)
+            times.append(time.perf_counter() - t0)
+            written += unique_bytes(root) - before
+            first_written = first_written or written
+        full = sum(
+            int(f["size"]) for f in mgr.catalog.manifest(mgr.checkpoints()[-1].name).files.values()
+        )
+        t0 = time.perf_counter()
+        mgr.restore()
+        restore = time.perf_counter() - t0
+    shutil.rmtree(root)
+    changed = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad) * 3
+    return {
+        "first": times[0],
+        "later": statistics.median(times[1:]),
+        "total": sum(times),
+        "written": written,
+        # one full checkpoint (each distinct tensor once: the EMA equals the weights)
+        # plus the tensors that changed at each later step
+        "floor": first_written + (ckpts - 1) * changed,
+        "full": full,
+        "restore": restore,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mib", type=int, default=256)
+    ap.add_argument("--ckpts", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--dir", default=None)
+    args = ap.parse_args()
+    base = tempfile.mkdtemp(dir=args.dir)
+    try:
+        res: dict[tuple[float, bool], list[dict[str, float]]] = {}
+        for _ in range(args.reps):
+            for share in (0.9, 0.0):
+                for dedup in (False, True):
+                    res.setdefault((share, dedup), []).append(
+                        run(base, args.mib, args.ckpts, share, dedup)
+                    )
+
+        def med(share: float, dedup: bool, key: str) -> float:
+            return statistics.median(r[key] for r in res[(share, dedup)])
+
+        on, off = (0.9, True), (0.9, False)
+        print(f"model {args.mib} MiB, {args.ckpts} checkpoints, {args.reps} reps (medians)")
+        print(f"90% frozen, full checkpoint {med(*on, 'full') / 2**20:.0f} MiB")
+        ratio = med(*on, "written") / med(*on, "floor")
+        print(
+            f"  bytes written: dedup {med(*on, 'written') / 2**20:.0f} MiB, floor "
+            f"{med(*on, 'floor') / 2**20:.0f} MiB ({ratio:.3f}x the floor), dedup off "
+            f"{med(*off, 'written') / 2**20:.0f} MiB"
+        )
+        print(
+            f"  save: first {med(*on, 'first'):.3f} s, later {med(*on, 'later'):.3f} s "
+            f"({med(*on, 'first') / med(*on, 'later'):.1f}x faster); dedup off "
+            f"{med(*off, 'later'):.3f} s per save"
+        )
+        print(
+            f"  restore latest: dedup {med(*on, 'restore'):.3f} s, dedup off "
+            f"{med(*off, 'restore'):.3f} s"
+        )
+        print(
+            f"nothing frozen: save total dedup {med(0.0, True, 'total'):.3f} s, dedup off "
+            f"{med(0.0, False, 'total'):.3f} s "
+            f"(overhead {med(0.0, True, 'total') / med(0.0, False, 'total') - 1:+.1%})"
+        )
+    finally:
+        shutil.rmtree(base)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""The cheap-skip hints of a dedup manager: tensors provably unchanged since the last save.
+
+A torch tensor whose storage pointer, offset, shape, dtype and version counter
+(``_version``, bumped by every in-place write, optimizer steps included) are those
+of the last save holds the same bytes, so its blob is reused without hashing or
+copying. A hint is only a hint: every ``rehash_every``-th save hashes everything
+again, and a blob the store lost is written again. Numpy arrays have no version
+counter and are always hashed.
+
+Writes that bypass the version counter (through ``tensor.data``, or a numpy view of
+the tensor's memory) are invisible to the hint until the next re-hash: a program that
+changes frozen tensors that way should pass ``dedup_rehash_every=1``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from safepoint.catalog.dedup import BlobRef, write_dedup_checkpoint
+from safepoint.errors import ConfigError
+from safepoint.manager import options
+from safepoint.ondisk.manifest import Manifest
+from safepoint.state.tree import TensorLeaf
+from safepoint.storage import blobs
+from safepoint.storage.local import LocalStorage, Storage
+
+#: Every this many saves the hints are ignored and every tensor hashed.
+REHASH_EVERY = 10
+
+
+def _identity(source: Any) -> tuple[Any, ...] | None:
+    """What must not change for a torch tensor's bytes to be unchanged (None: no hint)."""
+    version = getattr(source, "_version", None)
+    if version is None or not hasattr(source, "data_ptr"):
+        return None
+    try:
+        storage = source.untyped_storage()
+        # The storage object is part of the identity and so kept alive by the hints:
+        # its address cannot be reused by another tensor while it is remembered.
+        return (
+            storage,
+            storage.data_ptr(),
+            source.data_ptr(),
+            int(version),
+            tuple(source.shape),
+            str(source.dtype),
+            str(source.device),
+        )
+    except (RuntimeError, TypeError):  # a tensor without storage (meta, sparse...)
+        return None
+
+
+def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    # the storage objects differ per call: compare what they describe (the older one
+    # is still held, so an equal address is the same memory)
+    return a[1:] == b[1:]
+
+
+class Hints:
+    """Per-key identity of each tensor at the last save, and its blob."""
+
+    def __init__(self, rehash_every: int = REHASH_EVERY) -> None:
+        self.rehash_every = max(1, rehash_every)
+        self._saves = 0
+        self._known: dict[str, tuple[tuple[Any, ...], BlobRef]] = {}
+        self._pending: dict[str, tuple[Any, ...] | None] = {}
+        self.hits = 0
+
+    def begin(self, leaves: list[TensorLeaf]) -> None:
+        """Note each leaf's identity now (at snapshot time, before any copy)."""
+        self._pending = {leaf.key: _identity(leaf.source) for leaf in leaves}
+        self._fresh = self._saves % self.rehash_every == 0
+        self._saves += 1
+        self.hits = 0
+
+    def hint(self, leaf: TensorLeaf) -> BlobRef | None:
+        if self._fresh:
+            return None
+        ident = self._pending.get(leaf.key)
+        known = self._known.get(leaf.key)
+        if ident is None or known is None or not _same(known[0], ident):
+            return None
+        self.hits += 1
+        return known[1]
+
+    def commit(self, refs: dict[str, BlobRef], identities: dict[str, Any]) -> None:
+        """Remember the blobs of a committed save under the identities noted at its start."""
+        self._known = {
+            key: (ident, refs[key])
+            for key, ident in identities.items()
+            if ident is not None and key in refs and refs[key].key
+        }
+
+    def take(self) -> dict[str, tuple[Any, ...] | None]:
+        """The identities noted by :meth:`begin` (handed to the save that uses them)."""
+        return dict(self._pending)
+
+
+__all__ = ["REHASH_EVERY", "Hints"]
+
+
+#: An in-process collection after retention keeps blobs unreferenced for less than
+#: this many seconds (another manager of this process may have just written one).
+IN_PROCESS_GRACE_S = 10.0
+
+
+class DedupSaving:
+    """The dedup save path of a manager: hints noted at snapshot time, blobs written
+    and linked at write time, unreferenced blobs collected after retention."""
+
+    def __init__(self, storage: Storage, rehash_every: int, fmt: str) -> None:
+        if fmt != "safetensors":
+            raise ConfigError(
+                "dedup=True writes safetensors blobs. Expected format='safetensors'. "
+                f"Received: format={fmt!r}. Drop format= or dedup=True."
+            )
+        if not isinstance(storage, LocalStorage):
+            raise ConfigError(
+                "dedup=True needs a local root (hard links share the bytes). Expected a "
+                f"local directory. Received: root={str(storage.root)!r}. Use dedup=False "
+                "for an object store."
+            )
+        self.storage = storage
+        self.hints = Hints(rehash_every)
+        self._identities: dict[str, tuple[Any, ...] | None] = {}
+
+    def snapshot(self, leaves: list[TensorLeaf]) -> None:
+        """Note the tensors' identities before any copy (sync or async save)."""
+        self.hints.begin(leaves)
+        self._identities = self.hints.take()
+
+    def write(self, draft: Manifest, leaves: list[TensorLeaf]) -> Manifest:
+        manifest, refs = write_dedup_checkpoint(self.storage, draft, leaves, hint=self.hints.hint)
+        self.hints.commit(refs, self._identities)
+        return manifest
+
+    def collect(self) -> None:
+        blobs.collect(str(self.storage.root), grace_s=IN_PROCESS_GRACE_S)
+
+
+def dedup_saving(storage: Storage, dedup: Any, rehash_every: Any, fmt: str) -> DedupSaving | None:
+    """The manager's dedup path for ``dedup=``/``dedup_rehash_every=`` (validated)."""
+    if not options.flag("dedup", dedup):
+        return None
+    return DedupSaving(storage, options.int_arg("dedup_rehash_every", rehash_every) or 1, fmt)
+
+
+__all__ += ["IN_PROCESS_GRACE_S", "DedupSaving", "dedup_saving"]

@@ -1,0 +1,200 @@
+"""Dedup saves (issue 15): equal bytes stored once, readers see the same state tree,
+retention frees only what no remaining checkpoint references."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import safepoint
+from safepoint.errors import ConfigError, CorruptCheckpointError
+from safepoint.ondisk.names import BLOBS
+from safepoint.storage import blobs
+from safepoint_testing import assert_same, read_manifest, write_manifest
+
+torch = pytest.importorskip("torch")
+
+
+def _model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 4))
+    model[0].requires_grad_(False)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    return model, opt
+
+
+def _step(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    opt.zero_grad()
+    model(torch.randn(4, 32)).sum().backward()
+    opt.step()
+
+
+def _state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    ema = {k: v.clone() for k, v in model.state_dict().items()}
+    return {"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema}
+
+
+def _inodes(root: Path) -> dict[int, int]:
+    """inode -> size of every payload file of every checkpoint."""
+    out = {}
+    for ckpt in root.iterdir():
+        if ckpt.name.startswith(".") or not ckpt.is_dir():
+            continue
+        for f in ckpt.iterdir():
+            if f.suffix == ".safetensors":
+                st = f.stat()
+                out[st.st_ino] = st.st_size
+    return out
+
+
+def test_same_state_loads_equal_with_and_without_dedup(tmp_path: Path) -> None:
+    model, opt = _model()
+    _step(model, opt)
+    state = {**_state(model, opt), "np": np.arange(10, dtype=np.int16), "x": 3}
+    for flag in (False, True):
+        with safepoint.CheckpointManager(tmp_path / str(flag), dedup=flag) as mgr:
+            mgr.save(state, step=1)
+    plain = safepoint.load(tmp_path / "False" / "step-00000001")
+    dedup = safepoint.load(tmp_path / "True" / "step-00000001")
+    assert_same(plain, dedup)
+    torch_plain = safepoint.load(tmp_path / "False" / "step-00000001", as_numpy=False)
+    torch_dedup = safepoint.load(tmp_path / "True" / "step-00000001", as_numpy=False)
+    assert_same(torch_plain, torch_dedup)
+
+
+def test_frozen_and_ema_stored_once(tmp_path: Path) -> None:
+    model, opt = _model()
+    with safepoint.CheckpointManager(tmp_path, dedup=True) as mgr:
+        for step in range(4):
+            _step(model, opt)
+            mgr.save(_state(model, opt), step=step)
+        hits = mgr._dedup.hints.hits if mgr._dedup else 0
+        assert hits == 2  # the frozen weight and bias skipped hashing
+        for ckpt in mgr.checkpoints():
+            restored = mgr.restore(checkpoint=ckpt.name)
+            assert restored is not None
+        assert_same(dict(_state(model, opt)["model"]), dict(mgr.restore().state["model"]))
+    frozen = model[0].weight.numel() * 4 + 1000
+    per_step = sum(v.numel() * 4 for v in model[1].state_dict().values()) * 4  # w, ema, m, v
+    total = sum(_inodes(tmp_path).values())
+    assert total < frozen + 4 * (per_step + 4000)
+    assert total < 0.5 * 4 * (frozen + per_step)
+
+
+def test_in_place_change_is_saved_not_hinted(tmp_path: Path) -> None:
+    weight = torch.zeros(100)
+    with safepoint.CheckpointManager(tmp_path, dedup=True) as mgr:
+        mgr.save({"w": weight}, step=0)
+        mgr.save({"w": weight}, step=1)
+        weight.add_(1)  # bumps the version counter
+        mgr.save({"w": weight}, step=2)
+        assert torch.equal(mgr.restore(checkpoint="step-00000001").state["w"], torch.zeros(100))
+        assert torch.equal(mgr.restore().state["w"], torch.ones(100))
+
+
+def test_write_bypassing_version_counter_caught_by_rehash_every_1(tmp_path: Path) -> None:
+    weight = torch.zeros(100)
+    with safepoint.CheckpointManager(tmp_path, dedup=True, dedup_rehash_every=1) as mgr:
+        mgr.save({"w": weight}, step=0)
+        weight.numpy()[:] = 7  # invisible to _version
+        mgr.save({"w": weight}, step=1)
+        assert torch.equal(mgr.restore().state["w"], torch.full((100,), 7.0))
+
+
+def test_retention_frees_only_unreferenced_blobs(tmp_path: Path) -> None:
+    frozen = torch.arange(1000, dtype=torch.float32)
+    with safepoint.CheckpointManager(tmp_path, dedup=True, keep=safepoint.Keep(last=2)) as mgr:
+        for step in range(5):
+            mgr.save({"frozen": frozen, "live": torch.full((500,), float(step))}, step=step)
+        assert [c.name for c in mgr.checkpoints()] == ["step-00000003", "step-00000004"]
+    # the deleted checkpoints' own blobs are unreferenced; the frozen one is not
+    live_size = (tmp_path / "step-00000004" / "model-00001.safetensors").stat().st_size
+    assert blobs.collect(str(tmp_path), grace_s=0) == (3, 3 * live_size)
+    assert len([n for n in os.listdir(tmp_path / BLOBS) if not n.startswith(".")]) == 3
+    with safepoint.CheckpointManager(tmp_path) as mgr:
+        assert all(v.error is None for v in mgr.verify())
+        assert torch.equal(mgr.restore(checkpoint="step-00000003").state["frozen"], frozen)
+
+
+def test_async_dedup_saves(tmp_path: Path) -> None:
+    frozen = torch.arange(1000, dtype=torch.float32)
+    live = torch.zeros(10)
+    with safepoint.CheckpointManager(tmp_path, dedup=True, async_save=True) as mgr:
+        for step in range(3):
+            mgr.save({"frozen": frozen, "live": live}, step=step)
+            live.add_(1)  # after the call: never in the checkpoint being saved
+        mgr.wait()
+        for step in range(3):
+            got = mgr.restore(checkpoint=f"step-{step:08d}").state
+            assert torch.equal(got["live"], torch.full((10,), float(step)))
+            assert torch.equal(got["frozen"], frozen)
+    assert len(_inodes(tmp_path)) == 4
+
+
+def test_refused_configurations(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="format='safetensors'"):
+        safepoint.CheckpointManager(tmp_path, dedup=True, format="hdf5")
+    with pytest.raises(ConfigError, match="True or False"):
+        safepoint.CheckpointManager(tmp_path, dedup=1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("key", ["../../etc/passwd", "ABC", "0" * 31, 7])
+def test_hostile_blob_key_refused(tmp_path: Path, key: object) -> None:
+    with safepoint.CheckpointManager(tmp_path, dedup=True) as mgr:
+        mgr.save({"w": torch.ones(3)}, step=0)
+    ckpt = tmp_path / "step-00000000"
+    body = read_manifest(ckpt)
+    body["files"]["model-00000.safetensors"]["blob"] = key
+    write_manifest(ckpt, body)
+    with pytest.raises(CorruptCheckpointError, match="blob key"):
+        safepoint.load(ckpt)
+
+
+def test_hostile_size_refused_before_allocation(tmp_path: Path) -> None:
+    with safepoint.CheckpointManager(tmp_path, dedup=True) as mgr:
+        mgr.save({"w": torch.ones(3)}, step=0)
+    ckpt = tmp_path / "step-00000000"
+    body = read_manifest(ckpt)
+    body["tensors"][next(iter(body["tensors"]))]["shape"] = [1 << 40]
+    write_manifest(ckpt, body)
+    with pytest.raises(CorruptCheckpointError, match="more bytes than the file holds"):
+        safepoint.load(ckpt)
+
+
+def test_damaged_blob_named_in_every_sharing_checkpoint(tmp_path: Path) -> None:
+    frozen = torch.arange(1000, dtype=torch.float32)
+    with safepoint.CheckpointManager(tmp_path, dedup=True) as mgr:
+        for step in range(2):
+            mgr.save({"frozen": frozen}, step=step)
+    name = json.loads((tmp_path / "step-00000000" / "manifest.json").read_text())["files"]
+    key = name["model-00000.safetensors"]["blob"]
+    path = tmp_path / BLOBS / key
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:  # in place: every link sees it
+        f.write(data)
+    with safepoint.CheckpointManager(tmp_path) as mgr:
+        errors = [v.error for v in mgr.verify()]
+    assert all(e is not None and "model-00000.safetensors" in str(e) for e in errors)
+
+
+def test_a_key_collision_never_substitutes_content(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safepoint.catalog import dedup
+
+    monkeypatch.setattr(dedup, "blob_key", lambda head, buf: "ab" * 16)  # every key collides
+    a, b = torch.zeros(100), torch.ones(100)
+    with safepoint.CheckpointManager(tmp_path, dedup=True) as mgr:
+        mgr.save({"a": a, "b": b, "a2": a.clone()}, step=0)
+        got = mgr.restore().state
+        assert torch.equal(got["a"], a) and torch.equal(got["b"], b)
+        assert torch.equal(got["a2"], a)
+        assert all(v.error is None for v in mgr.verify())
+    files = read_manifest(tmp_path / "step-00000000")["files"]
+    assert sorted("blob" in info for info in files.values()) == [False, True, True]
