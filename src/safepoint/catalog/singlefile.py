@@ -82,12 +82,20 @@ def is_single_file(storage: Storage, name: str) -> bool:
     try:
         if not stat.S_ISREG(os.lstat(path).st_mode):
             return False
+        if name.endswith(".ckpt") and not _is_zip(path):
+            return False  # a legacy torch.save pickle (Lightning's own): not ours
         manifest_bytes(storage, name)
     except OSError:  # no embedded manifest (FileNotFoundError), or unreadable
         return False
     except SafepointError:
         return True
     return True
+
+
+def _is_zip(path: str) -> bool:
+    """Whether the file begins like a zip (a ``.ckpt`` is ours only if it is one)."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def _path(storage: Storage, name: str) -> str:
