@@ -19,6 +19,7 @@ and puts them back when a fit resumes, so a run resumed mid-epoch with a
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from safepoint.errors import ConfigError
@@ -75,6 +76,13 @@ class ModelCheckpoint(BaseModelCheckpoint):  # type: ignore[misc]
         install(trainer)
         super().setup(trainer, pl_module, stage)
 
+    def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
+        """Lightning's save, with the plugin installed first: a save called before
+        ``setup`` (Lightning's tests call ``_save_last_checkpoint`` directly) must not
+        fall back to ``torch.save``."""
+        install(trainer)
+        super()._save_checkpoint(trainer, filepath)
+
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
         checkpoint[KEY] = {
@@ -107,9 +115,13 @@ class ModelCheckpoint(BaseModelCheckpoint):  # type: ignore[misc]
                 sampler.load_state_dict(state)
         RNGState().load_state_dict(resume["rng"])
 
-    def _link_checkpoint(self, trainer: Any, filepath: str, linkpath: str) -> None:
-        if trainer.is_global_zero and filepath != linkpath:
-            self._save_checkpoint(trainer, linkpath)
+    @staticmethod
+    def _link_checkpoint(trainer: Any, filepath: str, linkpath: str) -> None:
+        """A full copy, committed, in place of Lightning's symlink (a static method, as
+        Lightning's: its tests call ``ModelCheckpoint._link_checkpoint(trainer, ...)``)."""
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            plugin = install(trainer)
+            plugin.save_checkpoint(plugin.load_checkpoint(filepath), linkpath)
         trainer.strategy.barrier()
 
 
