@@ -154,3 +154,22 @@ def test_another_checkpoint_io_is_not_silently_replaced(tmp_path):
                    callbacks=[trainer(tmp_path).checkpoint_callback])  # fmt: skip
     with pytest.raises(ConfigError, match=r"safepoint\.lightning\.CheckpointIO"):
         t.fit(Model(), data())
+
+
+def test_a_save_before_setup_and_a_static_link_are_safepoint_files(tmp_path):
+    # Lightning's own suite calls these directly, before any setup: neither may fall
+    # back to torch.save (a pickle) nor to a symlink that retention could leave dangling.
+    from safepoint.lightning import ModelCheckpoint
+
+    mc = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    mc.CHECKPOINT_NAME_LAST = "{foo}-last"
+    t = pl.Trainer(callbacks=[mc], accelerator="cpu", logger=False, enable_progress_bar=False)
+    t.strategy.connect(Model())
+    mc._save_last_checkpoint(t, {"foo": torch.tensor(1)})
+    assert os.listdir(tmp_path) == ["foo=1-last.ckpt"]
+    full = str(tmp_path / "foo=1-last.ckpt")
+    assert safepoint.load(full)["callbacks"][mc.state_key]["last_model_path"] == full
+    ModelCheckpoint._link_checkpoint(t, full, str(tmp_path / "copy.ckpt"))
+    assert not os.path.islink(tmp_path / "copy.ckpt")
+    assert safepoint.load(tmp_path / "copy.ckpt")["global_step"] == 0
+    assert sorted(os.listdir(tmp_path)) == ["copy.ckpt", "foo=1-last.ckpt"]

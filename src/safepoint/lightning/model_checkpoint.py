@@ -68,13 +68,20 @@ def _samplers(trainer: Any) -> list[ResumableSampler]:
 class ModelCheckpoint(BaseModelCheckpoint):  # type: ignore[misc]
     """Lightning's ``ModelCheckpoint`` (same arguments), writing safepoint files."""
 
-    # No __init__ of its own: Lightning's signature stays what LightningCLI and
-    # jsonargparse introspect.
-    _resume: dict[str, Any] | None = None
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._resume: dict[str, Any] | None = None
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         install(trainer)
         super().setup(trainer, pl_module, stage)
+
+    def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
+        """Lightning's save, with the plugin installed first: a save called before
+        ``setup`` (Lightning's tests call ``_save_last_checkpoint`` directly) must not
+        fall back to ``torch.save``."""
+        install(trainer)
+        super()._save_checkpoint(trainer, filepath)
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
@@ -110,13 +117,11 @@ class ModelCheckpoint(BaseModelCheckpoint):  # type: ignore[misc]
 
     @staticmethod
     def _link_checkpoint(trainer: Any, filepath: str, linkpath: str) -> None:
-        """``save_last="link"``: a full, committed ``last.ckpt`` rather than a symlink
-        (a link dangles once retention removes its target). Written right after
-        ``filepath`` from the same trainer state, so it holds the same checkpoint."""
+        """A full copy, committed, in place of Lightning's symlink (a static method, as
+        Lightning's: its tests call ``ModelCheckpoint._link_checkpoint(trainer, ...)``)."""
         if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
-            callback = trainer.checkpoint_callback
-            weights_only = bool(getattr(callback, "save_weights_only", False))
-            trainer.save_checkpoint(linkpath, weights_only)
+            plugin = install(trainer)
+            plugin.save_checkpoint(plugin.load_checkpoint(filepath), linkpath)
         trainer.strategy.barrier()
 
 
