@@ -28,7 +28,7 @@ from safepoint.catalog.series import check_monitor, next_seq
 from safepoint.checkpoint import Checkpoint, Verification
 from safepoint.errors import CheckpointNotFoundError, ConfigError
 from safepoint.formats import shards
-from safepoint.manager import options
+from safepoint.manager import coordination, options
 from safepoint.manager.file_saving import FileSaving
 from safepoint.manager.history import History
 from safepoint.manager.options import int_arg, metrics_arg
@@ -74,7 +74,10 @@ class CheckpointManager(FileSaving):
         shard_bytes: int = formats.SHARD_BYTES,
         storage_options: Mapping[str, Any] | None = None,
         run_log: bool = True,
+        group: Any = None,
     ) -> None:
+        #: Multi-rank saves and restores (see safepoint.manager.coordination); None: one process.
+        self.collective = coordination.find(group)
         self.storage: Storage = options.storage_for(root, storage_options)
         self.template = NameTemplate(name)
         #: Retention only ever considers checkpoints of this series (recorded in each
@@ -165,6 +168,8 @@ class CheckpointManager(FileSaving):
         """
         if self._closed:
             raise ConfigError("This CheckpointManager is closed. Create a new one to save.")
+        if self.collective is not None:
+            return self.collective.save(self, state, step=step, epoch=epoch, metrics=metrics)
         waited = self._worker.wait()  # at most one save in flight; raises its error
         if waited > 0.001:
             log.info("safepoint: save() waited %.3f s for the previous async save", waited)
@@ -352,6 +357,10 @@ class CheckpointManager(FileSaving):
             raise ConfigError(
                 "restore(checkpoint='best') needs a monitor. Received: monitor=None. "
                 "Create the manager with monitor='val_loss' (or the metric you track)."
+            )
+        if self.collective is not None:
+            return self.collective.restore(
+                self, state, checkpoint=checkpoint, strict=strict, missing_ok=missing_ok
             )
         recover = getattr(self.storage, "recover", None)
         if recover is not None:
