@@ -33,9 +33,7 @@ STEPS, SAVE_AT = 6, 3
 def build(world: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(1234)
     # 7 and 5 rows: uneven shards over 2, 3 and 4 ranks
-    model = torch.nn.Sequential(
-        torch.nn.Linear(6, 7), torch.nn.Dropout(0.2), torch.nn.Linear(7, 5)
-    )
+    model = torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Dropout(0.2), torch.nn.Linear(7, 5))
     if world > 1:
         mesh = init_device_mesh("cpu", (world,))
         for layer in (model[0], model[2]):

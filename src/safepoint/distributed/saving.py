@@ -110,7 +110,7 @@ def write_boxes(
                     "file": fname,
                     "begin": pos,
                     "end": pos + buf.nbytes,
-                    checksum.ALGORITHM: checksum.digest_bytes(buf),
+                    checksum.ALGORITHM: checksum.digest_bytes(buf),  # type: ignore[arg-type]
                 }
             )
             pos += buf.nbytes
@@ -138,7 +138,7 @@ def save(
     coord: Coordinator, mgr: Any, state: Any, *, step: Any, epoch: Any, metrics: Any
 ) -> Checkpoint:
     """The collective save (see the module docstring); call it on every rank."""
-    rank, world = coord.rank, coord.world_size
+    rank = coord.rank
     started = time.perf_counter()
     problem: str | None = None
     header: dict[str, Any] | None = None

@@ -57,6 +57,8 @@ def problem(entry: dict[str, Any], files: dict[str, Any], itemsize: int) -> str 
         fname, begin, end = chunk.get("file"), chunk.get("begin"), chunk.get("end")
         if not isinstance(fname, str) or fname not in files:
             return "a chunk lives in an unlisted file"
+        if not isinstance(begin, int) or not isinstance(end, int):
+            return "chunk byte ranges must be integers"
         if not _uint(begin) or not _uint(end) or end < begin:
             return "chunk byte ranges must be non-negative with begin <= end"
         if end - begin != math.prod(sizes) * itemsize:
