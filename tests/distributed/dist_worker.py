@@ -4,7 +4,7 @@ env:// variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) set by the test.
 Modes: ``train`` (FSDP2 run of STEPS steps, saves at SAVE_AT, writes the final weights),
 ``resume`` (restores the latest checkpoint and finishes the same run), ``snapshot``
 (saves the state once and writes the full state it saved), ``load`` (restores onto this
-world size and writes the full state it got), ``hang`` (a save where rank KILL_RANK
+world size and writes the full state it got), ``dcpload`` (loads a DCP checkpoint of DCP_DIR), ``hang`` (a save where rank KILL_RANK
 waits to be killed before the vote).
 """
 
@@ -17,6 +17,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -111,13 +112,27 @@ def main() -> None:
     elif mode == "snapshot":
         for _ in range(2):
             train_step(model, optim)
-        state = state_of(model, optim, 2)
-        mgr.save(state, step=2)
+        step = int(os.environ.get("SP_STEP", "2"))
+        for _ in range(step - 2):
+            train_step(model, optim)
+        state = state_of(model, optim, step)
+        mgr.save(state, step=step)
+        if "DCP_DIR" in os.environ:
+            dcp.save(
+                {"model": state["model"], "optim": state["optim"]},
+                checkpoint_id=os.environ["DCP_DIR"],
+            )
         dump(state, out)
     elif mode == "load":
         state = state_of(model, optim, 0)
         mgr.restore(state)
         dump(state, out)
+    elif mode == "dcpload":
+        state = state_of(model, optim, 0)
+        ref = {"model": state["model"], "optim": state["optim"]}
+        dcp.load(ref, checkpoint_id=os.environ["DCP_DIR"])
+        set_state_dict(model, optim, model_state_dict=ref["model"], optim_state_dict=ref["optim"])
+        dump(state_of(model, optim, 0), out)
     elif mode == "hang":
         kill = int(os.environ["KILL_RANK"])
         for _ in range(2):

@@ -51,7 +51,7 @@ def launch(mode: str, world: int, root: Path, out: Path, **env: str) -> list[sub
     return procs
 
 
-def run(mode: str, world: int, root: Path, out: Path, **env: str) -> None:
+def run(mode: str, world: int, root: Path, out: Path, **env: str) -> str:
     procs = launch(mode, world, root, out, **env)
     logs = []
     for p in procs:
@@ -59,6 +59,7 @@ def run(mode: str, world: int, root: Path, out: Path, **env: str) -> None:
         logs.append(text.decode(errors="replace"))
     for p, text in zip(procs, logs, strict=True):
         assert p.returncode == 0, text[-3000:]
+    return "".join(logs)
 
 
 def same(a: Path, b: Path) -> None:
@@ -119,3 +120,27 @@ def test_sigkill_before_vote_commits_nothing(tmp_path: Path) -> None:
     assert "within 5 s" in err or "failed" in err, err
     listed = [n for n in os.listdir(root) if not n.startswith(".")] if root.exists() else []
     assert not any(n.startswith("step-") for n in listed), (listed, text)
+
+
+@pytest.mark.e2e
+def test_corrupt_shard_is_named_and_restore_falls_back(tmp_path: Path) -> None:
+    root = tmp_path / "ckpt"
+    run("snapshot", 2, root, tmp_path / "old.npz")
+    run("snapshot", 2, root, tmp_path / "new.npz", SP_STEP="4")
+    shard = root / "step-00000004" / "rank-00001.bin"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    logs = run("load", 2, root, tmp_path / "loaded.npz")
+    assert "skipping step-00000004" in logs and "rank-00001.bin" in logs, logs[-2000:]
+    same(tmp_path / "old.npz", tmp_path / "loaded.npz")
+
+
+@pytest.mark.e2e
+def test_dcp_reference_loads_equal(tmp_path: Path) -> None:
+    root, ref = tmp_path / "ckpt", tmp_path / "dcp"
+    run("snapshot", 2, root, tmp_path / "saved.npz", DCP_DIR=str(ref))
+    run("load", 2, root, tmp_path / "ours.npz")
+    run("dcpload", 2, root, tmp_path / "theirs.npz", DCP_DIR=str(ref))
+    same(tmp_path / "saved.npz", tmp_path / "ours.npz")
+    same(tmp_path / "theirs.npz", tmp_path / "ours.npz")
