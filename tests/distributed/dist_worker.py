@@ -4,8 +4,8 @@ env:// variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) set by the test.
 Modes: ``train`` (FSDP2 run of STEPS steps, saves at SAVE_AT, writes the final weights),
 ``resume`` (restores the latest checkpoint and finishes the same run), ``snapshot``
 (saves the state once and writes the full state it saved), ``load`` (restores onto this
-world size and writes the full state it got), ``dcpload`` (loads a DCP checkpoint of DCP_DIR), ``hang`` (a save where rank KILL_RANK
-waits to be killed before the vote).
+world size and writes the full state it got), ``dcpload`` (loads a DCP checkpoint of
+DCP_DIR), ``hang`` (a save where rank KILL_RANK waits to be killed before the vote).
 """
 
 from __future__ import annotations
