@@ -144,3 +144,19 @@ def test_dcp_reference_loads_equal(tmp_path: Path) -> None:
     run("dcpload", 2, root, tmp_path / "theirs.npz", DCP_DIR=str(ref))
     same(tmp_path / "saved.npz", tmp_path / "ours.npz")
     same(tmp_path / "theirs.npz", tmp_path / "ours.npz")
+
+
+@pytest.mark.e2e
+def test_ddp_replicas_are_written_once_spread_over_ranks(tmp_path: Path) -> None:
+    import json
+
+    root = tmp_path / "ckpt"
+    run("snapshot", 2, root, tmp_path / "saved.npz", DDP="1")
+    ckpt = root / "step-00000002"
+    found = json.loads((ckpt / "manifest.json").read_text())
+    weights = [e for k, e in found["tensors"].items() if not k.startswith("@")]
+    assert all(len(e["chunks"]) == 1 for e in weights)  # each replica written once
+    owners = {e["chunks"][0]["file"] for e in weights}
+    assert owners == {"rank-00000.bin", "rank-00001.bin"}  # and spread over both ranks
+    run("load", 1, root, tmp_path / "loaded.npz")
+    same(tmp_path / "saved.npz", tmp_path / "loaded.npz")
