@@ -31,6 +31,7 @@ from safepoint.errors import (
     ConfigError,
     CorruptCheckpointError,
     SafepointError,
+    StateMismatchError,
 )
 from safepoint.ondisk import chunks
 from safepoint.state.loading import restore_into
@@ -189,7 +190,13 @@ def restore(
                 _apply(coord, state, loaded, strict=strict)
             return replace(ckpt, state=loaded)
         text = "; ".join(f"rank {r}: {p[1]}" for r, p in bad)
-        if checkpoint != "latest" or any(p[0] for _, p in bad):
+        if any(p[0] for _, p in bad):
+            raise StateMismatchError(
+                f"Restoring {name!r} into the given state failed. Expected a state that "
+                f"fits the checkpoint on every rank. Received: {text}. Build the state as "
+                "it was saved (same keys, shapes, dtypes)."
+            )
+        if checkpoint != "latest":
             raise CorruptCheckpointError(
                 f"Restoring {name!r} failed. Expected every rank to read its part. "
                 f"Received: {text}. Restore another checkpoint.",
