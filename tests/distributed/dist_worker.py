@@ -116,7 +116,19 @@ def main() -> None:
         for _ in range(step - 2):
             train_step(model, optim)
         state = state_of(model, optim, step)
-        mgr.save(state, step=step)
+        fail = os.environ.get("FAIL")
+        if fail and rank == 1:
+            state["extra"] = object() if fail == "value" else torch.zeros(3)
+        elif fail:
+            state["extra"] = torch.zeros(2)
+        try:
+            mgr.save(state, step=step)
+        except safepoint.SafepointError as exc:
+            if not fail:
+                raise
+            with open(out + f".err{rank}", "w") as f:
+                f.write(f"{type(exc).__name__}: {exc}")
+            return
         if "DCP_DIR" in os.environ:
             dcp.save(
                 {"model": state["model"], "optim": state["optim"]},

@@ -160,3 +160,13 @@ def test_ddp_replicas_are_written_once_spread_over_ranks(tmp_path: Path) -> None
     assert owners == {"rank-00000.bin", "rank-00001.bin"}  # and spread over both ranks
     run("load", 1, root, tmp_path / "loaded.npz")
     same(tmp_path / "saved.npz", tmp_path / "loaded.npz")
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("fail", ["value", "shape"])
+def test_a_failing_rank_fails_every_rank_the_same(tmp_path: Path, fail: str) -> None:
+    root, out = tmp_path / "ckpt", tmp_path / "out"
+    run("snapshot", 2, root, out, FAIL=fail)
+    errors = [Path(f"{out}.err{r}").read_text() for r in range(2)]
+    assert errors[0] == errors[1] and "rank 1" in errors[0], errors
+    assert not [n for n in os.listdir(root) if n.startswith(("step-", ".sp"))]

@@ -38,15 +38,17 @@ def without_chunked(found: Manifest) -> Manifest:
     )
 
 
-def read_chunk(storage: Storage, name: str, chunk: dict[str, Any]) -> bytearray:
+def read_chunk(storage: Storage, name: str, chunk: dict[str, Any]) -> np.ndarray:
     """One chunk's verified bytes (writable: torch takes them without a copy)."""
     relpath = f"{name}/{chunk['file']}"
     begin, end = int(chunk["begin"]), int(chunk["end"])
-    data = bytearray(end - begin)  # bounded by the file's size (validated manifest)
+    # Bounded by the file's size (validated manifest); not zero-filled: every byte is
+    # read into it, or the read fails.
+    data = np.empty(end - begin, dtype=np.uint8)
     got = 0
     with storage.open_read(relpath) as f:
         f.seek(begin)
-        view = memoryview(data)
+        view = memoryview(data.data).cast("B")
         readinto = getattr(f, "readinto", None)  # a file; an object store's reader may lack it
         while got < len(data):
             if readinto is not None:
@@ -69,7 +71,7 @@ def read_chunk(storage: Storage, name: str, chunk: dict[str, Any]) -> bytearray:
     checksum.check(
         f"{relpath} (bytes {begin}-{end})",
         expected=chunk[checksum.ALGORITHM],
-        actual=checksum.digest_bytes(data),  # type: ignore[arg-type]
+        actual=checksum.digest_bytes(data.data),  # type: ignore[arg-type]
     )
     return data
 
@@ -89,7 +91,7 @@ def read_box(
     for chunk in entry[chunks.KEY]:
         if chunk["offsets"] == list(offsets) and chunk["sizes"] == list(sizes):
             # the box is one saved chunk (a restore on the saving world size): no copy
-            return np.frombuffer(read_chunk(storage, name, chunk), dtype=np.uint8)
+            return read_chunk(storage, name, chunk)
     out = np.zeros(tuple(sizes), dtype=item)
     for chunk in entry[chunks.KEY]:
         co, cs = chunk["offsets"], chunk["sizes"]
@@ -97,7 +99,7 @@ def read_box(
         hi = [min(a + x, b + y) for a, x, b, y in zip(offsets, sizes, co, cs, strict=True)]
         if any(h <= low for low, h in zip(lo, hi, strict=True)):
             continue
-        data = np.frombuffer(read_chunk(storage, name, chunk), dtype=item).reshape(tuple(cs))
+        data = read_chunk(storage, name, chunk).view(item).reshape(tuple(cs))
         src = tuple(slice(low - b, h - b) for low, h, b in zip(lo, hi, co, strict=True))
         dst = tuple(slice(low - b, h - b) for low, h, b in zip(lo, hi, offsets, strict=True))
         out[dst] = data[src]

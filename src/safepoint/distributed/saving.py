@@ -159,7 +159,12 @@ def save(
             header = _header(mgr, step, epoch, metrics)
     except Exception as exc:  # every rank must hear of it, or the others would wait
         problem = f"{type(exc).__name__}: {exc}"
-    got = coord.exchange_json({"error": problem, "header": header})
+    try:
+        got = coord.exchange_json({"error": problem, "header": header})
+    except BaseException:
+        if header is not None:  # rank 0: a rank died before the header reached it
+            mgr.storage.discard(header["staged"])
+        raise
     errors = [f"rank {r}: {g['error']}" for r, g in enumerate(got) if g["error"]]
     header = got[0]["header"]
     if errors:
@@ -170,7 +175,7 @@ def save(
             f"state on every rank. Received: {'; '.join(errors)}. Fix the cause named above."
         )
     assert header is not None
-    staged, name = header["staged"], header["name"]
+    staged = header["staged"]
     try:
         return _write_and_commit(
             coord,
@@ -190,8 +195,6 @@ def save(
         if rank == 0:
             mgr.storage.discard(staged)
         raise
-    finally:
-        del name
 
 
 def _write_and_commit(
