@@ -58,6 +58,9 @@ class CheckpointManager(FileSaving):
     ``monitor``/``mode`` define "best"; ``keep`` is a :class:`~safepoint.Keep` policy
     (``None`` keeps everything); ``format`` is ``"safetensors"`` or ``"hdf5"``;
     ``run_log=False`` writes no run log into the root (a folder other tools list).
+    ``group``: with ``safepoint.distributed`` imported, ``save``/``restore`` are
+    collective over this process group (default: the active one when it has more than
+    one rank); see ``docs/distributed.md``.
     """
 
     def __init__(
