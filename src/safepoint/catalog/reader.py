@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from safepoint import formats
-from safepoint.catalog import singlefile
+from safepoint.catalog import chunked, singlefile
 from safepoint.errors import (
     CheckpointNotFoundError,
     ConfigError,
@@ -209,7 +209,8 @@ def _payloads(
     except ConfigError as exc:  # its reader is not installed (h5py): this process cannot
         raise IncompatibleCheckpointError(str(exc)) from exc  # read it; an older one may
     try:
-        raw = fmt.read(storage, name, found, lazy=lazy and fmt.lazy)
+        raw = fmt.read(storage, name, chunked.without_chunked(found), lazy=lazy and fmt.lazy)
+        raw.update(chunked.read_whole(storage, name, found))  # a multi-rank save's tensors
     except FileNotFoundError as exc:
         _raise_if_deleted(storage, name)
         # A payload the manifest lists is gone: the checkpoint is damaged, and

@@ -28,7 +28,7 @@ from safepoint.catalog.series import check_monitor, next_seq
 from safepoint.checkpoint import Checkpoint, Verification
 from safepoint.errors import CheckpointNotFoundError, ConfigError
 from safepoint.formats import shards
-from safepoint.manager import options
+from safepoint.manager import coordination, options
 from safepoint.manager.dedup import REHASH_EVERY, dedup_saving
 from safepoint.manager.file_saving import FileSaving
 from safepoint.manager.history import History
@@ -59,7 +59,10 @@ class CheckpointManager(FileSaving):
     ``monitor``/``mode`` define "best"; ``keep`` is a :class:`~safepoint.Keep` policy
     (``None`` keeps everything); ``format`` is ``"safetensors"`` or ``"hdf5"``;
     ``run_log=False`` writes no run log into the root (a folder other tools list);
-    ``dedup=True`` stores each distinct tensor once per root (docs/dedup.md).
+    ``dedup=True`` stores each distinct tensor once per root (docs/dedup.md);
+    ``group``: with ``safepoint.distributed`` imported, ``save``/``restore`` are
+    collective over this process group (default: the active one when it has more than
+    one rank); see ``docs/distributed.md``.
     """
 
     def __init__(
@@ -78,7 +81,10 @@ class CheckpointManager(FileSaving):
         run_log: bool = True,
         dedup: bool = False,
         dedup_rehash_every: int = REHASH_EVERY,
+        group: Any = None,
     ) -> None:
+        #: Multi-rank saves and restores (see safepoint.manager.coordination); None: one process.
+        self.collective = coordination.find(group)
         self.storage: Storage = options.storage_for(root, storage_options)
         self.template = NameTemplate(name)
         #: Retention only ever considers checkpoints of this series (recorded in each
@@ -171,6 +177,8 @@ class CheckpointManager(FileSaving):
         """
         if self._closed:
             raise ConfigError("This CheckpointManager is closed. Create a new one to save.")
+        if self.collective is not None:
+            return self.collective.save(self, state, step=step, epoch=epoch, metrics=metrics)
         waited = self._worker.wait()  # at most one save in flight; raises its error
         if waited > 0.001:
             log.info("safepoint: save() waited %.3f s for the previous async save", waited)
@@ -367,6 +375,10 @@ class CheckpointManager(FileSaving):
             raise ConfigError(
                 "restore(checkpoint='best') needs a monitor. Received: monitor=None. "
                 "Create the manager with monitor='val_loss' (or the metric you track)."
+            )
+        if self.collective is not None:
+            return self.collective.restore(
+                self, state, checkpoint=checkpoint, strict=strict, missing_ok=missing_ok
             )
         recover = getattr(self.storage, "recover", None)
         if recover is not None:

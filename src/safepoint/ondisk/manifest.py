@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from safepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError
-from safepoint.ondisk import checksum
+from safepoint.ondisk import checksum, chunks
 from safepoint.ondisk.names import BLOB_KEY_RE, component_problem
 from safepoint.state import dtypes
 from safepoint.state import metrics as metriccodec
@@ -300,6 +300,8 @@ def _from_body(body: dict[str, Any], where: str) -> Manifest:
     per_file: dict[str, int] = {}
     for key, entry in tensors.items():
         _check_tensor(key, entry, files, where)
+        if chunks.is_chunked(entry):  # a multi-rank save's tensor: checked by its chunks
+            continue
         per_file[entry["file"]] = per_file.get(entry["file"], 0) + tensor_nbytes(entry)
     for fname, total in per_file.items():
         # A shape bomb declares more elements than the file can hold: refuse it here,
@@ -346,6 +348,9 @@ def _decode_metrics(node: Any, where: str) -> dict[str, Any]:
 def _check_tensor(key: Any, entry: Any, files: dict[str, Any], where: str) -> None:
     if not isinstance(entry, dict):
         raise _fail(where, "tensor entries must be objects", entry)
+    if chunks.is_chunked(entry):
+        _check_chunked(key, entry, files, where)
+        return
     if not isinstance(entry.get("file"), str) or entry["file"] not in files:
         raise _fail(where, f"tensor {key!r} lives in an unlisted file", entry.get("file"))
     if not isinstance(entry.get("name"), str):
@@ -362,6 +367,22 @@ def _check_tensor(key: Any, entry: Any, files: dict[str, Any], where: str) -> No
         raise _fail(where, f"tensor {key!r} lib must be one of {LIBS}", entry.get("lib"))
     if entry["lib"] == "numpy-scalar" and shape:
         raise _fail(where, f"tensor {key!r} is a scalar with a shape", shape)
+
+
+def _check_chunked(key: Any, entry: dict[str, Any], files: dict[str, Any], where: str) -> None:
+    dt = dtypes.lookup(entry.get("dtype"), where=f"{where} tensor {key!r}")
+    shape = entry.get("shape")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape)
+    ):
+        raise _fail(where, f"tensor {key!r} shape must be a list of non-negative ints", shape)
+    if entry.get("lib") not in LIBS:
+        raise _fail(where, f"tensor {key!r} lib must be one of {LIBS}", entry.get("lib"))
+    why = chunks.problem(entry, files, dt.itemsize)
+    if why is not None:
+        raise _fail(where, f"tensor {key!r}: {why}", entry.get(chunks.KEY))
 
 
 def tensor_nbytes(entry: dict[str, Any]) -> int:

@@ -264,6 +264,44 @@ class ResumableSampler(Sampler[int]):
             out["torch_rng"] = torch.get_rng_state()
         return out
 
+    @staticmethod
+    def resplit(saved: list[dict[str, Any]], rank: int, num_replicas: int) -> dict[str, Any]:
+        """Rank ``rank`` of ``num_replicas``'s state from the states all old ranks saved.
+
+        For a restore on another world size (``PerRank(sampler, reshard=
+        ResumableSampler.resplit)``): rank ``r`` of ``R`` reads ``order[r::R]`` of the
+        epoch's global order, so after ``p`` samples each the first ``p * R`` of it are
+        consumed. The new ranks continue from there (``order[p*R + r'::R']``), which is
+        the same global sample order when the global batch is unchanged, i.e. when
+        ``p * R`` divides by the new world size. The torch generator rewind of a resumed
+        pass does not carry over (there is no old rank ``r'`` to take it from).
+        """
+        if not saved or not all(isinstance(s, dict) for s in saved):
+            raise StateMismatchError(
+                "Re-splitting a ResumableSampler failed. Expected the list of every old "
+                f"rank's state. Received: {saved!r:.200}. Pass what PerRank saved."
+            )
+        first = saved[0]
+        keys = ("epoch", "position", "size", "seed", "shuffle", "drop_last")
+        if any(s.get(k) != first.get(k) for s in saved for k in keys):
+            raise StateMismatchError(
+                "Re-splitting a ResumableSampler failed: the old ranks were at different "
+                "positions. Expected ranks in lockstep. Received: "
+                f"{[(s.get('epoch'), s.get('position')) for s in saved]}. Restore on the "
+                "old world size instead."
+            )
+        consumed = int(first["position"]) * len(saved)
+        if consumed % num_replicas:
+            raise StateMismatchError(
+                f"Re-splitting a ResumableSampler failed: {consumed} samples of the epoch "
+                f"were consumed, which {num_replicas} ranks cannot continue evenly. "
+                "Expected the same global batch size. Received: "
+                f"num_replicas={num_replicas}. Resume on a world size that divides it."
+            )
+        out = {k: first[k] for k in keys}
+        out.update(position=consumed // num_replicas, num_replicas=num_replicas, rank=rank)
+        return out
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or not {"epoch", "position"} <= set(state):
             raise StateMismatchError(
