@@ -29,9 +29,12 @@ test: install lint
 # The edit-test loop: everything but the end-to-end runs (marker e2e: processes killed
 # and resumed, real training, concurrency races, the S3 server), the few heavy single
 # tests and the long variants, on both cores, with a quarter of the Hypothesis examples.
+# The folders whose every test is e2e are not even collected (importing Lightning and
+# transformers alone costs seconds per worker).
 # `make test` runs it all, serially, at full counts.
 test-fast: install
-	SAFEPOINT_HYPOTHESIS_PROFILE=fast $(PY) -m pytest -q -n 2 -m "not e2e and not heavy and not slow and not fuzz"
+	SAFEPOINT_HYPOTHESIS_PROFILE=fast $(PY) -m pytest -q -n 2 -m "not e2e and not heavy and not slow and not fuzz" \
+		--ignore=tests/s3 --ignore=tests/lightning --ignore=tests/transformers
 
 # The main job: train, crash with SIGKILL mid-run, resume, and check the result is
 # bit-identical to an uninterrupted run.

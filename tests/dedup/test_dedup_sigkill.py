@@ -59,6 +59,7 @@ def _check(root: Path) -> None:
         assert all(v.error is None for v in mgr.verify())
 
 
+@pytest.mark.e2e
 def test_sigkill_during_dedup_saves(tmp_path: Path) -> None:
     _kill_loop(tmp_path / "run", 4, async_save=False, seed=1)
 

@@ -27,3 +27,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if str(item.path).startswith(here):
             for spec in _LIGHTNING_NOISE:
                 item.add_marker(pytest.mark.filterwarnings(spec))
+    mark_training_e2e(items, here)
+
+
+def mark_training_e2e(items: list[pytest.Item], here: str) -> None:
+    """Every test here trains a real model: the e2e set (``make test`` runs it,
+    ``make test-fast`` leaves it out)."""
+    for item in items:
+        if str(item.path).startswith(here):
+            item.add_marker(pytest.mark.e2e)

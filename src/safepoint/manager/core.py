@@ -25,21 +25,22 @@ from safepoint import formats
 from safepoint.catalog.directory import write_checkpoint
 from safepoint.catalog.index import Catalog
 from safepoint.catalog.series import check_monitor, next_seq
-from safepoint.checkpoint import Checkpoint, Verification
+from safepoint.checkpoint import Checkpoint
 from safepoint.errors import CheckpointNotFoundError, ConfigError
 from safepoint.formats import shards
 from safepoint.manager import coordination, options
 from safepoint.manager.dedup import REHASH_EVERY, dedup_saving
 from safepoint.manager.file_saving import FileSaving
 from safepoint.manager.history import History
+from safepoint.manager.listing import Listing
 from safepoint.manager.options import int_arg, metrics_arg
 from safepoint.manager.pruning import Pruner
 from safepoint.manager.writer_lock import WriterLock
-from safepoint.monitor import metric_value, resolve_mode
+from safepoint.monitor import resolve_mode
 from safepoint.ondisk.manifest import Manifest, now
 from safepoint.ondisk.template import NameTemplate, bounded
 from safepoint.preemption import DEFAULT_SIGNALS, SaveOnSignal
-from safepoint.retention import Keep, rank_best
+from safepoint.retention import Keep
 from safepoint.state.loading import restore_into
 from safepoint.state.tree import TensorLeaf, flatten
 from safepoint.storage.local import Storage
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("safepoint")
 
 
-class CheckpointManager(FileSaving):
+class CheckpointManager(Listing, FileSaving):
     """Save and restore a run's checkpoints under one root, crash-safely.
 
     ``name`` is a ``str.format`` template over ``step``, ``epoch`` and metrics;
@@ -138,21 +139,6 @@ class CheckpointManager(FileSaving):
                 self._history.flush()
                 self._staging.release()
                 self._lock.close()
-
-    # -- listing -----------------------------------------------------------------------
-    def checkpoints(self) -> list[Checkpoint]:
-        """Committed checkpoints, oldest first (by the manifest's ``seq``)."""
-        return self.catalog.checkpoints()
-
-    def latest(self) -> Checkpoint | None:
-        """The newest committed checkpoint, or None."""
-        found = self.checkpoints()
-        return found[-1] if found else None
-
-    def best(self) -> Checkpoint | None:
-        """The committed checkpoint with the best monitored metric, or None."""
-        ranked = rank_best(self.checkpoints(), monitor=self.monitor, mode=self.mode)
-        return ranked[0] if ranked else None
 
     # -- saving ------------------------------------------------------------------------
     def save(
@@ -349,10 +335,6 @@ class CheckpointManager(FileSaving):
         check_monitor(self.monitor, metrics, self.checkpoints(), str(self.storage.root))
         self._monitor_seen = True
 
-    def in_series(self, ckpt: Checkpoint) -> bool:
-        """True when ``ckpt`` was written by a manager with this name template."""
-        return self._pruner.in_series(ckpt)
-
     def _apply_retention(self) -> None:
         self._pruner.apply(self.keep, monitor=self.monitor, mode=self.mode)
 
@@ -392,14 +374,6 @@ class CheckpointManager(FileSaving):
         if state is not None:
             restore_into(state, ckpt.state, strict=strict)
         return ckpt
-
-    def verify(self) -> list[Verification]:
-        """Check every checkpoint's manifest, sizes and checksums."""
-        return self.catalog.verify()
-
-    def metric(self, ckpt: Checkpoint) -> float | None:
-        """The monitored metric of ``ckpt`` as a finite float (None if absent or NaN)."""
-        return None if self.monitor is None else metric_value(ckpt.metrics, self.monitor)
 
     def save_on_signal(
         self,
