@@ -26,8 +26,10 @@ from typing import Any, NoReturn
 from safepoint.errors import ConfigError, SafepointError, StorageError
 
 #: Network errors and 5xx answers are retried by obstore with exponential backoff,
-#: up to this many times and this long in total, then reported.
-MAX_RETRIES = 5
+#: up to this many times and this long in total, then reported. Ten retries span about
+#: 25 s (100 ms doubling to 5 s): a store that restarts or sheds load (503 SlowDown)
+#: for seconds does not fail a save or a restore; a dead one is reported within that.
+MAX_RETRIES = 10
 RETRY_TIMEOUT = datetime.timedelta(seconds=60)
 #: The construction probe must answer fast: a wrong endpoint is a typo, not an outage.
 PROBE_RETRIES = 1
