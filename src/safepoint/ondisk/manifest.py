@@ -355,21 +355,13 @@ def _check_tensor(key: Any, entry: Any, files: dict[str, Any], where: str) -> No
         raise _fail(where, f"tensor {key!r} lives in an unlisted file", entry.get("file"))
     if not isinstance(entry.get("name"), str):
         raise _fail(where, f"tensor {key!r} needs a name inside its file", entry.get("name"))
-    dtypes.lookup(entry.get("dtype"), where=f"{where} tensor {key!r}")
-    shape = entry.get("shape")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_DIMS
-        or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape)
-    ):
-        raise _fail(where, f"tensor {key!r} shape must be a list of non-negative ints", shape)
-    if entry.get("lib") not in LIBS:
-        raise _fail(where, f"tensor {key!r} lib must be one of {LIBS}", entry.get("lib"))
-    if entry["lib"] == "numpy-scalar" and shape:
-        raise _fail(where, f"tensor {key!r} is a scalar with a shape", shape)
+    _check_layout(key, entry, where)
+    if entry["lib"] == "numpy-scalar" and entry["shape"]:
+        raise _fail(where, f"tensor {key!r} is a scalar with a shape", entry["shape"])
 
 
-def _check_chunked(key: Any, entry: dict[str, Any], files: dict[str, Any], where: str) -> None:
+def _check_layout(key: Any, entry: dict[str, Any], where: str) -> dtypes.DType:
+    """A tensor entry's dtype, shape and lib, whole or chunked; return its dtype."""
     dt = dtypes.lookup(entry.get("dtype"), where=f"{where} tensor {key!r}")
     shape = entry.get("shape")
     if (
@@ -380,6 +372,11 @@ def _check_chunked(key: Any, entry: dict[str, Any], files: dict[str, Any], where
         raise _fail(where, f"tensor {key!r} shape must be a list of non-negative ints", shape)
     if entry.get("lib") not in LIBS:
         raise _fail(where, f"tensor {key!r} lib must be one of {LIBS}", entry.get("lib"))
+    return dt
+
+
+def _check_chunked(key: Any, entry: dict[str, Any], files: dict[str, Any], where: str) -> None:
+    dt = _check_layout(key, entry, where)
     why = chunks.problem(entry, files, dt.itemsize)
     if why is not None:
         raise _fail(where, f"tensor {key!r}: {why}", entry.get(chunks.KEY))

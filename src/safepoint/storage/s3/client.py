@@ -113,10 +113,9 @@ class S3Client:
 
         return self.call(stage, relkey, fetch)
 
-    def get_range(self, relkey: str, start: int, end: int, *, stage: str = "read") -> bytes:
-        if end <= start:
-            return b""
-        buf = self.call(
+    def _range(self, relkey: str, start: int, end: int, stage: str) -> Any:
+        """obstore's buffer of the object's bytes ``[start, end)`` (one ranged GET)."""
+        return self.call(
             stage,
             relkey,
             self.obstore.get_range,
@@ -125,7 +124,9 @@ class S3Client:
             start=start,
             end=end,
         )
-        return bytes(buf)
+
+    def get_range(self, relkey: str, start: int, end: int, *, stage: str = "read") -> bytes:
+        return b"" if end <= start else bytes(self._range(relkey, start, end, stage))
 
     def get_range_into(self, relkey: str, start: int, view: memoryview) -> None:
         """Fill ``view`` with the object's bytes from ``start`` (one ranged GET).
@@ -136,16 +137,7 @@ class S3Client:
         end = start + view.nbytes
         if end <= start:
             return
-        buf = self.call(
-            "read",
-            relkey,
-            self.obstore.get_range,
-            self.store,
-            self.location.key(relkey),
-            start=start,
-            end=end,
-        )
-        got = memoryview(buf).cast("B")
+        got = memoryview(self._range(relkey, start, end, "read")).cast("B")
         if got.nbytes != view.nbytes:
             raise EOFError(f"{self.url(relkey)} ended {view.nbytes - got.nbytes} bytes early")
         # numpy copies without holding the GIL (a memoryview slice assignment holds it),
