@@ -112,8 +112,20 @@ def test_the_cli_explains_urls_that_name_the_wrong_thing(s3_env, s3_root, capsys
     assert "misspelt" in capsys.readouterr().err
     assert main(["ls", f"{s3_root}-empty"]) == 0
     assert "No committed checkpoints" in capsys.readouterr().out
-    assert main(["convert", f"{s3_root}/{name}", "--to", "hdf5"]) == 2
+    assert main(["convert", f"{s3_root}/{name}", "--to", "hdf5", "--out", f"{s3_root}/x"]) == 2
+    assert "local --out" in capsys.readouterr().err
     assert main(["ls", "gs://bucket/run"]) == 2
+
+
+def test_convert_brings_a_bucket_checkpoint_to_a_local_disk(s3_env, s3_root, tmp_path, capsys):
+    states = _run(s3_root, None)
+    name = safepoint.CheckpointManager(s3_root).checkpoints()[1].name
+    out = tmp_path / "copy"
+    assert main(["convert", f"{s3_root}/{name}", "--to", "hdf5", "--out", str(out)]) == 0
+    assert f"converted {s3_root}/{name} -> {out} (hdf5)" in capsys.readouterr().out
+    back = safepoint.load(out)
+    assert back["w"].tobytes() == states[2]["w"].tobytes() and back["meta"] == states[2]["meta"]
+    assert safepoint.CheckpointManager(str(tmp_path)).catalog.manifest("copy").payload == "hdf5"
 
 
 def test_wrong_credentials_are_a_storage_error_not_a_missing_root(

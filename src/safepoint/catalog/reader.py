@@ -22,6 +22,7 @@ import numpy as np
 
 from safepoint import formats
 from safepoint.catalog import chunked, singlefile
+from safepoint.catalog.lazytree import lazy_unflatten
 from safepoint.errors import (
     CheckpointNotFoundError,
     ConfigError,
@@ -32,7 +33,7 @@ from safepoint.errors import (
 from safepoint.ondisk import checksum, manifest
 from safepoint.ondisk.manifest import Manifest
 from safepoint.state.tree import unflatten
-from safepoint.storage import held
+from safepoint.storage import held, rangeimage
 from safepoint.storage.local import LocalStorage, Storage, check_name
 from safepoint.storage.urls import is_url, open_url, split_url
 
@@ -182,9 +183,12 @@ def read_state(
                     "its payload file.",
                     file=name,
                 )
-            cache[key] = formats.materialize(found.tensors[key], raw[key], as_numpy=as_numpy)
+            data = rangeimage.fetched(raw[key])  # a lazy object-store range: read now
+            cache[key] = formats.materialize(found.tensors[key], data, as_numpy=as_numpy)
         return cache[key]
 
+    if any(isinstance(v, rangeimage.LazyImage) for v in raw.values()):
+        return lazy_unflatten(found.tree, tensor)  # entries read when first accessed
     return unflatten(found.tree, tensor)
 
 
@@ -315,6 +319,11 @@ def load(
     inspecting a few tensors of a large checkpoint. The price: tensor bytes are not
     checksummed (headers, sizes and offsets still are validated); run
     ``CheckpointManager.verify()`` or load without ``mmap`` when that matters.
+
+    On an object store ``mmap=True`` returns at once too: the dicts of the state come
+    back as read-only mappings (:class:`safepoint.catalog.lazytree.LazyDict`), and a
+    tensor's bytes are fetched (ranged GETs) when its entry is first looked up; the
+    same price applies.
     """
     if not as_numpy and "torch" not in sys.modules:
         raise ConfigError(
@@ -351,7 +360,7 @@ def _load_url(
     url: str, *, as_numpy: bool, mmap: bool, storage_options: Mapping[str, Any] | None
 ) -> Any:
     """:func:`load` of a checkpoint in an object store: every payload is read and
-    checksummed (``mmap`` has nothing to map there and reads the same bytes)."""
+    checksummed, or with ``mmap`` each tensor is fetched when first accessed."""
     root, name = split_url(url)
     check_name(name, what="checkpoint name")
     storage = open_url(root, storage_options)
@@ -361,8 +370,7 @@ def _load_url(
             f"checkpoint of that root. Received: path={url!r}. Run 'safepoint ls {root}' "
             "for the names of its checkpoints."
         )
-    del mmap  # an object store has no file to map: the read is whole and verified
-    return read_checkpoint(storage, name, as_numpy=as_numpy)[1]
+    return read_checkpoint(storage, name, as_numpy=as_numpy, lazy=mmap)[1]
 
 
 __all__ = [

@@ -27,6 +27,7 @@ import stat
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
+from safepoint.catalog import remotefile
 from safepoint.errors import ConfigError, IncompleteCheckpointError, SafepointError, StorageError
 from safepoint.formats import treezip
 from safepoint.ondisk import embedded, manifest
@@ -76,6 +77,8 @@ def is_single_file(storage: Storage, name: str) -> bool:
     """
     if container(name) is None or component_problem(name) is not None:
         return False  # e.g. a stray "C:\\x\\model.h5": not a name safepoint writes
+    if _remote(storage):
+        return remotefile.is_file_checkpoint(storage, name)
     path = protocol.local_path(storage, name)
     if path is None:
         return False
@@ -96,6 +99,11 @@ def _is_zip(path: str) -> bool:
     """Whether the file begins like a zip (a ``.ckpt`` is ours only if it is one)."""
     with open(path, "rb") as f:
         return f.read(4) == b"PK\x03\x04"
+
+
+def _remote(storage: Storage) -> bool:
+    """A root that is not a local directory: files go through :mod:`.remotefile`."""
+    return not isinstance(storage, protocol.LocalFiles)
 
 
 def _path(storage: Storage, name: str) -> str:
@@ -140,13 +148,19 @@ def _manifest_bytes(storage: Storage, name: str, f: BinaryIO) -> bytes:
 
 def manifest_bytes(storage: Storage, name: str) -> bytes:
     """The embedded manifest of ``name``; ``FileNotFoundError`` when it has none."""
+    if _remote(storage):
+        return remotefile.record_bytes(storage, name)
     with _open(storage, name) as f:
         return _manifest_bytes(storage, name, f)
 
 
-def _manifest(storage: Storage, name: str, f: BinaryIO) -> Manifest:
+def _manifest(storage: Storage, name: str, f: BinaryIO | None) -> Manifest:
     try:
-        data = _manifest_bytes(storage, name, f)
+        data = (
+            remotefile.record_bytes(storage, name)
+            if f is None
+            else _manifest_bytes(storage, name, f)
+        )
     except FileNotFoundError:
         raise IncompleteCheckpointError(
             f"{storage.root}/{name} has no embedded safepoint manifest: it was not written "
@@ -162,6 +176,8 @@ def _manifest(storage: Storage, name: str, f: BinaryIO) -> Manifest:
 
 def read_manifest(storage: Storage, name: str) -> Manifest:
     """The validated manifest embedded in checkpoint file ``name``."""
+    if _remote(storage):
+        return _manifest(storage, name, None)  # its record: the same bytes
     with _open(storage, name) as f:
         return _manifest(storage, name, f)
 
@@ -180,12 +196,18 @@ def _contents(f: BinaryIO, name: str, record: dict[str, Any], *, as_numpy: bool)
 
 def read_state(storage: Storage, name: str, found: Manifest, *, as_numpy: bool = True) -> Any:
     """Verify checkpoint file ``name`` and return what it holds (see :func:`_contents`)."""
+    if _remote(storage):
+        with remotefile.fetched(storage, name, _kind(name)) as (local, _):
+            return read_state(local, name, found, as_numpy=as_numpy)
     with _open(storage, name) as f:
         return _contents(f, name, found.extra[KEY], as_numpy=as_numpy)
 
 
 def read_checkpoint(storage: Storage, name: str, *, as_numpy: bool = True) -> tuple[Manifest, Any]:
     """The manifest and contents of checkpoint file ``name``, both from one version."""
+    if _remote(storage):
+        with remotefile.fetched(storage, name, _kind(name)) as (local, _):
+            return read_checkpoint(local, name, as_numpy=as_numpy)
     with _open(storage, name) as f:
         found = _manifest(storage, name, f)
         return found, _contents(f, name, found.extra[KEY], as_numpy=as_numpy)
@@ -193,6 +215,9 @@ def read_checkpoint(storage: Storage, name: str, *, as_numpy: bool = True) -> tu
 
 def verify(storage: Storage, name: str) -> Manifest:
     """Check the embedded manifest and the checksums of checkpoint file ``name``."""
+    if _remote(storage):
+        with remotefile.fetched(storage, name, _kind(name)) as (local, _):
+            return verify(local, name)
     with _open(storage, name) as f:
         found = _manifest(storage, name, f)
         embedded.check(f, name, found.extra[KEY])
@@ -211,6 +236,9 @@ def stage(storage: Storage, name: str, write: Callable[[str], None]) -> str:
     suffix, as framework savers check suffixes). The staging entry has a fixed-length
     name (:mod:`safepoint.storage.leftovers`), so any checkpoint name can be staged.
     """
+    if _remote(storage):
+        _fault(storage)("write", name)
+        return remotefile.stage(name, write)  # a local temporary directory
     root = storage.root
     entry = transaction.stage(root, name, _fault(storage))
     try:
@@ -225,11 +253,16 @@ def stage(storage: Storage, name: str, write: Callable[[str], None]) -> str:
 
 
 def discard(storage: Storage, entry: str) -> None:
+    if _remote(storage):
+        remotefile.discard(entry)
+        return
     transaction.discard(storage.root, entry)
 
 
 def finish(storage: Storage, entry: str, draft: Manifest, layout: str) -> Manifest:
     """Seal the staged file and commit it (:func:`safepoint.storage.commit.commit`)."""
+    if _remote(storage):
+        return _finish_remote(storage, entry, draft, layout)
     name = draft.name
     root = storage.root
     kind = container(name)
@@ -246,6 +279,27 @@ def finish(storage: Storage, entry: str, draft: Manifest, layout: str) -> Manife
     # The next listing reads this file's manifest from memory, not from the file.
     _seen[_identity(os.path.join(root, name))] = data
     return sealed
+
+
+def _finish_remote(storage: Storage, entry: str, draft: Manifest, layout: str) -> Manifest:
+    """Seal the file in its local temporary directory, upload and commit it."""
+    name = draft.name
+    try:
+        with translate("manifest", os.path.join(entry, name)):
+            _fault(storage)("manifest", name)
+            sealed, data = embedded.seal(
+                os.path.join(entry, name), _kind(name), name, draft, layout
+            )
+        remotefile.upload(storage, entry, name, data)
+    finally:
+        remotefile.discard(entry)
+    return sealed
+
+
+def _kind(name: str) -> str:
+    kind = container(name)
+    assert kind is not None
+    return kind
 
 
 def body(

@@ -179,16 +179,16 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from safepoint.cli.conversion import convert
+    from safepoint.cli.conversion import convert_from
 
-    if is_url(args.checkpoint):
+    if args.out is not None and is_url(args.out):
         raise ConfigError(
-            "convert rewrites a checkpoint on a local disk. Expected a local checkpoint "
-            f"directory or file. Received: checkpoint={args.checkpoint!r}. Restore it with "
-            "safepoint.load(URL) and save it into a local CheckpointManager first."
+            "convert writes a new checkpoint on a local disk. Expected a local --out path. "
+            f"Received: --out {args.out}. Convert to a local directory, then save it into "
+            "a CheckpointManager on the bucket if it must live there."
         )
     storage, name, _ = pathkind.need_checkpoint(args.checkpoint, "convert")
-    src = os.path.join(storage.root, name)
+    src = f"{str(storage.root).rstrip('/')}/{name}"
     # By default the copy goes to the current directory, not into the run's root, where
     # it would become one more (and the newest) checkpoint of the run.
     # A converted checkpoint is always written whole (its own files, no shared
@@ -201,7 +201,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             "checkpoint self-contained."
         )
     out = args.out or os.path.join(os.getcwd(), f"{name}-{to}")
-    print(f"converted {src} -> {convert(src, out, to=to)} ({to})")
+    print(f"converted {src} -> {convert_from(storage, name, out, to=to)} ({to})")
     return 0
 
 
@@ -300,7 +300,10 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "convert", help="rewrite a checkpoint (or a Keras file's weights) in a payload format"
     )
-    s.add_argument("checkpoint", help="checkpoint directory or single file (.keras, .h5)")
+    s.add_argument(
+        "checkpoint",
+        help="checkpoint directory or single file (.keras, .h5), local or s3://BUCKET/PREFIX/NAME",
+    )
     s.add_argument(
         "--to", default=None, choices=("safetensors", "hdf5"), help="payload format to write"
     )

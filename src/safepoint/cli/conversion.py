@@ -1,5 +1,8 @@
 """Converting a checkpoint between payload formats (safetensors <-> HDF5).
 
+The source may be in a bucket (``s3://...``): conversion is then also the way to bring
+a checkpoint to a local disk, verified on the way.
+
 Conversion works on raw bytes: each tensor is read and verified, then written under the
 same key, dtype and shape by the other format, so no value passes through a float
 conversion and no framework is imported. The result is committed with the same
@@ -28,20 +31,26 @@ from safepoint.cli.report import read_weights
 from safepoint.errors import ConfigError
 from safepoint.state import dtypes
 from safepoint.state.tree import TensorLeaf, flatten
-from safepoint.storage.local import LocalStorage, check_name
+from safepoint.storage.local import LocalStorage, Storage, check_name
 
 
 def convert(src: str, dst: str, *, to: str) -> str:
-    """Write checkpoint ``src`` as a new checkpoint directory ``dst`` in format ``to``."""
+    """Write local checkpoint ``src`` as a new checkpoint directory ``dst`` in format ``to``."""
     src = os.path.abspath(src).rstrip(os.sep)
     if os.path.isfile(src) and singlefile.container(src) is None:
         raise refuse_pickle(src)
+    src_root, src_name = os.path.split(src)
+    return convert_from(LocalStorage(src_root), src_name, dst, to=to)
+
+
+def convert_from(src_storage: Storage, src_name: str, dst: str, *, to: str) -> str:
+    """Write checkpoint ``src_name`` of ``src_storage`` (a local root or a bucket) as a new
+    local checkpoint directory ``dst`` in format ``to``; returns ``dst``'s full path."""
     if to not in ("safetensors", "hdf5"):
         raise ConfigError(
             f"Cannot convert to {to!r}. Expected 'safetensors' or 'hdf5'. Received: --to {to}. "
             "Keras files are written by safepoint.keras.ModelCheckpoint during training."
         )
-    src_root, src_name = os.path.split(src)
     dst = os.path.abspath(dst).rstrip(os.sep)
     dst_root, dst_name = os.path.split(dst)
     check_name(dst_name, what="output checkpoint name")
@@ -50,7 +59,6 @@ def convert(src: str, dst: str, *, to: str) -> str:
             f"Output {dst} exists. Expected a new path. Received: --out {dst}. Choose another "
             "name or remove it first."
         )
-    src_storage = LocalStorage(src_root)
     # Manifest and payloads of one version, even while a writer re-saves the name.
     if singlefile.is_single_file(src_storage, src_name):
         # A Keras file: its verified weights, as a tree of numpy arrays by HDF5 path.
@@ -90,4 +98,4 @@ def _dtype(entry: dict[str, Any]) -> dtypes.DType:
     return dtypes.BY_NAME[str(entry["dtype"])]
 
 
-__all__ = ["convert"]
+__all__ = ["convert", "convert_from"]

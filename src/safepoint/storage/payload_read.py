@@ -15,7 +15,7 @@ import mmap
 import os
 import threading
 from collections.abc import Callable
-from typing import BinaryIO, Protocol, runtime_checkable
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from safepoint.ondisk.checksum import Hasher
 from safepoint.storage.files import ALIGN, _disable_direct, _enable_direct, translate_read
 from safepoint.storage.payload_write import aligned
 from safepoint.storage.protocol import LocalFiles, Storage
+from safepoint.storage.rangeimage import RANGE_THREADS, LazyImage, RangeReadable
 
 _READ_CHUNK = 16 << 20
 
@@ -151,18 +152,6 @@ def read_image(fd: int, size: int, *, threads: int = 4) -> tuple[np.ndarray, str
     return image[:size], _in_order(size, fill, view, threads=threads)
 
 
-@runtime_checkable
-class RangeReadable(Protocol):
-    """A file object that reads any range on request, from several threads at once (an
-    object store's ranged GETs): the reader keeps ``RANGE_THREADS`` ranges in flight."""
-
-    def read_range_into(self, view: memoryview, offset: int) -> None: ...
-
-
-#: Ranged requests in flight while one payload object is read (a parallel restore).
-RANGE_THREADS = 8
-
-
 def read_stream(source: BinaryIO, size: int) -> tuple[np.ndarray, str]:
     """Read ``size`` bytes of ``source`` (any file object) into one buffer; hash them.
 
@@ -194,15 +183,23 @@ def read_stream(source: BinaryIO, size: int) -> tuple[np.ndarray, str]:
 
 def read_payload(
     storage: Storage, relpath: str, size: int, *, lazy: bool = False
-) -> tuple[np.ndarray, str | None]:
+) -> tuple[Any, str | None]:
     """The whole payload file ``relpath`` of ``size`` bytes and its checksum.
 
     ``size`` must already be checked against the manifest (:meth:`Storage.size`), so
     the buffer allocated is no larger than the file really is. On a local root the
     file is mapped (``lazy``: without reading it; the digest is then None) or, where
-    mapping fails, read with direct I/O; elsewhere it is streamed. ``EOFError`` means
-    the file shrank while being read.
+    mapping fails, read with direct I/O; elsewhere it is streamed, or with ``lazy``
+    on an object store becomes a :class:`LazyImage` fetched range by range when
+    used (the digest is then None). ``EOFError`` means the file shrank while being
+    read.
     """
+    if lazy and not isinstance(storage, LocalFiles):
+        source = storage.open_read(relpath)  # kept open by the image: read when used
+        ranged = getattr(source, "raw", source)
+        if isinstance(ranged, RangeReadable):
+            return LazyImage.open(ranged, f"{storage.root}/{relpath}", size), None
+        source.close()
     with storage.open_read(relpath) as f:
         if not isinstance(storage, LocalFiles):
             return read_stream(f, size)

@@ -31,6 +31,7 @@ from safepoint.ondisk.names import STAGE_PREFIX, STAGE_RE, check_name
 from safepoint.ondisk.names import split as _split
 from safepoint.storage.s3 import config as s3_config
 from safepoint.storage.s3 import log as s3_log
+from safepoint.storage.s3 import writers
 from safepoint.storage.s3.client import S3Client
 from safepoint.storage.s3.io import RangeFile, S3Writer
 from safepoint.storage.s3.lease import DEFAULT_TTL, Lease
@@ -57,7 +58,10 @@ class S3Storage:
     """A checkpoint root in an S3 (or S3-compatible) bucket.
 
     Construction checks endpoint, credentials and bucket with one LIST, so a typo
-    fails before any training time is spent.
+    fails before any training time is spent. ``share_lease``: writers of this process on
+    the same root share one lease (:mod:`.writers`; what managers get from
+    :func:`open_root`); without it this storage is a writer of its own, refused while
+    any other holds the root, as a second process would be.
     """
 
     def __init__(
@@ -67,6 +71,7 @@ class S3Storage:
         *,
         lease_ttl: float = DEFAULT_TTL,
         stale_after: float = DEFAULT_GRACE,
+        share_lease: bool = False,
     ) -> None:
         self.location = s3_config.parse_url(root)
         self.root = self.location.url
@@ -80,6 +85,8 @@ class S3Storage:
         self._mutex = threading.RLock()
         self._seq = 0
         self._release: weakref.finalize[Any, Any] | None = None
+        self._held: writers.Held | None = None
+        self._share = share_lease
 
     # -- hooks the local backend also offers ---------------------------------------------
     def _fault(self, stage: str, target: str) -> None:
@@ -89,12 +96,17 @@ class S3Storage:
         return self.client.url(relpath) if relpath else self.root
 
     def serial(self) -> threading.RLock:
-        return self._mutex
+        held = self._held
+        return held.mutex if held is not None else self._mutex
 
     def next_seq(self, listed: int) -> int:
-        with self._mutex:
-            self._seq = max(listed, self._seq) + 1
-            return self._seq
+        held = self._held
+        with self.serial():
+            if held is None:
+                self._seq = max(listed, self._seq) + 1
+                return self._seq
+            held.seq = max(listed, held.seq) + 1
+            return held.seq
 
     def recover(self) -> list[str]:
         return []  # nothing to put back: a commit never removes the name it replaces
@@ -215,6 +227,7 @@ class S3Storage:
         save_id = secrets.token_hex(8)
         with self._mutex:
             self._staged[save_id] = _Staged(name, prior_etag, prior_id)
+            writers.LIVE.add(save_id)
         return f"{STAGE_PREFIX}{save_id}"
 
     def open_write(self, relpath: str) -> S3Writer:
@@ -243,7 +256,7 @@ class S3Storage:
                 stage="manifest",
             )
         key = f"{name}/{RECORD}"
-        with self._mutex:
+        with self.serial():
             self._lease.check()  # only a writer that provably holds the root commits
             self._fault("rename", name)
             mode: Any = "create" if entry.prior_etag is None else {"e_tag": entry.prior_etag}
@@ -259,6 +272,7 @@ class S3Storage:
                 if exc.errno != errno.EEXIST or not self._is_ours(key, save_id, entry.manifest):
                     raise self._lost_race(name, exc) from exc
             del self._staged[save_id]
+            writers.LIVE.discard(save_id)
             self._ids[name] = save_id
         if entry.prior_id and _SAVE_ID.match(entry.prior_id) and entry.prior_id != save_id:
             self._delete_prefix(f"{DATA}/{entry.prior_id}/", stage="retention", quiet=True)
@@ -289,6 +303,7 @@ class S3Storage:
             return
         with self._mutex:
             self._staged.pop(save_id, None)
+            writers.LIVE.discard(save_id)
         self._delete_prefix(f"{DATA}/{save_id}/", stage="discard", quiet=True)
 
     def _delete_prefix(self, prefix: str, *, stage: str, quiet: bool = False) -> None:
@@ -334,7 +349,7 @@ class S3Storage:
 
     def _clean(self) -> list[str]:
         ids, _ = self.client.list_dirs(DATA, stage="cleanup")
-        keep = set(self._staged)
+        keep = set(self._staged) | writers.LIVE  # this process's saves in flight
         for name in self.list_names():
             try:
                 self._read_record(name)
@@ -363,22 +378,27 @@ class S3Storage:
 
     # -- the writer lease ----------------------------------------------------------------
     def lock(self) -> None:
-        self._lease.acquire()
-        # A storage dropped without unlock() (a notebook cell) must not keep renewing the
-        # lease for the rest of the process; at exit it is released too.
-        if self._release is None or not self._release.alive:
-            self._release = weakref.finalize(self, Lease.release, self._lease)
+        """Take the root's lease, or share the one this process holds (:mod:`.writers`)."""
+        if self._held is not None and self._held.lease.held:
+            return
+        own = self._lease
+        key = f"{self.client.endpoint}|{self.root}" if self._share else f"own:{id(self)}"
+        held = writers.acquire(key, lambda: own)
+        self._held, self._lease = held, held.lease
+        # A storage dropped without unlock() (a notebook cell) must not keep the lease
+        # for the rest of the process; at exit it is released too.
+        self._release = weakref.finalize(self, writers.release, held)
 
     def unlock(self) -> None:
         release, self._release = self._release, None
+        self._held = None
         if release is not None:
-            release.detach()
-        self._lease.release()
+            release()  # writers.release: the last user of the process deletes the lease
 
 
 def open_root(url: str, storage_options: Mapping[str, Any] | None = None) -> S3Storage:
     """The storage for an ``s3://`` root (what the manager and ``load`` call for URLs)."""
-    return S3Storage(url, storage_options)
+    return S3Storage(url, storage_options, share_lease=True)
 
 
 if TYPE_CHECKING:

@@ -1,0 +1,137 @@
+"""Single-file checkpoints (Keras ``.h5``/``.keras``/``.weights.h5``) in a bucket."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+import numpy as np
+import pytest
+
+import safepoint
+from safepoint.cli import main
+from safepoint.errors import CorruptCheckpointError
+
+s3 = pytest.importorskip("safepoint.storage.s3")
+h5py = pytest.importorskip("h5py")
+
+_KERAS_COPY = "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+
+
+def _writer(value: float):
+    def write(path: str) -> None:
+        with h5py.File(path, "w") as f:
+            f["layer/kernel"] = np.full((32, 4), value, dtype=np.float32)
+
+    return write
+
+
+def test_save_file_commits_lists_loads_replaces_and_prunes_files_in_a_bucket(s3_env, s3_root):
+    mgr = safepoint.CheckpointManager(s3_root, keep=safepoint.Keep(last=2))
+    for step in (1, 2, 3):
+        mgr.save_file(f"w-{step}.h5", _writer(step), step=step, metrics={"loss": 1.0 / step})
+    mgr.save_file("w-3.h5", _writer(30.0), step=3)  # a re-save replaces the file
+    mgr.close()
+    listed = safepoint.CheckpointManager(s3_root).checkpoints()
+    assert [c.name for c in listed] == ["w-2.h5", "w-3.h5"]  # w-1.h5 pruned
+    state = safepoint.load(f"{s3_root}/w-3.h5")
+    assert np.array_equal(state["layer"]["kernel"], np.full((32, 4), 30.0, np.float32))
+    assert [v.ok for v in safepoint.CheckpointManager(s3_root).verify()] == [True, True]
+    storage = s3.open_root(s3_root)
+    assert sorted(storage.list_names()) == ["w-2.h5", "w-3.h5"]
+
+
+def test_convert_copies_a_file_in_a_bucket_to_a_local_directory(s3_env, s3_root, tmp_path):
+    mgr = safepoint.CheckpointManager(s3_root)
+    mgr.save_file("w.h5", _writer(7.0), step=4)
+    mgr.close()
+    out = tmp_path / "w-local"
+    assert main(["convert", f"{s3_root}/w.h5", "--to", "safetensors", "--out", str(out)]) == 0
+    assert np.array_equal(safepoint.load(out)["layer"]["kernel"], np.full((32, 4), 7.0, np.float32))
+
+
+def test_a_damaged_file_in_a_bucket_is_named_by_verify_and_load(s3_env, s3_root, capsys):
+    mgr = safepoint.CheckpointManager(s3_root)
+    mgr.save_file("a.h5", _writer(1.0), step=1)
+    mgr.save_file("b.h5", _writer(2.0), step=2)
+    mgr.close()
+    storage = s3.open_root(s3_root)
+    key = storage._key("b.h5/b.h5")
+    data, _, _ = storage.client.get(key)
+    broken = bytearray(data)
+    broken[len(broken) // 2] ^= 0x01
+    storage.client.put(key, bytes(broken), stage="test")
+    with pytest.raises(CorruptCheckpointError):
+        safepoint.load(f"{s3_root}/b.h5")
+    assert main(["verify", s3_root]) == 5
+    out = capsys.readouterr().out
+    assert "FAILED  b.h5" in out and "ok      a.h5" in out
+    back = safepoint.CheckpointManager(s3_root).restore()
+    assert back is not None and back.name == "a.h5"  # falls back past the damaged file
+
+
+def test_a_payload_swapped_for_another_saves_file_is_refused(s3_env, s3_root):
+    mgr = safepoint.CheckpointManager(s3_root)
+    mgr.save_file("a.h5", _writer(1.0), step=1)
+    mgr.save_file("b.h5", _writer(2.0), step=2)
+    mgr.close()
+    storage = s3.open_root(s3_root)
+    data, _, _ = storage.client.get(storage._key("a.h5/a.h5"))
+    storage.client.put(storage._key("b.h5/b.h5"), data, stage="test")  # sound file, wrong save
+    with pytest.raises(CorruptCheckpointError, match="differs from the record"):
+        safepoint.load(f"{s3_root}/b.h5")
+
+
+def test_a_failed_upload_lists_nothing_and_leaves_the_old_file(s3_env, s3_root):
+    mgr = safepoint.CheckpointManager(s3_root)
+    mgr.save_file("w.h5", _writer(1.0), step=1)
+
+    def boom(path: str) -> None:
+        _writer(2.0)(path)
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        mgr.save_file("w.h5", boom, step=2)
+    mgr.close()
+    assert safepoint.load(f"{s3_root}/w.h5")["layer"]["kernel"][0, 0] == 1.0
+    assert [c.step for c in safepoint.CheckpointManager(s3_root).checkpoints()] == [1]
+
+
+@pytest.mark.filterwarnings(_KERAS_COPY)
+def test_keras_model_checkpoint_keeps_the_best_model_in_a_bucket(s3_env, s3_root, capsys):
+    keras = pytest.importorskip("keras")
+    from safepoint.keras import ModelCheckpoint
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(120, 8)).astype("float32"), rng.normal(size=(120, 1))
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3), keras.layers.Dense(1)])
+    model.compile(loss="mse", optimizer="adam")
+    best = ModelCheckpoint(
+        f"{s3_root}/best.weights.h5", monitor="loss", save_best_only=True, save_weights_only=True
+    )
+    every = ModelCheckpoint(f"{s3_root}/model-{{epoch:02d}}.keras")
+    history = model.fit(x, y, epochs=4, batch_size=40, callbacks=[best, every], verbose=0)
+    losses = history.history["loss"]
+    names = [c.name for c in safepoint.CheckpointManager(s3_root).checkpoints()]
+    assert set(names) == {"best.weights.h5", "model-01.keras", "model-02.keras",
+                          "model-03.keras", "model-04.keras"}
+    ckpt = {c.name: c for c in safepoint.CheckpointManager(s3_root).checkpoints()}
+    assert ckpt["best.weights.h5"].metrics["loss"] == pytest.approx(min(losses))
+    # The last model file holds the weights the model ends with (and its optimizer's).
+    final = safepoint.load(f"{s3_root}/model-04.keras")
+    stored = {np.asarray(a).tobytes() for a in _leaves(final)}
+    assert all(w.tobytes() in stored for w in model.get_weights())
+    assert main(["verify", s3_root, "--deep"]) == 0
+    assert "5 of 5 checkpoints verified." in capsys.readouterr().out
+    assert main(["show", f"{s3_root}/best.weights.h5"]) == 0
+    assert "best.weights.h5" in capsys.readouterr().out
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from _leaves(value)
+    else:
+        yield tree
