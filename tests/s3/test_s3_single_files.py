@@ -115,8 +115,13 @@ def test_keras_model_checkpoint_keeps_the_best_model_in_a_bucket(s3_env, s3_root
     history = model.fit(x, y, epochs=4, batch_size=40, callbacks=[best, every], verbose=0)
     losses = history.history["loss"]
     names = [c.name for c in safepoint.CheckpointManager(s3_root).checkpoints()]
-    assert set(names) == {"best.weights.h5", "model-01.keras", "model-02.keras",
-                          "model-03.keras", "model-04.keras"}
+    assert set(names) == {
+        "best.weights.h5",
+        "model-01.keras",
+        "model-02.keras",
+        "model-03.keras",
+        "model-04.keras",
+    }
     ckpt = {c.name: c for c in safepoint.CheckpointManager(s3_root).checkpoints()}
     assert ckpt["best.weights.h5"].metrics["loss"] == pytest.approx(min(losses))
     # The last model file holds the weights the model ends with (and its optimizer's).
