@@ -63,7 +63,8 @@ class CheckpointManager(Listing, FileSaving):
     ``dedup=True`` stores each distinct tensor once per root (docs/dedup.md);
     ``group``: with ``safepoint.distributed`` imported, ``save``/``restore`` are
     collective over this process group (default: the active one when it has more than
-    one rank); see ``docs/distributed.md``.
+    one rank); see ``docs/distributed.md``. ``local_first`` (an ``s3://`` root): commit
+    into this local directory, upload in the background (docs/object-storage.md).
     """
 
     def __init__(
@@ -83,10 +84,11 @@ class CheckpointManager(Listing, FileSaving):
         dedup: bool = False,
         dedup_rehash_every: int = REHASH_EVERY,
         group: Any = None,
+        local_first: str | os.PathLike[str] | None = None,
     ) -> None:
         #: Multi-rank saves and restores (see safepoint.manager.coordination); None: one process.
         self.collective = coordination.find(group)
-        self.storage: Storage = options.storage_for(root, storage_options)
+        self.storage: Storage = options.storage_for(root, storage_options, local_first)
         self.template = NameTemplate(name)
         #: Retention only ever considers checkpoints of this series (recorded in each
         #: manifest); listing, ``latest`` and ``restore`` see the whole root.

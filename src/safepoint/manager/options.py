@@ -54,10 +54,15 @@ def metrics_arg(metrics: Any) -> dict[str, Any]:
     return out
 
 
-def storage_for(root: Any, storage_options: Mapping[str, Any] | None = None) -> Storage:
+def storage_for(
+    root: Any, storage_options: Mapping[str, Any] | None = None, local_first: Any = None
+) -> Storage:
     """The storage of ``root``: a local directory for a path, an S3 bucket for an
     ``s3://BUCKET/PREFIX`` URL (``storage_options`` or the ``AWS_*`` variables configure
-    it), or the given ``Storage``."""
+    it; ``local_first``: committed in that local directory first, then uploaded), or
+    the given ``Storage``."""
+    if local_first is not None:
+        return _local_first(root, storage_options, local_first)
     if isinstance(root, str | os.PathLike):
         text = str(os.fspath(root))
         if is_url(text):
@@ -72,6 +77,25 @@ def storage_for(root: Any, storage_options: Mapping[str, Any] | None = None) -> 
     if hasattr(root, "list_names"):
         return root  # type: ignore[no-any-return]
     raise ConfigError(f"root must be a path or a Storage. Received: root={root!r}.")
+
+
+def _local_first(root: Any, storage_options: Mapping[str, Any] | None, local: Any) -> Storage:
+    from safepoint.storage.localfirst import open_local_first
+
+    text = str(os.fspath(root)) if isinstance(root, str | os.PathLike) else None
+    if text is None or not is_url(text):
+        raise ConfigError(
+            "local_first commits to a local directory first and uploads to an object-store "
+            f"root. Expected an s3:// root with it. Received: root={root!r}. Drop "
+            "local_first for a local root (it is local already)."
+        )
+    if not isinstance(local, str | os.PathLike) or is_url(str(os.fspath(local))):
+        raise ConfigError(
+            "local_first must be a local directory path. Expected a path such as "
+            f"'/nvme/ckpt'. Received: local_first={local!r}. Pass a directory on a local disk."
+        )
+    refuse_checkpoint_root(str(os.fspath(local)))
+    return open_local_first(str(os.fspath(local)), open_url(text, storage_options))
 
 
 def keep_policy(keep: Any, monitor: str | None) -> Keep | None:

@@ -1,0 +1,171 @@
+"""``CheckpointManager(s3_root, local_first=DIR)``: saves commit locally, uploads follow."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import safepoint
+from safepoint.errors import ConfigError, StorageError
+
+s3 = pytest.importorskip("safepoint.storage.s3")
+from safepoint.storage.s3.client import S3Client  # noqa: E402
+
+HERE = os.path.dirname(__file__)
+sys.path.insert(0, HERE)
+from s3_local_first_writer import state_of  # noqa: E402
+
+WRITER = os.path.join(HERE, "s3_local_first_writer.py")
+SRC = os.path.abspath(os.path.join(HERE, "..", "..", "src"))
+
+
+def _same(got, step: int) -> None:
+    want = state_of(step)
+    assert got.state["w"].tobytes() == want["w"].tobytes() and got.state["meta"] == want["meta"]
+
+
+def _bucket_steps(s3_root: str, options) -> list[int]:
+    bucket = safepoint.CheckpointManager(s3_root, storage_options=options)
+    return [c.step for c in bucket.checkpoints()]
+
+
+def test_saves_land_locally_then_in_the_bucket_with_retention_on_both(s3_server, s3_root, tmp_path):
+    local = tmp_path / "local"
+    opts = s3_server.options
+    with safepoint.CheckpointManager(
+        s3_root, local_first=local, storage_options=opts, keep=safepoint.Keep(last=2)
+    ) as mgr:
+        for step in (1, 2, 3, 4):
+            mgr.save(state_of(step), step=step)
+        assert [c.step for c in mgr.checkpoints()] == [3, 4]
+    assert _bucket_steps(s3_root, opts) == [3, 4]  # close() waited for the uploads
+    assert sorted(p.name for p in local.iterdir() if p.is_dir() and p.name[0] != ".") == [
+        "step-00000003",
+        "step-00000004",
+    ]
+    bucket = safepoint.CheckpointManager(s3_root, storage_options=opts)
+    _same(bucket.restore(), 4)
+    _same(bucket.restore(checkpoint="step-00000003"), 3)
+    assert all(v.ok for v in bucket.verify())
+
+
+def test_a_save_does_not_wait_for_the_bucket(s3_server, s3_root, tmp_path, monkeypatch):
+    release = threading.Event()
+    real_put = S3Client.put
+
+    def slow_put(self, relkey, *args, **kwargs):
+        if relkey.endswith("manifest.json"):
+            assert release.wait(30), "the test never released the upload"
+        return real_put(self, relkey, *args, **kwargs)
+
+    monkeypatch.setattr(S3Client, "put", slow_put)
+    mgr = safepoint.CheckpointManager(
+        s3_root, local_first=tmp_path / "l", storage_options=s3_server.options
+    )
+    mgr.save(state_of(1), step=1)
+    mgr.save(state_of(2), step=2)  # returns while the first upload is held at its commit
+    assert [c.step for c in mgr.checkpoints()] == [1, 2]
+    _same(mgr.restore(), 2)  # read from the local copy
+    assert _bucket_steps(s3_root, s3_server.options) == []
+    release.set()
+    mgr.close()
+    assert _bucket_steps(s3_root, s3_server.options) == [1, 2]
+
+
+def test_failed_uploads_are_reported_at_close_and_caught_up_later(
+    s3_server, s3_root, tmp_path, monkeypatch
+):
+    local = tmp_path / "l"
+    opts = s3_server.options
+    real_commit = s3.S3Storage.commit
+
+    def down(self, staged, name):
+        raise StorageError("S3 stage 'manifest' failed: connection refused", stage="manifest")
+
+    monkeypatch.setattr(s3.S3Storage, "commit", down)
+    mgr = safepoint.CheckpointManager(s3_root, local_first=local, storage_options=opts)
+    mgr.save(state_of(1), step=1)  # the save itself succeeds: committed locally
+    with pytest.raises(StorageError, match=r"could not be uploaded.*step-00000001.*local disk"):
+        mgr.close()
+    assert _bucket_steps(s3_root, opts) == []
+    monkeypatch.setattr(s3.S3Storage, "commit", real_commit)
+    with safepoint.CheckpointManager(s3_root, local_first=local, storage_options=opts) as again:
+        _same(again.restore(), 1)
+        again.save(state_of(2), step=2)  # taking the root uploads step 1 too
+    assert _bucket_steps(s3_root, opts) == [1, 2]
+
+
+def test_another_machine_resumes_from_the_bucket(s3_server, s3_root, tmp_path):
+    opts = s3_server.options
+    keep = safepoint.Keep(last=2)
+    with safepoint.CheckpointManager(
+        s3_root, local_first=tmp_path / "a", storage_options=opts, keep=keep
+    ) as mgr:
+        mgr.save(state_of(1), step=1)
+        mgr.save(state_of(2), step=2)
+    with safepoint.CheckpointManager(
+        s3_root, local_first=tmp_path / "b", storage_options=opts, keep=keep
+    ) as other:
+        _same(other.restore(), 2)  # nothing local here: read from the bucket
+        other.save(state_of(3), step=3)  # retention deletes step 1 from the bucket
+        assert [c.step for c in other.checkpoints()] == [2, 3]
+    assert _bucket_steps(s3_root, opts) == [2, 3]
+
+
+def test_local_first_needs_a_bucket_root_and_a_local_directory(s3_server, s3_root, tmp_path):
+    with pytest.raises(ConfigError, match="Expected an s3:// root"):
+        safepoint.CheckpointManager(tmp_path / "run", local_first=tmp_path / "l")
+    with pytest.raises(ConfigError, match="must be a local directory"):
+        safepoint.CheckpointManager(
+            s3_root, local_first=f"{s3_root}-x", storage_options=s3_server.options
+        )
+
+
+@pytest.mark.e2e
+def test_writers_killed_at_random_points_lose_nothing_committed(s3_server, s3_root, tmp_path):
+    rng = random.Random(7)
+    env = {**os.environ, "PYTHONPATH": SRC}
+    local, opts, first, reported = tmp_path / "l", s3_server.options, 1, []
+    for _ in range(8):
+        proc = subprocess.Popen(
+            [sys.executable, WRITER, s3_root, str(local), json.dumps(opts), str(first)],
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        time.sleep(rng.uniform(0.3, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        out = proc.stdout.read().decode()
+        proc.stdout.close()
+        proc.wait(timeout=30)
+        steps = [int(line.split()[1]) for line in out.splitlines() if line.startswith("committed")]
+        reported += steps
+        first = (reported[-1] if reported else first) + 1
+        # Every save that returned is committed here, whatever the bucket has yet.
+        mgr = safepoint.CheckpointManager(s3_root, local_first=local, storage_options=opts)
+        listed = mgr.checkpoints()
+        if reported:
+            assert listed and listed[-1].step >= reported[-1]
+        for ckpt in listed:
+            _same(mgr.restore(checkpoint=ckpt.name), ckpt.step)
+        first = max(first, (listed[-1].step + 1) if listed else first)
+        mgr.close()
+    assert reported, "no save returned before the kills"
+    # The next writer here uploads what the kills left local-only.
+    with safepoint.CheckpointManager(
+        s3_root, local_first=local, storage_options=opts, keep=safepoint.Keep(last=3)
+    ) as mgr:
+        mgr.save(state_of(first), step=first)
+        local_steps = [c.step for c in mgr.checkpoints()]
+    bucket = safepoint.CheckpointManager(s3_root, storage_options=opts)
+    assert [c.step for c in bucket.checkpoints()] == local_steps
+    for ckpt in bucket.checkpoints():
+        _same(bucket.restore(checkpoint=ckpt.name), ckpt.step)
