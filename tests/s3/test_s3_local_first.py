@@ -120,6 +120,19 @@ def test_another_machine_resumes_from_the_bucket(s3_server, s3_root, tmp_path):
     assert _bucket_steps(s3_root, opts) == [2, 3]
 
 
+def test_a_local_directory_serves_one_run_root_only(s3_server, s3_root, tmp_path):
+    opts = s3_server.options
+    with safepoint.CheckpointManager(
+        s3_root, local_first=tmp_path / "l", storage_options=opts
+    ) as m:
+        m.save(state_of(1), step=1)
+    with pytest.raises(ConfigError, match="local_first directory of another root"):
+        safepoint.CheckpointManager(
+            f"{s3_root}-other", local_first=tmp_path / "l", storage_options=opts
+        )
+    assert _bucket_steps(f"{s3_root}-other", opts) == []
+
+
 def test_local_first_needs_a_bucket_root_and_a_local_directory(s3_server, s3_root, tmp_path):
     with pytest.raises(ConfigError, match="Expected an s3:// root"):
         safepoint.CheckpointManager(tmp_path / "run", local_first=tmp_path / "l")

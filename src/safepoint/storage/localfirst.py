@@ -23,15 +23,18 @@ match its manifest's checksum is not uploaded, and the error says so.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from safepoint.errors import CorruptCheckpointError, StorageError
+from safepoint.errors import ConfigError, CorruptCheckpointError, StorageError
 from safepoint.ondisk import checksum, manifest
 from safepoint.ondisk.embedded import KEY
 from safepoint.storage import held
+from safepoint.storage.files import translate
 from safepoint.storage.local import LocalStorage
 from safepoint.storage.protocol import Storage, Writer
 
@@ -104,6 +107,8 @@ class LocalFirstStorage:
     def lock(self) -> None:
         self.local.lock()
         try:
+            _check_marker(self.local, self.root)  # another run may have taken it since
+            _write_marker(self.local, self.root)
             self.remote.lock()
             known = set(self.remote.list_names())
         except BaseException:
@@ -341,8 +346,55 @@ class LocalFirstStorage:
 
 
 def open_local_first(local_dir: str, remote: Storage) -> LocalFirstStorage:
-    """The storage of a bucket root committed first in ``local_dir``."""
-    return LocalFirstStorage(LocalStorage(local_dir), remote)
+    """The storage of a bucket root committed first in ``local_dir``.
+
+    The directory records the root it mirrors (:data:`MARKER`, written by the first
+    save): pointing another run's manager at it is refused, since its checkpoints
+    would be uploaded into the wrong run.
+    """
+    local = LocalStorage(local_dir)
+    _check_marker(local, remote.root)
+    return LocalFirstStorage(local, remote)
 
 
-__all__ = ["LocalFirstStorage", "open_local_first"]
+#: The file in a local-first directory naming the bucket root it belongs to.
+MARKER = ".safepoint-local-first.json"
+
+
+def _check_marker(local: LocalStorage, root: str) -> None:
+    path = os.path.join(local.root, MARKER)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(64 << 10)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StorageError(
+            f"Cannot read {path}: {exc}. Check the directory's permissions."
+        ) from exc
+    try:
+        recorded = json.loads(data).get("root")
+    except (ValueError, AttributeError):
+        recorded = None
+    if recorded != root:
+        raise ConfigError(
+            f"{local.root} is the local_first directory of another root. Expected one that "
+            f"belongs to {root} (or a new one). Received: {MARKER} names {recorded!r}. Use a "
+            "separate local_first directory for each run root."
+        )
+
+
+def _write_marker(local: LocalStorage, root: str) -> None:
+    path = os.path.join(local.root, MARKER)
+    if os.path.exists(path):
+        return
+    with translate("write", path):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(json.dumps({"root": root}).encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+__all__ = ["MARKER", "LocalFirstStorage", "open_local_first"]
