@@ -12,7 +12,10 @@ plain baseline of the same run (throughput ratio: above 1 is faster than the bas
 * safepoint: ``CheckpointManager("s3://...").save(state)`` (payload objects, checksums,
   conditional manifest commit, the run log);
 * plain parallel get: the plain object read back with 16 MiB ranged GETs, 8 at once;
-* safepoint restore: ``CheckpointManager.restore()`` into fresh numpy arrays.
+* safepoint restore: ``CheckpointManager.restore()`` into fresh numpy arrays;
+* local-first save: ``CheckpointManager(root, local_first=DIR).save(state)``, until it
+  returns (committed on the local disk), and until the upload behind it is done;
+* lazy load, 1 tensor: ``safepoint.load(url, mmap=True)`` and one tensor of it read.
 
     python bench/s3_throughput.py                 # 512 MiB, 3 reps
     python bench/s3_throughput.py --mib 64 --reps 2
@@ -99,6 +102,9 @@ def main() -> None:
             options = weed.server.options
             root = f"s3://{weed.server.bucket}/bench"
             mgr = safepoint.CheckpointManager(root, storage_options=options)
+            first = safepoint.CheckpointManager(
+                f"{root}-lf", storage_options=options, local_first=os.path.join(tmp, "lf")
+            )
             times: dict[str, list[float]] = {}
             for rep in range(args.reps):
                 methods = {
@@ -110,17 +116,37 @@ def main() -> None:
                 order = order[rep % len(order) :] + order[: rep % len(order)]
                 for name in order:
                     times.setdefault(name, []).append(timed(methods[name]))
+                began = time.perf_counter()
+                first.save(state, step=rep + 1)
+                times.setdefault("local-first save (returns)", []).append(
+                    time.perf_counter() - began
+                )
+                first.storage.flush()  # type: ignore[attr-defined]
+                times.setdefault("local-first save (uploaded)", []).append(
+                    time.perf_counter() - began
+                )
                 reads = {
                     "plain parallel get": lambda: parallel_get(store, "plain/state.bin", nbytes),
                     "safepoint restore": lambda: mgr.restore(),
                 }
                 for name in list(reads)[rep % 2 :] + list(reads)[: rep % 2]:
                     times.setdefault(name, []).append(timed(reads[name]))
+                latest = mgr.latest()
+                assert latest is not None
+                url = f"{root}/{latest.name}"
+                times.setdefault("lazy load, 1 tensor", []).append(
+                    timed(
+                        lambda url=url: safepoint.load(url, mmap=True, storage_options=options)[
+                            "layer000"
+                        ]
+                    )
+                )
             back = mgr.restore()
             assert back is not None
             for k, v in state.items():
                 assert back.state[k].tobytes() == v.tobytes(), k
             mgr.close()
+            first.close()
         finally:
             weed.stop()
     mib = nbytes / (1 << 20)
@@ -131,8 +157,11 @@ def main() -> None:
         ("plain put", "plain put"),
         ("torch.save + put", "plain put"),
         ("safepoint save", "plain put"),
+        ("local-first save (returns)", "plain put"),
+        ("local-first save (uploaded)", "plain put"),
         ("plain parallel get", "plain parallel get"),
         ("safepoint restore", "plain parallel get"),
+        ("lazy load, 1 tensor", "plain parallel get"),
     ):
         med = statistics.median(times[name])
         ratio = statistics.median(times[baseline]) / med

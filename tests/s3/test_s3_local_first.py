@@ -182,3 +182,15 @@ def test_writers_killed_at_random_points_lose_nothing_committed(s3_server, s3_ro
     assert [c.step for c in bucket.checkpoints()] == local_steps
     for ckpt in bucket.checkpoints():
         _same(bucket.restore(checkpoint=ckpt.name), ckpt.step)
+
+
+def test_async_local_first_saves_upload_too(s3_server, s3_root, tmp_path):
+    opts = s3_server.options
+    with safepoint.CheckpointManager(
+        s3_root, local_first=tmp_path / "l", storage_options=opts, async_save=True
+    ) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(state_of(step), step=step)
+    bucket = safepoint.CheckpointManager(s3_root, storage_options=opts)
+    assert [c.step for c in bucket.checkpoints()] == [1, 2, 3]
+    _same(bucket.restore(), 3)
