@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import safepoint
-from safepoint.errors import CheckpointNotFoundError
+from safepoint.errors import CheckpointNotFoundError, CorruptCheckpointError
 
 s3 = pytest.importorskip("safepoint.storage.s3")
 from safepoint.storage.s3.client import S3Client  # noqa: E402
@@ -90,3 +90,14 @@ def test_a_checkpoint_deleted_before_its_tensors_are_read_is_named(s3_env, s3_ro
     mgr.close()
     with pytest.raises(CheckpointNotFoundError, match="deleted or re-saved after it was loaded"):
         lazy["model"]["layer0"]
+
+
+def test_a_missing_payload_at_a_lazy_load_is_damage(s3_env, s3_root):
+    mgr = safepoint.CheckpointManager(s3_root)
+    name = mgr.save(_state(), step=1).name
+    mgr.close()
+    storage = s3.open_root(s3_root)
+    fname = sorted(safepoint.CheckpointManager(storage).catalog.manifest(name).files)[0]
+    storage.client.delete([storage._key(f"{name}/{fname}")], stage="test")
+    with pytest.raises(CorruptCheckpointError, match="missing"):
+        safepoint.load(f"{s3_root}/{name}", mmap=True)

@@ -140,3 +140,18 @@ def _leaves(tree):
             yield from _leaves(value)
     else:
         yield tree
+
+
+def test_a_file_whose_payload_object_is_gone_is_damage_not_absence(s3_env, s3_root, capsys):
+    mgr = safepoint.CheckpointManager(s3_root)
+    mgr.save_file("a.h5", _writer(1.0), step=1)
+    mgr.save_file("b.h5", _writer(2.0), step=2)
+    mgr.close()
+    storage = s3.open_root(s3_root)
+    storage.client.delete([storage._key("b.h5/b.h5")], stage="test")
+    with pytest.raises(CorruptCheckpointError, match="committed but its file is missing"):
+        safepoint.load(f"{s3_root}/b.h5")
+    assert main(["verify", s3_root]) == 5
+    assert "FAILED  b.h5" in capsys.readouterr().out
+    back = safepoint.CheckpointManager(s3_root).restore()
+    assert back is not None and back.name == "a.h5"

@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 
-from safepoint.errors import CorruptCheckpointError, StorageError
+from safepoint.errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
 from safepoint.ondisk import embedded, manifest
 from safepoint.storage.local import LocalStorage
 from safepoint.storage.protocol import Storage
@@ -107,6 +107,15 @@ def upload(storage: Storage, entry: str, name: str, data: bytes) -> None:
 
 
 # ---------------------------------------------------------------------------- reading
+def _download(storage: Storage, relpath: str, path: str) -> None:
+    size = storage.size(relpath)
+    with storage.open_read(relpath) as src, open(path, "wb") as dst:
+        copied = 0
+        while copied < size and (chunk := src.read(min(_CHUNK, size - copied))):
+            dst.write(chunk)
+            copied += len(chunk)
+
+
 @contextlib.contextmanager
 def fetched(storage: Storage, name: str, kind: str) -> Iterator[tuple[LocalStorage, bytes]]:
     """The file of checkpoint ``name`` fetched into a private local root, and its record.
@@ -118,13 +127,20 @@ def fetched(storage: Storage, name: str, kind: str) -> Iterator[tuple[LocalStora
     data = record_bytes(storage, name)
     entry = tempfile.mkdtemp(prefix=_PREFIX)
     try:
-        relpath = f"{name}/{name}"
-        size = storage.size(relpath)
-        with storage.open_read(relpath) as src, open(os.path.join(entry, name), "wb") as dst:
-            copied = 0
-            while copied < size and (chunk := src.read(min(_CHUNK, size - copied))):
-                dst.write(chunk)
-                copied += len(chunk)
+        try:
+            _download(storage, f"{name}/{name}", os.path.join(entry, name))
+        except FileNotFoundError:
+            if not storage.exists(record_path(name)):
+                raise CheckpointNotFoundError(
+                    f"Checkpoint {name!r} in {storage.root} was deleted while it was being "
+                    "read. Expected it to stay until read. List the root again."
+                ) from None
+            raise CorruptCheckpointError(
+                f"{storage.root}/{name} is committed but its file is missing. Expected the "
+                "object its record names. Received: no object. Restore an older checkpoint.",
+                file=name,
+                actual=None,
+            ) from None
         with open(os.path.join(entry, name), "rb") as f:
             try:
                 inside = embedded.manifest_bytes(f, kind, name)

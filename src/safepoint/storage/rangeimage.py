@@ -56,7 +56,7 @@ class LazyImage:
     def open(cls, source: RangeReadable, where: str, size: int) -> LazyImage:
         """The whole object of ``size`` bytes (already checked); fetches its head now."""
         head = np.empty(min(size, HEAD_BYTES), dtype=np.uint8)
-        _fill(source, where, head, 0)
+        _fill(source, where, head, 0, later=False)  # a missing object is the caller's to name
         return cls(source, where, 0, size, head.tobytes())
 
     def __len__(self) -> int:
@@ -96,7 +96,9 @@ def fetched(raw: Any) -> Any:
     return raw.fetch() if isinstance(raw, LazyImage) else raw
 
 
-def _fill(source: RangeReadable, where: str, out: np.ndarray, offset: int) -> None:
+def _fill(
+    source: RangeReadable, where: str, out: np.ndarray, offset: int, *, later: bool = True
+) -> None:
     view = out.data.cast("B")
     pieces = [(b, min(b + _PIECE, len(out))) for b in range(0, len(out), _PIECE)]
     errors: list[BaseException] = []
@@ -128,7 +130,7 @@ def _fill(source: RangeReadable, where: str, out: np.ndarray, offset: int) -> No
         for thread in threads:
             thread.join()
     if errors:
-        if isinstance(errors[0], FileNotFoundError):
+        if later and isinstance(errors[0], FileNotFoundError):
             raise CheckpointNotFoundError(
                 f"{where} is gone: the checkpoint was deleted or re-saved after it was "
                 "loaded with mmap=True, whose tensors are read when first used. Expected "
