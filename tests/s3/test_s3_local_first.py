@@ -194,3 +194,26 @@ def test_async_local_first_saves_upload_too(s3_server, s3_root, tmp_path):
     bucket = safepoint.CheckpointManager(s3_root, storage_options=opts)
     assert [c.step for c in bucket.checkpoints()] == [1, 2, 3]
     _same(bucket.restore(), 3)
+
+
+def test_a_damaged_local_file_is_never_uploaded(s3_server, s3_root, tmp_path, monkeypatch):
+    opts = s3_server.options
+    local = tmp_path / "l"
+    release = threading.Event()
+    real_stage = s3.S3Storage.stage
+
+    def held_stage(self, name):
+        assert release.wait(30)
+        return real_stage(self, name)
+
+    monkeypatch.setattr(s3.S3Storage, "stage", held_stage)
+    mgr = safepoint.CheckpointManager(s3_root, local_first=local, storage_options=opts)
+    mgr.save(state_of(1), step=1)  # committed locally; its upload waits
+    payload = next(p for p in (local / "step-00000001").iterdir() if p.name != "manifest.json")
+    data = bytearray(payload.read_bytes())
+    data[-1] ^= 0x01  # bit rot before the upload reads it
+    payload.write_bytes(bytes(data))
+    release.set()
+    with pytest.raises(StorageError, match=r"could not be uploaded.*step-00000001"):
+        mgr.close()
+    assert _bucket_steps(s3_root, opts) == []  # the damaged bytes stayed local

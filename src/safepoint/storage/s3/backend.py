@@ -31,7 +31,7 @@ from safepoint.ondisk.names import STAGE_PREFIX, STAGE_RE, check_name
 from safepoint.ondisk.names import split as _split
 from safepoint.storage.s3 import config as s3_config
 from safepoint.storage.s3 import log as s3_log
-from safepoint.storage.s3 import writers
+from safepoint.storage.s3 import uploads, writers
 from safepoint.storage.s3.client import S3Client
 from safepoint.storage.s3.io import RangeFile, S3Writer
 from safepoint.storage.s3.lease import DEFAULT_TTL, Lease
@@ -357,10 +357,19 @@ class S3Storage:
             except (FileNotFoundError, CorruptCheckpointError):
                 continue
         candidates = [i for i in ids if i not in keep]
-        if not candidates:
-            return []
         now = self.client.server_now()
-        removed = []
+        data_prefix = self.client.location.key(f"{DATA}/")
+        removed = [
+            f"multipart upload {key}"
+            for key in uploads.abort_stale(
+                self.client.config,
+                self.location.bucket,
+                data_prefix,
+                now=now,
+                older_than=self.stale_after,
+                spare=lambda key: key[len(data_prefix) :].split("/", 1)[0] in keep,
+            )
+        ]
         for save_id in candidates:
             objs = list(self.client.list_all(f"{DATA}/{save_id}/", stage="cleanup"))
             newest = max((o["last_modified"] for o in objs), default=None)

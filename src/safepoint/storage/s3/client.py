@@ -36,6 +36,7 @@ class S3Client:
         self.obstore = obstore
         self.location = location
         self.endpoint = str(config.get("endpoint") or "")
+        self.config = dict(config)  # for the calls obstore lacks (storage.s3.uploads)
         self.store = s3_config.make_store(location, config)
         self._probe_store = s3_config.make_store(location, config, probe=True)
 
