@@ -1,4 +1,4 @@
-"""Stale multipart uploads (a writer killed mid-upload) are aborted by cleanup and gc."""
+"""Stale multipart uploads (a writer killed mid-upload) are aborted by ``safepoint gc``."""
 
 from __future__ import annotations
 
@@ -54,14 +54,11 @@ def test_an_upload_left_by_a_killed_writer_is_aborted_once_stale(s3_server, s3_r
         proc.stdout.close()
     left = _open_uploads(client, s3_server.bucket, prefix)
     assert len(left) == 1
-    storage.lock()  # the killed writer died on this machine: its lease is taken at once
-    try:
-        assert storage.cleanup_stale() == []  # younger than the grace period: kept
-        assert _open_uploads(client, s3_server.bucket, prefix) == left
-        storage.stale_after = -1.0
-        assert f"multipart upload {left[0]}" in storage.cleanup_stale()
-    finally:
-        storage.unlock()
+    # The killed writer died on this machine: its lease is taken over at once.
+    assert storage.abort_stale_uploads() == []  # younger than the grace period: kept
+    assert _open_uploads(client, s3_server.bucket, prefix) == left
+    storage.stale_after = -1.0
+    assert storage.abort_stale_uploads() == [f"multipart upload {left[0]}"]
     assert _open_uploads(client, s3_server.bucket, prefix) == []
     client.close()
 
@@ -75,10 +72,30 @@ def test_an_upload_of_a_save_in_flight_here_is_spared(s3_server, s3_root):
         writer.write([memoryview(b"x" * (40 << 20))])  # parts in flight, not completed
         client = uploads._client(storage.client.config)
         prefix = storage.client.location.key(".sp-data/")
-        assert storage.cleanup_stale() == []
+        assert storage.abort_stale_uploads() == []
         assert len(_open_uploads(client, s3_server.bucket, prefix)) == 1
         writer.close()
         storage.discard(staged)
         client.close()
     finally:
         storage.unlock()
+
+
+def test_safepoint_gc_aborts_stale_uploads(s3_env, s3_root, capsys):
+    from safepoint.cli import main
+
+    storage = s3.S3Storage(s3_root, s3_env.options)
+    storage.lock()
+    staged = storage.stage("step-1")
+    writer = storage.open_write(f"{staged}/big.bin")
+    writer.write([memoryview(b"x" * (40 << 20))])  # a multipart upload, never completed
+    s3.writers.LIVE.difference_update(storage._staged)  # as if this writer had been killed
+    storage._staged.clear()
+    storage.unlock()
+    assert main(["gc", s3_root]) == 0  # the default grace keeps the young upload
+    assert "removed multipart upload" not in capsys.readouterr().out
+    assert main(["gc", s3_root, "--grace", "-1"]) == 0
+    assert "removed multipart upload" in capsys.readouterr().out
+    client = uploads._client(storage.client.config)
+    assert _open_uploads(client, s3_env.bucket, storage.client.location.key(".sp-data/")) == []
+    client.close()

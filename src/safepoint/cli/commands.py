@@ -133,12 +133,17 @@ def _still_there(mgr: CheckpointManager, name: str) -> bool:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     storage = storage_at(pathkind.need_root(args.root, "gc").path)
+    abort = getattr(storage, "abort_stale_uploads", None)  # an S3 root
+    if abort is not None and args.grace is not None:
+        storage.stale_after = args.grace  # type: ignore[attr-defined]
     storage.lock()
     try:
         removed = storage.cleanup_stale()
+        if abort is not None:
+            removed += abort()
         # Under the writer lock no save is in flight: a blob no checkpoint links is
         # garbage (--grace keeps recently unlinked ones anyway; see storage/blobs.py).
-        freed = blobs.collect(str(storage.root), grace_s=args.grace)
+        freed = blobs.collect(str(storage.root), grace_s=args.grace or 0.0)
     finally:
         storage.unlock()
     for name in removed:
@@ -280,8 +285,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--grace",
         type=float,
-        default=0.0,
-        help="keep unreferenced dedup blobs unlinked less than this many seconds ago",
+        default=None,
+        help="keep unreferenced dedup blobs unlinked less than this many seconds ago "
+        "(default 0); on an s3:// root, keep unreferenced payload and multipart uploads "
+        "younger than this (default 900: a stalled writer's upload may still be live)",
     )
     s.set_defaults(fn=cmd_gc)
     s = sub.add_parser(

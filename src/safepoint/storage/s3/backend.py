@@ -357,19 +357,10 @@ class S3Storage:
             except (FileNotFoundError, CorruptCheckpointError):
                 continue
         candidates = [i for i in ids if i not in keep]
+        if not candidates:
+            return []
         now = self.client.server_now()
-        data_prefix = self.client.location.key(f"{DATA}/")
-        removed = [
-            f"multipart upload {key}"
-            for key in uploads.abort_stale(
-                self.client.config,
-                self.location.bucket,
-                data_prefix,
-                now=now,
-                older_than=self.stale_after,
-                spare=lambda key: key[len(data_prefix) :].split("/", 1)[0] in keep,
-            )
-        ]
+        removed = []
         for save_id in candidates:
             objs = list(self.client.list_all(f"{DATA}/{save_id}/", stage="cleanup"))
             newest = max((o["last_modified"] for o in objs), default=None)
@@ -377,6 +368,32 @@ class S3Storage:
                 self._delete_prefix(f"{DATA}/{save_id}/", stage="cleanup")
                 removed.append(f"{DATA}/{save_id}")
         return removed
+
+    def abort_stale_uploads(self) -> list[str]:
+        """Abort the multipart uploads killed writers left, once older than ``stale_after``.
+
+        ``safepoint gc`` runs this (under the lease) after :meth:`cleanup_stale`; a
+        manager does not, so a training job's start never waits for botocore
+        (:mod:`.uploads`). Returns one entry per upload aborted.
+        """
+        held = self._lease.held
+        if not held:
+            self.lock()
+        try:
+            data_prefix = self.client.location.key(f"{DATA}/")
+            keep = set(self._staged) | writers.LIVE  # this process's saves in flight
+            aborted = uploads.abort_stale(
+                self.client.config,
+                self.location.bucket,
+                data_prefix,
+                now=self.client.server_now(),
+                older_than=self.stale_after,
+                spare=lambda key: key[len(data_prefix) :].split("/", 1)[0] in keep,
+            )
+        finally:
+            if not held:
+                self.unlock()
+        return [f"multipart upload {key}" for key in aborted]
 
     # -- the run log (one object per event: S3 has no append) ---------------------------
     def append_log(self, line: str) -> None:
