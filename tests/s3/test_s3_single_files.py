@@ -27,6 +27,15 @@ def _writer(value: float):
     return write
 
 
+def _two_files(s3_root: str):
+    """Commit a.h5 (step 1) and b.h5 (step 2); the root's storage, to damage them."""
+    mgr = safepoint.CheckpointManager(s3_root)
+    mgr.save_file("a.h5", _writer(1.0), step=1)
+    mgr.save_file("b.h5", _writer(2.0), step=2)
+    mgr.close()
+    return s3.open_root(s3_root)
+
+
 def test_save_file_commits_lists_loads_replaces_and_prunes_files_in_a_bucket(s3_env, s3_root):
     mgr = safepoint.CheckpointManager(s3_root, keep=safepoint.Keep(last=2))
     for step in (1, 2, 3):
@@ -52,11 +61,7 @@ def test_convert_copies_a_file_in_a_bucket_to_a_local_directory(s3_env, s3_root,
 
 
 def test_a_damaged_file_in_a_bucket_is_named_by_verify_and_load(s3_env, s3_root, capsys):
-    mgr = safepoint.CheckpointManager(s3_root)
-    mgr.save_file("a.h5", _writer(1.0), step=1)
-    mgr.save_file("b.h5", _writer(2.0), step=2)
-    mgr.close()
-    storage = s3.open_root(s3_root)
+    storage = _two_files(s3_root)
     key = storage._key("b.h5/b.h5")
     data, _, _ = storage.client.get(key)
     broken = bytearray(data)
@@ -72,11 +77,7 @@ def test_a_damaged_file_in_a_bucket_is_named_by_verify_and_load(s3_env, s3_root,
 
 
 def test_a_payload_swapped_for_another_saves_file_is_refused(s3_env, s3_root):
-    mgr = safepoint.CheckpointManager(s3_root)
-    mgr.save_file("a.h5", _writer(1.0), step=1)
-    mgr.save_file("b.h5", _writer(2.0), step=2)
-    mgr.close()
-    storage = s3.open_root(s3_root)
+    storage = _two_files(s3_root)
     data, _, _ = storage.client.get(storage._key("a.h5/a.h5"))
     storage.client.put(storage._key("b.h5/b.h5"), data, stage="test")  # sound file, wrong save
     with pytest.raises(CorruptCheckpointError, match="differs from the record"):
@@ -143,11 +144,7 @@ def _leaves(tree):
 
 
 def test_a_file_whose_payload_object_is_gone_is_damage_not_absence(s3_env, s3_root, capsys):
-    mgr = safepoint.CheckpointManager(s3_root)
-    mgr.save_file("a.h5", _writer(1.0), step=1)
-    mgr.save_file("b.h5", _writer(2.0), step=2)
-    mgr.close()
-    storage = s3.open_root(s3_root)
+    storage = _two_files(s3_root)
     storage.client.delete([storage._key("b.h5/b.h5")], stage="test")
     with pytest.raises(CorruptCheckpointError, match="committed but its file is missing"):
         safepoint.load(f"{s3_root}/b.h5")
