@@ -16,30 +16,16 @@ import numpy as np
 import pytest
 
 import safepoint
-from safepoint.errors import StorageError
 
 s3 = pytest.importorskip("safepoint.storage.s3")
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, HERE)
+from lease_wait import successor  # noqa: E402
 from s3_kill_manager import loss_of, state_of  # noqa: E402
 
 WRITER = os.path.join(HERE, "s3_kill_manager.py")
 SRC = os.path.abspath(os.path.join(HERE, "..", "..", "src"))
 KILLS = 50
-
-
-def _successor(root: str, options: dict) -> s3.S3Storage:
-    """The next writer: waits out the killed one's lease (time to live 0.2 s)."""
-    storage = s3.S3Storage(root, options, stale_after=-1.0)
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            storage.lock()
-            return storage
-        except StorageError as exc:
-            assert "leased by another writer" in str(exc)
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
 
 
 def _check(storage: s3.S3Storage, reported: list[int], seen: set[int]) -> int:
@@ -86,7 +72,7 @@ def test_fifty_killed_managers_leave_only_whole_checkpoints(s3_server, s3_root):
         reported += done
         seen.update(done)
         saves += len(done)
-        storage = _successor(s3_root, s3_server.options)
+        storage = successor(s3_root, s3_server.options)
         try:
             newest = _check(storage, reported, seen)
             storage.cleanup_stale()  # the killed save's orphans go; referenced payload stays

@@ -13,25 +13,12 @@ import time
 
 import pytest
 
-from safepoint.errors import StorageError
-
 s3 = pytest.importorskip("safepoint.storage.s3")
+sys.path.insert(0, os.path.dirname(__file__))
+from lease_wait import successor  # noqa: E402
+
 WRITER = os.path.join(os.path.dirname(__file__), "s3_kill_writer.py")
 SRC = os.path.join(os.path.dirname(__file__), "..", "..", "src")
-
-
-def _take_over(root, options):
-    """A successor: waits out the killed writer's lease (its ttl is 0.2 s)."""
-    storage = s3.S3Storage(root, options, stale_after=-1.0)
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            storage.lock()
-            return storage
-        except StorageError as exc:
-            assert "leased by another writer" in str(exc)
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
 
 
 @pytest.mark.e2e
@@ -51,7 +38,7 @@ def test_killed_writers_leave_only_whole_checkpoints(s3_server, s3_root):
         assert proc.wait() == -signal.SIGKILL  # killed, not died of an error
         proc.stdout.close()
         kills += 1
-        storage = _take_over(s3_root, s3_server.options)
+        storage = successor(s3_root, s3_server.options)
         names = storage.list_names()
         for name in names:  # every listed checkpoint restores exactly
             record = json.loads(storage.read_bytes(f"{name}/manifest.json", max_size=1 << 10))
