@@ -22,7 +22,7 @@ import numpy as np
 
 from safepoint.errors import CorruptCheckpointError
 from safepoint.formats import materialize
-from safepoint.ondisk.manifest import LIBS, MAX_BYTES, MAX_DIMS, no_duplicates
+from safepoint.ondisk.manifest import MAX_BYTES, layout_problem, no_duplicates
 from safepoint.state import dtypes
 from safepoint.state.tree import flatten, tensor_refs, unflatten
 
@@ -81,15 +81,10 @@ def _check_entry(name: str, key: str, entry: Any, size: int) -> int:
     if not isinstance(entry, dict):
         raise _fail(name, "a tensor record is not an object", entry)
     dt = dtypes.lookup(entry.get("dtype"), where=f"{name} tensor {key!r}")
-    shape, offset = entry.get("shape"), entry.get("offset")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_DIMS
-        or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape)
-    ):
-        raise _fail(name, f"tensor {key!r} has a bad shape", shape)
-    if entry.get("lib") not in LIBS or (entry["lib"] == "numpy-scalar" and shape):
-        raise _fail(name, f"tensor {key!r} has a bad lib", entry.get("lib"))
+    problem = layout_problem(key, entry)
+    if problem is not None:
+        raise _fail(name, *problem)
+    shape, offset = entry["shape"], entry.get("offset")
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         raise _fail(name, f"tensor {key!r} has a bad offset", offset)
     length = math.prod(shape) * dt.itemsize

@@ -356,22 +356,31 @@ def _check_tensor(key: Any, entry: Any, files: dict[str, Any], where: str) -> No
     if not isinstance(entry.get("name"), str):
         raise _fail(where, f"tensor {key!r} needs a name inside its file", entry.get("name"))
     _check_layout(key, entry, where)
-    if entry["lib"] == "numpy-scalar" and entry["shape"]:
-        raise _fail(where, f"tensor {key!r} is a scalar with a shape", entry["shape"])
 
 
-def _check_layout(key: Any, entry: dict[str, Any], where: str) -> dtypes.DType:
-    """A tensor entry's dtype, shape and lib, whole or chunked; return its dtype."""
-    dt = dtypes.lookup(entry.get("dtype"), where=f"{where} tensor {key!r}")
+def layout_problem(key: Any, entry: dict[str, Any]) -> tuple[str, Any] | None:
+    """What is wrong with a tensor record's shape and lib, as ``(why, received)``; None
+    when sound. Shared by every record of tensors (manifests, a tree zip's state)."""
     shape = entry.get("shape")
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_DIMS
         or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape)
     ):
-        raise _fail(where, f"tensor {key!r} shape must be a list of non-negative ints", shape)
+        return f"tensor {key!r} shape must be a list of non-negative ints", shape
     if entry.get("lib") not in LIBS:
-        raise _fail(where, f"tensor {key!r} lib must be one of {LIBS}", entry.get("lib"))
+        return f"tensor {key!r} lib must be one of {LIBS}", entry.get("lib")
+    if entry["lib"] == "numpy-scalar" and shape:
+        return f"tensor {key!r} is a scalar with a shape", shape
+    return None
+
+
+def _check_layout(key: Any, entry: dict[str, Any], where: str) -> dtypes.DType:
+    """A tensor entry's dtype, shape and lib, whole or chunked; return its dtype."""
+    dt = dtypes.lookup(entry.get("dtype"), where=f"{where} tensor {key!r}")
+    problem = layout_problem(key, entry)
+    if problem is not None:
+        raise _fail(where, *problem)
     return dt
 
 
@@ -396,6 +405,7 @@ __all__ = [
     "NAME",
     "PAYLOADS",
     "Manifest",
+    "layout_problem",
     "no_duplicates",
     "now",
     "parse",
