@@ -225,6 +225,16 @@ def listing(root: Path) -> set[str]:
     return set(os.listdir(root)) if root.exists() else set()
 
 
+def mark_folder(items: list[Any], conftest: str, marks: list[Any]) -> None:
+    """Add ``marks`` (pytest marks) to every collected test in ``conftest``'s folder:
+    the folder-wide ``e2e`` marker, or warning filters for a framework's own notices."""
+    here = os.path.dirname(os.path.abspath(conftest))
+    for item in items:
+        if str(item.path).startswith(here + os.sep):
+            for mark in marks:
+                item.add_marker(mark)
+
+
 def examples(n: int) -> int:
     """``n`` Hypothesis examples, scaled like the loaded profile's default (40).
 

@@ -8,6 +8,8 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import pytest
 
+from safepoint_testing import mark_folder
+
 pytest.importorskip("keras")
 pytest.importorskip("torch")
 pytest.importorskip("h5py")
@@ -18,8 +20,4 @@ _KERAS_NOISE = ("ignore:__array__ implementation doesn't accept a copy keyword:D
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    here = os.path.dirname(os.path.abspath(__file__))
-    for item in items:
-        if str(item.path).startswith(here):
-            for spec in _KERAS_NOISE:
-                item.add_marker(pytest.mark.filterwarnings(spec))
+    mark_folder(items, __file__, [pytest.mark.filterwarnings(spec) for spec in _KERAS_NOISE])

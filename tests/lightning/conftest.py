@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
+
+from safepoint_testing import mark_folder
 
 pytest.importorskip("torch")
 pytest.importorskip("pytorch_lightning")
@@ -22,17 +22,7 @@ _LIGHTNING_NOISE = (
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    here = os.path.dirname(os.path.abspath(__file__))
-    for item in items:
-        if str(item.path).startswith(here):
-            for spec in _LIGHTNING_NOISE:
-                item.add_marker(pytest.mark.filterwarnings(spec))
-    mark_training_e2e(items, here)
-
-
-def mark_training_e2e(items: list[pytest.Item], here: str) -> None:
     """Every test here trains a real model: the e2e set (``make test`` runs it,
-    ``make test-fast`` leaves it out)."""
-    for item in items:
-        if str(item.path).startswith(here):
-            item.add_marker(pytest.mark.e2e)
+    ``make test-fast`` leaves it out), with Lightning's notices ignored."""
+    noise = [pytest.mark.filterwarnings(spec) for spec in _LIGHTNING_NOISE]
+    mark_folder(items, __file__, [*noise, pytest.mark.e2e])

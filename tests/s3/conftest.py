@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from weed import ACCESS_KEY, BUCKET, SECRET_KEY, S3Server, WeedMissing, WeedProcess
 
+from safepoint_testing import mark_folder
+
 
 def _process(base: Path) -> WeedProcess:
     pytest.importorskip("obstore")  # the s3 extra
@@ -66,7 +68,4 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Every test here talks to a real S3 server process: the e2e set (``make test``
     runs it, ``make test-fast`` leaves it out)."""
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(str(item.fspath)).parents:
-            item.add_marker(pytest.mark.e2e)
+    mark_folder(items, __file__, [pytest.mark.e2e])
