@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 import safepoint
@@ -217,3 +218,117 @@ def test_a_damaged_local_file_is_never_uploaded(s3_server, s3_root, tmp_path, mo
     with pytest.raises(StorageError, match=r"could not be uploaded.*step-00000001"):
         mgr.close()
     assert _bucket_steps(s3_root, opts) == []  # the damaged bytes stayed local
+
+
+def test_a_failed_upload_never_empties_the_bucket(s3_server, s3_root, tmp_path, monkeypatch):
+    opts, keep = s3_server.options, safepoint.Keep(last=1)
+    mgr = safepoint.CheckpointManager(
+        s3_root, local_first=tmp_path / "l", storage_options=opts, keep=keep
+    )
+    mgr.save(state_of(1), step=1)
+    mgr.storage.flush()
+    assert _bucket_steps(s3_root, opts) == [1]
+
+    def down(self, staged, name):
+        raise StorageError("S3 stage 'manifest' failed: connection refused", stage="manifest")
+
+    monkeypatch.setattr(s3.S3Storage, "commit", down)
+    mgr.save(state_of(2), step=2)  # retention prunes step 1 here at once
+    with pytest.raises(StorageError, match="step-00000002"):
+        mgr.close()
+    assert _bucket_steps(s3_root, opts) == [1]  # kept until step 2 is there
+
+
+def test_a_copy_the_bucket_moved_past_is_never_read_or_uploaded(s3_server, s3_root, tmp_path):
+    opts = s3_server.options
+
+    def run(where: str, value: float, name: str = "model") -> None:
+        with safepoint.CheckpointManager(
+            s3_root, local_first=tmp_path / where, storage_options=opts, name=name
+        ) as mgr:
+            mgr.save({"w": np.full(4, value)}, step=int(value))
+
+    run("a", 1.0)  # machine A saves "model" = 1
+    run("b", 2.0)  # the job moved to machine B: "model" = 2
+    back = safepoint.CheckpointManager(s3_root, local_first=tmp_path / "a", storage_options=opts)
+    assert back.restore().state["w"].tolist() == [2.0] * 4  # not A's stale copy
+    back.save({"w": np.full(4, 3.0)}, step=3)  # A takes the root: its stale copy goes
+    back.close()
+    bucket = safepoint.CheckpointManager(s3_root, storage_options=opts)
+    assert bucket.restore(checkpoint="model").state["w"].tolist() == [2.0] * 4
+    assert not (tmp_path / "a" / "model").exists()
+
+
+def test_a_checkpoint_deleted_in_the_bucket_does_not_come_back(s3_server, s3_root, tmp_path):
+    opts, keep = s3_server.options, safepoint.Keep(last=1)
+    with safepoint.CheckpointManager(
+        s3_root, local_first=tmp_path / "a", storage_options=opts, keep=keep
+    ) as mgr:
+        mgr.save(state_of(1), step=1)
+    with safepoint.CheckpointManager(
+        s3_root, local_first=tmp_path / "b", storage_options=opts, keep=keep
+    ) as mgr:
+        mgr.save(state_of(2), step=2)  # deletes step 1 from the bucket
+    with safepoint.CheckpointManager(
+        s3_root, local_first=tmp_path / "a", storage_options=opts, keep=keep
+    ) as mgr:
+        assert [c.step for c in mgr.checkpoints()] == [2]
+        mgr.save(state_of(3), step=3)
+    assert _bucket_steps(s3_root, opts) == [3]
+
+
+def test_a_plain_run_root_is_not_taken_as_a_local_first_directory(s3_server, s3_root, tmp_path):
+    with safepoint.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.save(state_of(1), step=1)
+    with pytest.raises(ConfigError, match="holds checkpoints but is no local_first directory"):
+        safepoint.CheckpointManager(
+            s3_root, local_first=tmp_path / "run", storage_options=s3_server.options
+        )
+
+
+def test_framework_files_do_not_wait_for_their_upload(s3_server, s3_root, tmp_path, monkeypatch):
+    h5py = pytest.importorskip("h5py")
+    release = threading.Event()
+    real_stage = s3.S3Storage.stage
+
+    def held_stage(self, name):
+        assert release.wait(30)
+        return real_stage(self, name)
+
+    monkeypatch.setattr(s3.S3Storage, "stage", held_stage)
+
+    def write(path: str) -> None:
+        with h5py.File(path, "w") as f:
+            f["w"] = np.arange(4.0)
+
+    mgr = safepoint.CheckpointManager(
+        s3_root, local_first=tmp_path / "l", storage_options=s3_server.options
+    )
+    began = time.monotonic()
+    mgr.save_file("best.h5", write, step=1)
+    assert time.monotonic() - began < 10  # the upload is still held
+    assert [c.name for c in mgr.checkpoints()] == ["best.h5"]
+    release.set()
+    mgr.close()
+    assert safepoint.load(f"{s3_root}/best.h5", storage_options=s3_server.options)[
+        "w"
+    ].tolist() == [
+        0.0,
+        1.0,
+        2.0,
+        3.0,
+    ]
+
+
+def test_two_managers_on_one_local_directory_are_refused(s3_server, s3_root, tmp_path):
+    opts = s3_server.options
+    first = safepoint.CheckpointManager(s3_root, local_first=tmp_path / "l", storage_options=opts)
+    first.save(state_of(1), step=1)
+    second = safepoint.CheckpointManager(
+        s3_root, local_first=tmp_path / "l", storage_options=opts, name="other-{step}"
+    )
+    with pytest.raises(ConfigError, match="one manager per local_first directory"):
+        second.save(state_of(2), step=2)
+    second.close()
+    first.close()
+    assert _bucket_steps(s3_root, opts) == [1]

@@ -54,6 +54,9 @@ class WriterLock:
     def exit(self) -> None:
         with self._mutex:
             self._users = max(0, self._users - 1)
+            # A storage that asks to (local-first: releasing waits for its uploads)
+            # keeps the lock until close().
+            self._kept = self._kept or bool(getattr(self._storage, "keep_lock", False))
             if self._users == 0 and not self._kept:
                 self._storage.unlock()
 

@@ -8,22 +8,19 @@ commit protocol (payload, then the conditional record), in ``seq`` order, and
 deletes there what retention deleted here. The bucket is the run's root as every
 other machine sees it; this machine reads its own copies first.
 
-Where each name is read from: the local directory when it holds that name (newer or
-equal to the bucket's copy, since this process is the root's only writer), else the
-bucket. Listing is the union of both. A restarted writer on this machine uploads what
-a crash left local-only as soon as it takes the root (``lock``), so the bucket catches
-up without a save. ``unlock`` (the manager's ``close``) waits for the uploads and
-raises ``StorageError`` if some could not be made (they stay committed locally, and
-the next writer here uploads them).
-
-Each uploaded file is read through the checkpoint directory opened once (a re-save of
-the name cannot mix two versions) and hashed on the way: a local file that does not
-match its manifest's checksum is not uploaded, and the error says so.
+A name is read from the local directory when it holds it, else from the bucket;
+listing is the union. A copy the bucket superseded or deleted while the job ran
+elsewhere (the ledger, :mod:`safepoint.storage.ledger`, tells) is never read, never
+uploaded, and removed once this process takes the root (``lock``), which also uploads
+what a crash left local-only. Old checkpoints leave the bucket only after a pass whose
+uploads all succeeded, so a failed or killed upload never empties it. ``unlock`` (the
+manager's ``close``) waits for the uploads and raises ``StorageError`` naming those
+that failed (they stay committed locally; the next writer here uploads them). The
+copy itself is :mod:`safepoint.storage.transfer`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -31,43 +28,61 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from safepoint.errors import ConfigError, CorruptCheckpointError, StorageError
-from safepoint.ondisk import checksum, manifest
-from safepoint.ondisk.embedded import KEY
-from safepoint.storage import held
-from safepoint.storage.files import translate
+from safepoint.ondisk import manifest
+from safepoint.storage import transfer
+from safepoint.storage.ledger import Ledger
 from safepoint.storage.local import LocalStorage
 from safepoint.storage.protocol import Storage, Writer
 
 log = logging.getLogger("safepoint")
 
-_CHUNK = 16 << 20
-
 
 class LocalFirstStorage:
     """A bucket root whose saves are committed in ``local`` first (see the module docstring)."""
 
-    def __init__(self, local: LocalStorage, remote: Storage) -> None:
-        self.local, self.remote = local, remote
+    #: Managers keep the writer lock from their first save until ``close``
+    #: (:class:`safepoint.manager.writer_lock.WriterLock`): releasing it after each framework
+    #: file would wait for that file's upload.
+    keep_lock = True
+
+    def __init__(self, local: LocalStorage, remote: Storage, ledger: Ledger) -> None:
+        self.local, self.remote, self.ledger = local, remote, ledger
         self.root = remote.root
         self._cond = threading.Condition()
         self._dirty = False
         self._busy = False
         self._stop = False
+        self._users = 0
         self._removed: set[str] = set()
         self._lines: list[str] = []
         self._sent: dict[str, bytes] = {}  # name -> the record uploaded for it
         self._known: set[str] | None = None  # the bucket's names while we hold the root
         self._failed: dict[str, BaseException] = {}
+        self._mine: set[str] = set()  # names this process committed locally
         self._thread: threading.Thread | None = None
         self._fault = local._fault
+        self._stale: set[str] = {
+            name
+            for name, record in transfer.records(self.local).items()
+            if not self.ledger.may_upload(
+                name, record, transfer.record(self.remote, name), mine=False
+            )
+        }
 
     def describe(self, relpath: str = "") -> str:
         name = relpath.split("/", 1)[0]
-        if name and self.local.is_dir(name):
+        if name and self._is_local(name):
             return self.local.describe(relpath)
         return f"{self.root}/{relpath}" if relpath else self.root
 
-    # -- reading: the local copy when there is one -----------------------------------------
+    # -- which copy counts ------------------------------------------------------------------
+    def _is_local(self, name: str) -> bool:
+        with self._cond:
+            if name in self._stale:
+                return False
+        return self.local.is_dir(name)
+
+    # -- reading: the local copy when it counts -------------------------------------------
     def _remote_names(self) -> set[str]:
         with self._cond:
             if self._known is not None:
@@ -75,13 +90,15 @@ class LocalFirstStorage:
         return set(self.remote.list_names())
 
     def _side(self, relpath: str) -> Storage:
-        return self.local if self.local.is_dir(relpath.split("/", 1)[0]) else self.remote
+        return self.local if self._is_local(relpath.split("/", 1)[0]) else self.remote
 
     def list_names(self) -> list[str]:
-        return sorted(set(self.local.list_names()) | self._remote_names())
+        with self._cond:
+            stale = set(self._stale)
+        return sorted((set(self.local.list_names()) - stale) | self._remote_names())
 
     def is_dir(self, name: str) -> bool:
-        if self.local.is_dir(name):
+        if self._is_local(name):
             return True
         with self._cond:
             if self._known is not None:
@@ -103,19 +120,50 @@ class LocalFirstStorage:
     def read_log(self) -> bytes:
         return self.local.read_log() or self.remote.read_log()
 
-    # -- writing: locally, then queued for the bucket --------------------------------------
+    # -- the writer lock -------------------------------------------------------------------
     def lock(self) -> None:
-        self.local.lock()
+        with self._cond:
+            if self._users:
+                return  # held already (every save of the manager calls this)
+        key = os.path.realpath(self.local.root)
+        with _LOCKED_GUARD:
+            other = _LOCKED.get(key)
+            if other is not None and other is not self:
+                raise ConfigError(
+                    f"Another manager of this process writes through the local_first "
+                    f"directory {self.local.root} (to {other.root}). Expected one manager per "
+                    "local_first directory. Received: a second one. Save both series through "
+                    "one manager, or give each its own local_first directory."
+                )
+            _LOCKED[key] = self
         try:
-            _check_marker(self.local, self.root)  # another run may have taken it since
-            _write_marker(self.local, self.root)
+            self.local.lock()
+        except BaseException:
+            _forget_lock(key, self)
+            raise
+        try:
+            self.ledger.save()  # the directory now belongs to this root
             self.remote.lock()
             known = set(self.remote.list_names())
+            with self._cond:
+                stale = set(self._stale)
+            for name in sorted(stale):
+                if self.local.is_dir(name):
+                    log.warning(
+                        "safepoint: %s was superseded in %s while this job ran elsewhere; "
+                        "removing the stale local copy",
+                        self.local.describe(name),
+                        self.root,
+                    )
+                    self.local.remove(name)
         except BaseException:
             self.local.unlock()
+            _forget_lock(key, self)
             raise
         with self._cond:
+            self._users = 1
             self._known = known
+            self._stale -= stale
             self._stop = False
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -125,6 +173,10 @@ class LocalFirstStorage:
         self._wake()  # uploads what a crash left local-only
 
     def unlock(self) -> None:
+        with self._cond:
+            if not self._users:
+                return
+            self._users = 0
         try:
             self.flush()
         finally:
@@ -139,6 +191,7 @@ class LocalFirstStorage:
                 self.remote.unlock()
             finally:
                 self.local.unlock()
+                _forget_lock(os.path.realpath(self.local.root), self)
 
     def flush(self) -> None:
         """Wait until every local commit and removal so far reached the bucket.
@@ -163,6 +216,7 @@ class LocalFirstStorage:
                 stage="upload",
             ) from first
 
+    # -- writing: locally, then queued for the bucket --------------------------------------
     def serial(self) -> threading.RLock:
         return self.local.serial()
 
@@ -187,7 +241,10 @@ class LocalFirstStorage:
     def commit(self, staged: str, name: str) -> None:
         self.local.commit(staged, name)
         with self._cond:
+            self._mine.add(name)
+            self._stale.discard(name)
             self._removed.discard(name)
+            self._failed.pop(name, None)
         self._wake()
 
     def discard(self, staged: str) -> None:
@@ -199,6 +256,9 @@ class LocalFirstStorage:
         with self._cond:
             self._removed.add(name)
             self._sent.pop(name, None)
+            self._mine.discard(name)
+            self._stale.discard(name)
+            self._failed.pop(name, None)
             if self._known is not None:
                 self._known.discard(name)  # deleted for every reader of this manager now
         self._wake()
@@ -236,6 +296,38 @@ class LocalFirstStorage:
         with self._cond:
             removed, self._removed = self._removed, set()
             lines, self._lines = self._lines, []
+        uploaded_all = True
+        for name, record in self._pending():
+            try:
+                transfer.copy_checkpoint(self.local, self.remote, name, record)
+            except FileNotFoundError:
+                uploaded_all = False
+                continue  # removed or re-saved here meanwhile: the next pass sees it
+            except Exception as exc:
+                uploaded_all = False
+                with self._cond:
+                    if self.local.is_dir(name):
+                        self._failed[name] = exc
+                log.warning("safepoint: could not upload %s to %s: %s", name, self.root, exc)
+                continue
+            self.ledger.confirm(name, record)
+            with self._cond:
+                self._failed.pop(name, None)
+                self._sent[name] = record
+                if self._known is not None:
+                    self._known.add(name)
+        if uploaded_all:
+            self._delete(removed)
+        else:  # the bucket keeps its old checkpoints until the new ones are there
+            with self._cond:
+                self._removed |= removed
+        for line in lines:
+            try:
+                self.remote.append_log(line)
+            except Exception as exc:  # the log is informational; the local one has it
+                log.warning("safepoint: could not append to the run log in %s: %s", self.root, exc)
+
+    def _delete(self, removed: set[str]) -> None:
         for name in sorted(removed):
             if self.local.is_dir(name):
                 continue  # saved again since
@@ -246,155 +338,65 @@ class LocalFirstStorage:
                     self._removed.add(name)  # retried on the next pass
                     self._failed[f"deleting {name}"] = exc
                 continue
+            self.ledger.forget(name)
             with self._cond:
                 self._failed.pop(f"deleting {name}", None)
                 if self._known is not None:
                     self._known.discard(name)
-        for name, record in self._pending():
-            try:
-                self._upload(name, record)
-            except FileNotFoundError:
-                continue  # removed or re-saved here meanwhile: the next pass sees it
-            except Exception as exc:
-                with self._cond:
-                    self._failed[name] = exc
-                log.warning("safepoint: could not upload %s to %s: %s", name, self.root, exc)
-                continue
-            with self._cond:
-                self._failed.pop(name, None)
-                self._sent[name] = record
-                if self._known is not None:
-                    self._known.add(name)
-        for line in lines:
-            try:
-                self.remote.append_log(line)
-            except Exception as exc:  # the log is informational; the local one has it
-                log.warning("safepoint: could not append to the run log in %s: %s", self.root, exc)
 
     def _pending(self) -> Iterator[tuple[str, bytes]]:
-        """Local checkpoints whose record the bucket lacks (or holds another of), oldest first."""
+        """Local checkpoints the bucket lacks (or holds an older record of), oldest first."""
         found: list[tuple[int, str, bytes]] = []
-        for name in self.local.list_names():
-            if name.startswith(".") or not self.local.is_dir(name):
-                continue  # staging and trash entries, the run log
-            try:
-                record = self.local.read_bytes(
-                    f"{name}/{manifest.NAME}", max_size=manifest.MAX_BYTES
-                )
-                seq = manifest.parse(record, where=f"{name}/{manifest.NAME}").seq
-            except (FileNotFoundError, CorruptCheckpointError, StorageError):
-                continue  # not a committed checkpoint (or one retention is removing)
-            if self._sent.get(name) == record:
+        with self._cond:
+            stale = set(self._stale)
+        for name, record in transfer.records(self.local).items():
+            if name in stale or self._sent.get(name) == record:
                 continue
-            if name in self._remote_names() and self._remote_record(name) == record:
+            try:
+                seq = manifest.parse(record, where=f"{name}/{manifest.NAME}").seq
+            except CorruptCheckpointError:
+                continue
+            remote = transfer.record(self.remote, name) if name in self._remote_names() else None
+            if remote == record:
                 self._sent[name] = record
+                self.ledger.confirm(name, record)
+                continue
+            if not self.ledger.may_upload(name, record, remote, mine=name in self._mine):
+                log.warning(
+                    "safepoint: %s changed in %s since this directory last saw it; the "
+                    "bucket's copy is kept and the local one is not uploaded",
+                    name,
+                    self.root,
+                )
+                with self._cond:
+                    self._stale.add(name)
                 continue
             found.append((seq, name, record))
         for _, name, record in sorted(found):
             yield name, record
 
-    def _remote_record(self, name: str) -> bytes | None:
-        try:
-            return self.remote.read_bytes(f"{name}/{manifest.NAME}", max_size=manifest.MAX_BYTES)
-        except FileNotFoundError:
-            return None
 
-    def _upload(self, name: str, record: bytes) -> None:
-        """Copy committed checkpoint ``name`` to the bucket, one version, each file hashed."""
-        view = held.hold(self.local, name)
-        try:
-            data = view.read_bytes(f"{name}/{manifest.NAME}", max_size=manifest.MAX_BYTES)
-            if data != record:
-                raise FileNotFoundError(name)  # re-saved since listed: the next pass
-            found = manifest.parse(data, where=f"{name}/{manifest.NAME}")
-            files = {f: info.get(checksum.ALGORITHM) for f, info in found.files.items()}
-            if KEY in found.extra:
-                files.setdefault(name, None)  # a framework file: sealed, checked by readers
-            staged = self.remote.stage(name)
-            try:
-                for fname, expected in files.items():
-                    self._copy(view, f"{name}/{fname}", f"{staged}/{fname}", expected)
-                self.remote.write_file(f"{staged}/{manifest.NAME}", data, stage="manifest")
-                self.remote.commit(staged, name)
-            except BaseException:
-                self.remote.discard(staged)
-                raise
-        finally:
-            held.release(view)
+#: The local_first directories a storage of this process holds, by real path.
+_LOCKED: dict[str, LocalFirstStorage] = {}
+_LOCKED_GUARD = threading.Lock()
 
-    def _copy(self, view: LocalStorage, source: str, target: str, expected: str | None) -> None:
-        hasher = checksum.Hasher()
-        writer = self.remote.open_write(target)
-        try:
-            with view.open_read(source) as f:
-                while chunk := f.read(_CHUNK):
-                    hasher.update(chunk)
-                    writer.write([memoryview(chunk)])
-            if expected is not None and hasher.hexdigest() != expected:
-                raise CorruptCheckpointError(
-                    f"{self.local.describe(source)} does not match its manifest's checksum; "
-                    "it was not uploaded. Expected the bytes that were committed. Received: "
-                    "a damaged local file. Check the local disk.",
-                    file=source,
-                    expected=expected,
-                    actual=hasher.hexdigest(),
-                )
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
+
+def _forget_lock(key: str, storage: LocalFirstStorage) -> None:
+    with _LOCKED_GUARD:
+        if _LOCKED.get(key) is storage:
+            del _LOCKED[key]
 
 
 def open_local_first(local_dir: str, remote: Storage) -> LocalFirstStorage:
     """The storage of a bucket root committed first in ``local_dir``.
 
-    The directory records the root it mirrors (:data:`MARKER`, written by the first
-    save): pointing another run's manager at it is refused, since its checkpoints
-    would be uploaded into the wrong run.
+    The directory's ledger must belong to this root (:mod:`.ledger`); a directory
+    that holds checkpoints but no ledger (a plain run root) is refused.
     """
     local = LocalStorage(local_dir)
-    _check_marker(local, remote.root)
-    return LocalFirstStorage(local, remote)
+    holds = bool(transfer.records(local))
+    ledger = Ledger.load(local.root, remote.root, holds_checkpoints=holds)
+    return LocalFirstStorage(local, remote, ledger)
 
 
-#: The file in a local-first directory naming the bucket root it belongs to.
-MARKER = ".safepoint-local-first.json"
-
-
-def _check_marker(local: LocalStorage, root: str) -> None:
-    path = os.path.join(local.root, MARKER)
-    try:
-        with open(path, "rb") as f:
-            data = f.read(64 << 10)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise StorageError(
-            f"Cannot read {path}: {exc}. Check the directory's permissions."
-        ) from exc
-    try:
-        recorded = json.loads(data).get("root")
-    except (ValueError, AttributeError):
-        recorded = None
-    if recorded != root:
-        raise ConfigError(
-            f"{local.root} is the local_first directory of another root. Expected one that "
-            f"belongs to {root} (or a new one). Received: {MARKER} names {recorded!r}. Use a "
-            "separate local_first directory for each run root."
-        )
-
-
-def _write_marker(local: LocalStorage, root: str) -> None:
-    path = os.path.join(local.root, MARKER)
-    if os.path.exists(path):
-        return
-    with translate("write", path):
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(json.dumps({"root": root}).encode())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-
-__all__ = ["MARKER", "LocalFirstStorage", "open_local_first"]
+__all__ = ["LocalFirstStorage", "open_local_first"]
