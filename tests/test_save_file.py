@@ -17,6 +17,7 @@ import pytest
 
 import safepoint
 from safepoint.cli.conversion import convert
+from safepoint.errors import StorageError
 from safepoint.storage import runlog
 from safepoint.storage.local import LocalStorage
 
@@ -180,3 +181,20 @@ def test_convert_takes_a_seq_no_save_in_flight_holds(tmp_path: Path) -> None:
         mgr.close()
     seqs = sorted(c.seq for c in safepoint.CheckpointManager(root).checkpoints())
     assert seqs == [1, 2, 3]
+
+
+def test_a_link_left_by_write_fn_is_refused_and_its_target_untouched(tmp_path: Path) -> None:
+    outside = tmp_path / "outside.h5"
+    with h5py.File(outside, "w") as f:
+        f["w"] = np.arange(3.0)
+    before = outside.read_bytes()
+
+    def link(path: str) -> None:
+        os.symlink(outside, path)
+
+    mgr = safepoint.CheckpointManager(tmp_path / "run")
+    with pytest.raises(StorageError, match="a symbolic link"):
+        mgr.save_file("w.h5", link, step=1)
+    mgr.close()
+    assert outside.read_bytes() == before
+    assert mgr.checkpoints() == []

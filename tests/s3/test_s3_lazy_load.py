@@ -101,3 +101,19 @@ def test_a_missing_payload_at_a_lazy_load_is_damage(s3_env, s3_root):
     storage.client.delete([storage._key(f"{name}/{fname}")], stage="test")
     with pytest.raises(CorruptCheckpointError, match="missing"):
         safepoint.load(f"{s3_root}/{name}", mmap=True)
+
+
+def test_lazy_tensors_are_writable_and_copy_to_plain_dicts(s3_env, s3_root):
+    import copy
+
+    state = {"small": np.arange(8.0), "big": np.ones(1 << 20), "sub": {"x": np.zeros(3)}}
+    mgr = safepoint.CheckpointManager(s3_root)
+    name = mgr.save(state, step=1).name
+    mgr.close()
+    lazy = safepoint.load(f"{s3_root}/{name}", mmap=True)
+    for key in ("small", "big"):
+        lazy[key][0] = 42.0  # writable, whether it lay in the head fetched first or not
+        assert lazy[key][0] == 42.0
+    plain = copy.deepcopy(lazy)
+    assert type(plain) is dict and type(plain["sub"]) is dict
+    assert plain["sub"]["x"].tolist() == [0.0] * 3 and plain["small"][0] == 42.0

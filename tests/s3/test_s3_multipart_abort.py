@@ -94,7 +94,10 @@ def test_safepoint_gc_aborts_stale_uploads(s3_env, s3_root, capsys):
     storage.unlock()
     assert main(["gc", s3_root]) == 0  # the default grace keeps the young upload
     assert "removed multipart upload" not in capsys.readouterr().out
-    assert main(["gc", s3_root, "--grace", "-1"]) == 0
+    assert main(["gc", s3_root, "--grace", "-1"]) == 2  # refused: no negative grace
+    assert main(["gc", s3_root, "--grace", "nan"]) == 2
+    time.sleep(1.1)  # the server's clock stamps whole seconds
+    assert main(["gc", s3_root, "--grace", "0"]) == 0
     assert "removed multipart upload" in capsys.readouterr().out
     client = uploads._client(storage.client.config)
     assert _open_uploads(client, s3_env.bucket, storage.client.location.key(".sp-data/")) == []

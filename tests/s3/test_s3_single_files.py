@@ -11,7 +11,7 @@ import pytest
 
 import safepoint
 from safepoint.cli import main
-from safepoint.errors import CorruptCheckpointError
+from safepoint.errors import CorruptCheckpointError, StorageError
 
 s3 = pytest.importorskip("safepoint.storage.s3")
 h5py = pytest.importorskip("h5py")
@@ -152,3 +152,16 @@ def test_a_file_whose_payload_object_is_gone_is_damage_not_absence(s3_env, s3_ro
     assert "FAILED  b.h5" in capsys.readouterr().out
     back = safepoint.CheckpointManager(s3_root).restore()
     assert back is not None and back.name == "a.h5"
+
+
+def test_a_link_left_by_write_fn_is_refused_on_a_bucket(s3_env, s3_root, tmp_path):
+    outside = tmp_path / "outside.h5"
+    _writer(5.0)(str(outside))
+    before = outside.read_bytes()
+    mgr = safepoint.CheckpointManager(s3_root)
+    with pytest.raises(StorageError, match="a symbolic link"):
+        mgr.save_file("w.h5", lambda path: os.symlink(outside, path), step=1)
+    mgr.close()
+    assert (
+        outside.read_bytes() == before and safepoint.CheckpointManager(s3_root).checkpoints() == []
+    )

@@ -49,6 +49,10 @@ class LazyDict(Mapping[str, Any]):
     def __len__(self) -> int:
         return len(self._node)
 
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:
+        """Copied or pickled as a plain dict, every entry read (``copy.deepcopy`` works)."""
+        return dict, ({key: self[key] for key in self._node},)
+
     def __repr__(self) -> str:
         keys = list(self._node)
         shown = ", ".join(repr(k) for k in keys[:8]) + (", ..." if len(keys) > 8 else "")

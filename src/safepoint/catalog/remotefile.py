@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 
@@ -70,15 +71,28 @@ def stage(name: str, write: Callable[[str], None]) -> str:
     except BaseException:
         discard(entry)
         raise
-    if not os.path.isfile(os.path.join(entry, name)):
+    problem = not_a_file(os.path.join(entry, name))
+    if problem is not None:
         discard(entry)
         raise StorageError(
             f"The framework wrote no file for checkpoint {name!r}. Expected write_fn(path) to "
-            "create the file at the path it is given. Received: nothing at that path. Check "
-            "the function passed to save_file.",
+            f"create a regular file at the path it is given. Received: {problem}. Check the "
+            "function passed to save_file.",
             stage="write",
         )
     return entry
+
+
+def not_a_file(path: str) -> str | None:
+    """What is at ``path`` if it is not a regular file (a link is never followed: sealing
+    it would change a file outside the root); None for a regular file."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return "nothing at that path"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    return None if stat.S_ISREG(mode) else "not a regular file"
 
 
 def discard(entry: str) -> None:
@@ -163,6 +177,7 @@ __all__ = [
     "discard",
     "fetched",
     "is_file_checkpoint",
+    "not_a_file",
     "record_bytes",
     "stage",
     "upload",

@@ -269,6 +269,14 @@ def finish(storage: Storage, entry: str, draft: Manifest, layout: str) -> Manife
     assert kind is not None
     staged = os.path.join(root, transaction.staged_file(entry, suffix(name)))
     try:
+        problem = remotefile.not_a_file(staged)
+        if problem is not None:
+            raise StorageError(
+                f"The framework wrote no file for checkpoint {name!r}. Expected write_fn(path) "
+                f"to create a regular file at the path it is given. Received: {problem}. "
+                "Check the function passed to save_file.",
+                stage="write",
+            )
         with translate("manifest", staged):
             _fault(storage)("manifest", name)
             sealed, data = embedded.seal(staged, kind, name, draft, layout)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -132,6 +133,11 @@ def _still_there(mgr: CheckpointManager, name: str) -> bool:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    if args.grace is not None and not (math.isfinite(args.grace) and args.grace >= 0):
+        raise ConfigError(
+            "gc --grace must be a finite number of seconds, 0 or more. Expected e.g. 900. "
+            f"Received: --grace {args.grace}. Pass the age below which leftovers are kept."
+        )
     storage = storage_at(pathkind.need_root(args.root, "gc").path)
     abort = getattr(storage, "abort_stale_uploads", None)  # an S3 root
     if abort is not None and args.grace is not None:

@@ -82,8 +82,8 @@ class LazyImage:
         """The bytes of this range (read once, then kept)."""
         with self._lock:
             if self._data is None:
-                if self._end <= len(self._head):
-                    data = np.frombuffer(self._head, dtype=np.uint8)[self._begin : self._end]
+                if self._end <= len(self._head):  # a copy: writable, like any other tensor
+                    data = np.frombuffer(self._head, np.uint8)[self._begin : self._end].copy()
                 else:
                     data = np.empty(len(self), dtype=np.uint8)
                     _fill(self._source, self._where, data, self._begin)
