@@ -5,7 +5,10 @@ Modes: ``train`` (FSDP2 run of STEPS steps, saves at SAVE_AT, writes the final w
 ``resume`` (restores the latest checkpoint and finishes the same run), ``snapshot``
 (saves the state once and writes the full state it saved), ``load`` (restores onto this
 world size and writes the full state it got), ``dcpload`` (loads a DCP checkpoint of
-DCP_DIR), ``hang`` (a save where rank KILL_RANK waits to be killed before the vote).
+DCP_DIR), ``hang`` (a save where rank KILL_RANK waits to be killed before the vote),
+``async`` (an async save: the state is dumped and trained on while it is written; with
+FAIL_WRITE=1 rank 1's background write fails), ``hangcommit`` (a good save at step 2,
+then a save at step 4 whose rank 0 waits to be killed inside its commit).
 """
 
 from __future__ import annotations
@@ -93,7 +96,7 @@ def main() -> None:
     model, optim = build(world)
     timeout = float(os.environ.get("SP_TIMEOUT", "60"))
     group = safepoint.distributed.Collective(timeout=timeout) if world > 1 else None
-    mgr = safepoint.CheckpointManager(root, run_log=False, group=group)
+    mgr = safepoint.CheckpointManager(root, run_log=False, group=group, async_save=mode == "async")
     if mode == "train":
         for step in range(1, STEPS + 1):
             train_step(model, optim)
@@ -155,6 +158,47 @@ def main() -> None:
         started = time.monotonic()
         try:
             mgr.save(state_of(model, optim, 2), step=2)
+        except safepoint.StorageError as exc:
+            with open(out + f".err{rank}", "w") as f:
+                f.write(f"{time.monotonic() - started:.1f} {exc}")
+    elif mode == "async":
+        if os.environ.get("FAIL_WRITE") and rank == 1:
+
+            def broken(*args: object, **kwargs: object) -> object:
+                raise OSError(28, "No space left on device (injected)")
+
+            safepoint.distributed.saving.write_boxes = broken  # type: ignore[assignment]
+        for _ in range(2):
+            train_step(model, optim)
+        state = state_of(model, optim, 2)
+        started = time.monotonic()
+        mgr.save(state, step=2)  # returns once the snapshot is taken
+        dump(state, out)  # collectives on the default group while the save is written
+        train_step(model, optim)  # changes the live tensors: not what is saved
+        try:
+            mgr.wait()
+        except safepoint.SafepointError as exc:
+            with open(out + f".err{rank}", "w") as f:
+                f.write(f"{type(exc).__name__}: {exc}")
+        with open(out + f".took{rank}", "w") as f:
+            f.write(f"{time.monotonic() - started:.1f}")
+    elif mode == "hangcommit":
+        for _ in range(2):
+            train_step(model, optim)
+        mgr.save(state_of(model, optim, 2), step=2)
+        if rank == 0:
+            commit = mgr.storage.commit
+
+            def stuck(*args: object) -> None:
+                open(out + ".ready0", "w").close()  # the manifest is staged, not renamed
+                time.sleep(600)
+                commit(*args)
+
+            mgr.storage.commit = stuck  # type: ignore[method-assign]
+        train_step(model, optim)
+        started = time.monotonic()
+        try:
+            mgr.save(state_of(model, optim, 4), step=4)
         except safepoint.StorageError as exc:
             with open(out + f".err{rank}", "w") as f:
                 f.write(f"{time.monotonic() - started:.1f} {exc}")
