@@ -8,7 +8,8 @@ world size and writes the full state it got), ``dcpload`` (loads a DCP checkpoin
 DCP_DIR), ``hang`` (a save where rank KILL_RANK waits to be killed before the vote),
 ``async`` (an async save: the state is dumped and trained on while it is written; with
 FAIL_WRITE=1 rank 1's background write fails), ``hangcommit`` (a good save at step 2,
-then a save at step 4 whose rank 0 waits to be killed inside its commit).
+then a save at step 4 whose rank 0 waits to be killed inside its commit, or with
+KILL_AT=write while writing its file, before the vote).
 """
 
 from __future__ import annotations
@@ -187,14 +188,16 @@ def main() -> None:
             train_step(model, optim)
         mgr.save(state_of(model, optim, 2), step=2)
         if rank == 0:
-            commit = mgr.storage.commit
 
-            def stuck(*args: object) -> None:
-                open(out + ".ready0", "w").close()  # the manifest is staged, not renamed
+            def stuck(*args: object) -> object:
+                open(out + ".ready0", "w").close()
                 time.sleep(600)
-                commit(*args)
+                raise AssertionError("not killed")
 
-            mgr.storage.commit = stuck  # type: ignore[method-assign]
+            if os.environ.get("KILL_AT") == "write":  # before the vote
+                safepoint.distributed.saving.write_boxes = stuck  # type: ignore[assignment]
+            else:  # the manifest is staged, not renamed
+                mgr.storage.commit = stuck  # type: ignore[method-assign]
         train_step(model, optim)
         started = time.monotonic()
         try:

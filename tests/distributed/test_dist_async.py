@@ -43,9 +43,10 @@ def test_failed_background_write_raises_the_same_error_on_every_rank(tmp_path: P
 
 
 @pytest.mark.e2e
-def test_rank0_killed_at_commit_leaves_latest_and_gc_cleans_up(tmp_path: Path) -> None:
+@pytest.mark.parametrize("at", ["commit", pytest.param("write", marks=pytest.mark.slow)])
+def test_rank0_killed_mid_save_leaves_latest_and_gc_cleans_up(tmp_path: Path, at: str) -> None:
     root, out = tmp_path / "ckpt", tmp_path / "hang"
-    procs = launch("hangcommit", 2, root, out, SP_TIMEOUT="5")
+    procs = launch("hangcommit", 2, root, out, SP_TIMEOUT="5", KILL_AT=at)
     deadline = time.monotonic() + 60
     while not Path(f"{out}.ready0").exists():
         assert time.monotonic() < deadline and procs[0].poll() is None
@@ -58,7 +59,7 @@ def test_rank0_killed_at_commit_leaves_latest_and_gc_cleans_up(tmp_path: Path) -
     names = _listed(root)
     assert [n for n in names if n.startswith("step-")] == ["step-00000002"], (names, text)
     leftovers = [n for n in names if n.startswith(".sp.tmp-")]
-    assert leftovers, names  # the staged checkpoint, manifest written, never renamed
+    assert leftovers, names  # the staged checkpoint (at commit: its manifest), never renamed
     gc = subprocess.run(
         [sys.executable, "-m", "safepoint.cli", "gc", str(root)],
         capture_output=True,
