@@ -55,6 +55,7 @@ def state_of(model: torch.nn.Module, optim: torch.optim.Optimizer, step: int) ->
         "optim": optim_sd,
         "rng": PerRank(RNGState(), reseed(99)),
         "step": step,
+        "table": np.full((2, 3), float(step)),  # a plain numpy leaf, replicated
     }
 
 
@@ -83,6 +84,8 @@ def dump(state: dict, path: str) -> None:
             arrays[prefix] = full(node).detach().cpu().numpy()
 
     walk("", {"model": state["model"], "optim": state["optim"]["state"]})
+    if "table" in state:
+        arrays["/table"] = state["table"]
     if int(os.environ.get("RANK", "0")) == 0:
         np.savez(path, **arrays)
 
@@ -148,7 +151,9 @@ def main() -> None:
         ref = {"model": state["model"], "optim": state["optim"]}
         dcp.load(ref, checkpoint_id=os.environ["DCP_DIR"])
         set_state_dict(model, optim, model_state_dict=ref["model"], optim_state_dict=ref["optim"])
-        dump(state_of(model, optim, 0), out)
+        theirs = state_of(model, optim, 0)
+        del theirs["table"]  # DCP loaded only the model and optimizer
+        dump(theirs, out)
     elif mode == "hang":
         kill = int(os.environ["KILL_RANK"])
         for _ in range(2):

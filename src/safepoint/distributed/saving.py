@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 from torch.distributed.tensor import DTensor
 
 from safepoint.checkpoint import Checkpoint
@@ -240,12 +241,19 @@ class _Job:
         )
 
 
+def _nbytes(t: Any) -> int:
+    """Bytes of a box's tensor: a torch tensor or a numpy array (a plain replicated leaf)."""
+    if isinstance(t, np.ndarray):
+        return int(t.nbytes)
+    return int(t.numel() * t.element_size())
+
+
 def _plan(job: _Job, boxes: list[Box]) -> tuple[list[Box], str | None]:
     """Exchange every rank's boxes; the ones this rank writes, or why the save is refused."""
     coord, rank = job.coord, job.coord.rank
     plans = coord.exchange_json(
         {
-            "boxes": [[k, o, int(t.numel() * t.element_size())] for k, o, _, t in boxes],
+            "boxes": [[k, o, _nbytes(t)] for k, o, _, t in boxes],
             "shapes": {leaf.key: [list(leaf.shape), leaf.dtype.name] for leaf in job.leaves},
         }
     )
@@ -258,7 +266,7 @@ def _plan(job: _Job, boxes: list[Box]) -> tuple[list[Box], str | None]:
                 "Build the state the same way on every rank."
             )
     owner = owners([p["boxes"] for p in plans], coord.world_size)
-    mine = [b for b in boxes if owner[(b[0], tuple(b[1]))] == rank and b[3].numel()]
+    mine = [b for b in boxes if owner[(b[0], tuple(b[1]))] == rank and _nbytes(b[3])]
     mine += [
         (leaf.key, [0] * len(leaf.shape), list(leaf.shape), leaf.source) for leaf in job.own_leaves
     ]
