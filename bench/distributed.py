@@ -6,14 +6,19 @@ count, that many processes (gloo, CPU device mesh) holding an FSDP2-sharded mode
 the same run and on the same disk:
 
 * ``safepoint save``: ``CheckpointManager.save`` (every rank writes its shards, fsync,
-  vote, atomic commit); multi-rank saves are synchronous, so the stall is the save;
-* ``dcp.save``; ``dcp.async_save``: stall (until the call returns) and total (until its
-  future is done);
-* restores: ``CheckpointManager.restore`` into the live state, ``dcp.load``.
+  vote, atomic commit), synchronous: the stall is the save; ``dcp.save``;
+* ``safepoint async save`` (``async_save=True``) and ``dcp.async_save``: stall (until
+  the call returns) and total (until ``wait()`` returns / the future is done);
+* restores into the live state, ``CheckpointManager.restore`` and ``dcp.load``, cold
+  (rank 0 writes back and drops the checkpoint's files from the page cache first,
+  ``posix_fadvise(DONTNEED)``: read from the disk) and warm (right after: read from the
+  page cache).
 
-Times are rank 0's, between barriers. Medians over the reps are printed as a Markdown
-table, raw samples as JSON. The page cache is not dropped (no root here): restores read
-from memory on both sides.
+Times are rank 0's, between barriers; medians over the reps are printed as a Markdown
+table. Extra memory: the largest, over ranks and reps, peak resident memory above the
+start of the operation (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``); for
+the async saves it spans the call and the background write, and safepoint's includes
+its staging memory the first time it is allocated (it is kept for the next saves).
 """
 
 from __future__ import annotations
@@ -28,6 +33,41 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
+
+
+def evict(path: str) -> None:
+    """Drop ``path``'s files from the page cache (written back first): a cold read."""
+    for folder, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakRSS:
+    """Peak resident memory above the start, over a span (Linux: VmHWM reset by clear_refs)."""
+
+    def __enter__(self) -> PeakRSS:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        self.base = _status("VmRSS")
+        self.extra = 0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.extra = max(0, _status("VmHWM") - self.base)
 
 
 def rank_main(mib: int, reps: int, workdir: str) -> None:
@@ -50,38 +90,71 @@ def rank_main(mib: int, reps: int, workdir: str) -> None:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     state = {"model": get_state_dict(model, [])[0]}
-    mgr = safepoint.CheckpointManager(os.path.join(workdir, "sp"), run_log=False)
+    sp_root = os.path.join(workdir, "sp")
+    mgr = safepoint.CheckpointManager(sp_root, run_log=False)
+    amgr = safepoint.CheckpointManager(os.path.join(workdir, "spa"), run_log=False, async_save=True)
+    times: dict[str, float] = {}
+    memory: dict[str, float] = {}
 
-    def timed(fn: object) -> float:
+    def timed(label: str, fn: Any, *, cold: str | None = None) -> None:
+        if cold is not None and rank == 0:
+            evict(cold)
         dist.barrier()
-        t0 = time.perf_counter()
-        fn()  # type: ignore[operator]
-        dist.barrier()
-        return time.perf_counter() - t0
+        with PeakRSS() as peak:
+            t0 = time.perf_counter()
+            fn()
+            dist.barrier()
+            times[label] = time.perf_counter() - t0
+        memory[label] = peak.extra
 
-    samples: list[dict[str, float]] = []
+    def stall(label: str, start: Any, finish: Any) -> None:
+        dist.barrier()
+        with PeakRSS() as peak:
+            t0 = time.perf_counter()
+            handle = start()
+            times[label + " stall"] = time.perf_counter() - t0
+            finish(handle)
+            dist.barrier()
+            times[label + " total"] = time.perf_counter() - t0
+        memory[label] = peak.extra
+
+    samples: list[dict[str, Any]] = []
     for rep in range(reps):
-        row: dict[str, float] = {}
-        row["safepoint save"] = timed(lambda rep=rep: mgr.save(state, step=rep))
+        times.clear()
+        memory.clear()
+        timed("safepoint save", lambda rep=rep: mgr.save(state, step=rep))
         path = os.path.join(workdir, f"dcp-{rep}")
-        row["dcp.save"] = timed(lambda path=path: dcp.save(state, checkpoint_id=path))
+        timed("dcp.save", lambda path=path: dcp.save(state, checkpoint_id=path))
+        stall(
+            "safepoint async save",
+            lambda rep=rep: amgr.save(state, step=rep),
+            lambda _: amgr.wait(),
+        )
         apath = os.path.join(workdir, f"dcpa-{rep}")
-        dist.barrier()
-        t0 = time.perf_counter()
-        fut = dcp.async_save(state, checkpoint_id=apath)
-        row["dcp.async_save stall"] = time.perf_counter() - t0
-        fut.result()
-        dist.barrier()
-        row["dcp.async_save total"] = time.perf_counter() - t0
-        row["safepoint restore"] = timed(lambda: mgr.restore(state))
-        row["dcp.load"] = timed(lambda path=path: dcp.load(state, checkpoint_id=path))
-        samples.append(row)
+        stall(
+            "dcp.async_save",
+            lambda apath=apath: dcp.async_save(state, checkpoint_id=apath),
+            lambda fut: fut.result(),
+        )
+        latest = os.path.join(sp_root, f"step-{rep:08d}")
+        timed("safepoint restore (cold)", lambda: mgr.restore(state), cold=latest)
+        timed("dcp.load (cold)", lambda path=path: dcp.load(state, checkpoint_id=path), cold=path)
+        timed("safepoint restore (warm)", lambda: mgr.restore(state))
+        timed("dcp.load (warm)", lambda path=path: dcp.load(state, checkpoint_id=path))
+        # every rank's extra memory; the table shows the largest
+        labels = sorted(memory)
+        mine = torch.tensor([memory[k] for k in labels], dtype=torch.float64)
+        every = [torch.zeros_like(mine) for _ in range(world)]
+        dist.all_gather(every, mine)
+        peak = torch.stack(every).max(dim=0).values.tolist()
+        samples.append({"times": dict(times), "memory": dict(zip(labels, peak, strict=True))})
         if rank == 0:
             for p in (path, apath):
                 shutil.rmtree(p, ignore_errors=True)
     if rank == 0:
         print("RESULT " + json.dumps(samples))
     mgr.close()
+    amgr.close()
     dist.destroy_process_group()
 
 
@@ -120,15 +193,18 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
-    print(f"| ranks | {args.mib} MiB FSDP2 state | median | samples |")
-    print("| --- | --- | --- | --- |")
+    print(f"| ranks | {args.mib} MiB FSDP2 state | median | samples (ms) | extra memory per rank |")
+    print("| --- | --- | --- | --- | --- |")
     for world in args.ranks:
         samples = launch(world, args.mib, args.reps)
-        for key in samples[0]:
-            values = [s[key] for s in samples]
+        for key in samples[0]["times"]:
+            values = [s["times"][key] for s in samples]
             med = statistics.median(values)
             raw = ", ".join(f"{v * 1000:.0f}" for v in values)
-            print(f"| {world} | {key} | {med * 1000:.0f} ms | {raw} |", flush=True)
+            label = key.removesuffix(" stall").removesuffix(" total")
+            mem = [s["memory"][label] for s in samples if label in s["memory"]]
+            extra = f"{max(mem) / 2**20:.0f} MiB" if mem and not key.endswith(" stall") else ""
+            print(f"| {world} | {key} | {med * 1000:.0f} ms | {raw} | {extra} |", flush=True)
 
 
 if __name__ == "__main__":

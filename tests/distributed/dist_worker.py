@@ -5,7 +5,11 @@ Modes: ``train`` (FSDP2 run of STEPS steps, saves at SAVE_AT, writes the final w
 ``resume`` (restores the latest checkpoint and finishes the same run), ``snapshot``
 (saves the state once and writes the full state it saved), ``load`` (restores onto this
 world size and writes the full state it got), ``dcpload`` (loads a DCP checkpoint of
-DCP_DIR), ``hang`` (a save where rank KILL_RANK waits to be killed before the vote).
+DCP_DIR), ``hang`` (a save where rank KILL_RANK waits to be killed before the vote),
+``async`` (an async save: the state is dumped and trained on while it is written; with
+FAIL_WRITE=1 rank 1's background write fails), ``hangcommit`` (a good save at step 2,
+then a save at step 4 whose rank 0 waits to be killed inside its commit, or with
+KILL_AT=write while writing its file, before the vote).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ def state_of(model: torch.nn.Module, optim: torch.optim.Optimizer, step: int) ->
         "optim": optim_sd,
         "rng": PerRank(RNGState(), reseed(99)),
         "step": step,
+        "table": np.full((2, 3), float(step)),  # a plain numpy leaf, replicated
     }
 
 
@@ -79,6 +84,8 @@ def dump(state: dict, path: str) -> None:
             arrays[prefix] = full(node).detach().cpu().numpy()
 
     walk("", {"model": state["model"], "optim": state["optim"]["state"]})
+    if "table" in state:
+        arrays["/table"] = state["table"]
     if int(os.environ.get("RANK", "0")) == 0:
         np.savez(path, **arrays)
 
@@ -93,7 +100,7 @@ def main() -> None:
     model, optim = build(world)
     timeout = float(os.environ.get("SP_TIMEOUT", "60"))
     group = safepoint.distributed.Collective(timeout=timeout) if world > 1 else None
-    mgr = safepoint.CheckpointManager(root, run_log=False, group=group)
+    mgr = safepoint.CheckpointManager(root, run_log=False, group=group, async_save=mode == "async")
     if mode == "train":
         for step in range(1, STEPS + 1):
             train_step(model, optim)
@@ -144,7 +151,9 @@ def main() -> None:
         ref = {"model": state["model"], "optim": state["optim"]}
         dcp.load(ref, checkpoint_id=os.environ["DCP_DIR"])
         set_state_dict(model, optim, model_state_dict=ref["model"], optim_state_dict=ref["optim"])
-        dump(state_of(model, optim, 0), out)
+        theirs = state_of(model, optim, 0)
+        del theirs["table"]  # DCP loaded only the model and optimizer
+        dump(theirs, out)
     elif mode == "hang":
         kill = int(os.environ["KILL_RANK"])
         for _ in range(2):
@@ -155,6 +164,49 @@ def main() -> None:
         started = time.monotonic()
         try:
             mgr.save(state_of(model, optim, 2), step=2)
+        except safepoint.StorageError as exc:
+            with open(out + f".err{rank}", "w") as f:
+                f.write(f"{time.monotonic() - started:.1f} {exc}")
+    elif mode == "async":
+        if os.environ.get("FAIL_WRITE") and rank == 1:
+
+            def broken(*args: object, **kwargs: object) -> object:
+                raise OSError(28, "No space left on device (injected)")
+
+            safepoint.distributed.saving.write_boxes = broken  # type: ignore[assignment]
+        for _ in range(2):
+            train_step(model, optim)
+        state = state_of(model, optim, 2)
+        started = time.monotonic()
+        mgr.save(state, step=2)  # returns once the snapshot is taken
+        dump(state, out)  # collectives on the default group while the save is written
+        train_step(model, optim)  # changes the live tensors: not what is saved
+        try:
+            mgr.wait()
+        except safepoint.SafepointError as exc:
+            with open(out + f".err{rank}", "w") as f:
+                f.write(f"{type(exc).__name__}: {exc}")
+        with open(out + f".took{rank}", "w") as f:
+            f.write(f"{time.monotonic() - started:.1f}")
+    elif mode == "hangcommit":
+        for _ in range(2):
+            train_step(model, optim)
+        mgr.save(state_of(model, optim, 2), step=2)
+        if rank == 0:
+
+            def stuck(*args: object) -> object:
+                open(out + ".ready0", "w").close()
+                time.sleep(600)
+                raise AssertionError("not killed")
+
+            if os.environ.get("KILL_AT") == "write":  # before the vote
+                safepoint.distributed.saving.write_boxes = stuck  # type: ignore[assignment]
+            else:  # the manifest is staged, not renamed
+                mgr.storage.commit = stuck  # type: ignore[method-assign]
+        train_step(model, optim)
+        started = time.monotonic()
+        try:
+            mgr.save(state_of(model, optim, 4), step=4)
         except safepoint.StorageError as exc:
             with open(out + f".err{rank}", "w") as f:
                 f.write(f"{time.monotonic() - started:.1f} {exc}")

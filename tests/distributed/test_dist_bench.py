@@ -26,5 +26,13 @@ def test_distributed_bench_runs(tmp_path: Path) -> None:
         env={**os.environ, "PYTHONPATH": src, "BENCH_DIR": str(tmp_path)},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for row in ("safepoint save", "dcp.save", "dcp.async_save stall", "safepoint restore"):
+    rows = (
+        "safepoint save",
+        "dcp.save",
+        "safepoint async save stall",
+        "dcp.async_save stall",
+        "safepoint restore (cold)",
+        "dcp.load (warm)",
+    )
+    for row in rows:
         assert f"| 2 | {row} |" in proc.stdout, proc.stdout

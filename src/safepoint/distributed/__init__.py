@@ -37,14 +37,21 @@ class Collective:
         self.world_size = self.coordinator.world_size
 
     def save(self, manager: Any, state: Any, *, step: Any, epoch: Any, metrics: Any) -> Checkpoint:
-        manager.wait()
+        manager.wait()  # at most one save in flight: the coordinator's group is not shared
         return saving.save(
-            self.coordinator, manager, state, step=step, epoch=epoch, metrics=metrics
+            self.coordinator,
+            manager,
+            state,
+            step=step,
+            epoch=epoch,
+            metrics=metrics,
+            background=bool(getattr(manager, "async_save", False)),
         )
 
     def restore(
         self, manager: Any, state: Any, *, checkpoint: Any, strict: bool, missing_ok: bool
     ) -> Checkpoint | None:
+        manager.wait()  # a save in flight uses the coordinator's group in the background
         return restoring.restore(
             self.coordinator,
             manager,

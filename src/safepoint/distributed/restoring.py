@@ -1,13 +1,22 @@
 """The collective restore: every rank reads only the chunks its own shards overlap.
 
 Rank 0 lists the candidates (``"latest"``: every committed checkpoint, newest first)
-and sends the names. For each candidate every rank reads and verifies, into fresh
-memory, the boxes of its live ``DTensor`` shards (on the *current* mesh, whatever the
-world size was at save time), the whole of each plain tensor and the per-rank values;
-then the ranks vote. All ok: each copies what it read into the state in place. Any
-rank failed: for ``"latest"`` everyone moves to the next candidate (the damaged file is
-named in the log), otherwise every rank raises the same error. Nothing in the state is
-changed until every rank has read a checkpoint whole.
+and sends the names. For each candidate every rank reads and verifies the boxes of its
+live ``DTensor`` shards (on the *current* mesh, whatever the world size was at save
+time), the whole of each plain tensor and the per-rank values; then the ranks vote.
+
+Where a live tensor can take its box in place (a CPU tensor, contiguous, of the saved
+dtype: see :mod:`safepoint.distributed.destinations`) the chunks that lie whole inside
+the box are read straight into its memory, several files at a time, and hashed block
+by block as they land: no intermediate buffer, no second pass (``dcp.load`` reads in
+place too). Everything else is read into fresh memory and copied into the state after
+the vote. The state is checked to fit the checkpoint before the first in-place read.
+
+All ok: each rank copies what it read into fresh memory into the state. Any rank
+failed: for ``"latest"`` everyone moves to the next candidate (the damaged file is named
+in the log), otherwise every rank raises the same error. A failed candidate may have
+been read partly into the live tensors; the next one read overwrites them, and the
+error raised when none is left says so. With ``strict=False`` nothing is read in place.
 """
 
 from __future__ import annotations
@@ -20,11 +29,12 @@ import numpy as np
 from torch.distributed.tensor import DTensor
 
 from safepoint import formats
-from safepoint.catalog.chunked import read_box
+from safepoint.catalog import chunked
 from safepoint.catalog.index import UNREADABLE
 from safepoint.catalog.reader import read_manifest
 from safepoint.checkpoint import Checkpoint
 from safepoint.distributed.coordinator import Coordinator
+from safepoint.distributed.destinations import fits, live_bytes
 from safepoint.distributed.perrank import PerRank, split
 from safepoint.errors import (
     CheckpointNotFoundError,
@@ -38,6 +48,10 @@ from safepoint.state.loading import restore_into
 from safepoint.state.tree import flatten, unflatten
 
 log = logging.getLogger("safepoint")
+_PARTLY = (
+    " The live tensors were read into in place and may hold parts of the checkpoints "
+    "tried: restore a good checkpoint (or rebuild the state) before training on."
+)
 _ERRORS: dict[str, type[SafepointError]] = {
     "CheckpointNotFoundError": CheckpointNotFoundError,
     "ConfigError": ConfigError,
@@ -67,12 +81,27 @@ def _candidates(coord: Coordinator, mgr: Any, checkpoint: str | int) -> list[str
     return list(got["names"])
 
 
-def _read(mgr: Any, name: str, state: Any) -> tuple[Checkpoint, Any]:
-    """Read and verify this rank's part of checkpoint ``name``; the state tree it rebuilds."""
+def _read(
+    mgr: Any, name: str, state: Any, *, strict: bool
+) -> tuple[Checkpoint, Any, list[chunked.Read]]:
+    """Read and verify this rank's part of checkpoint ``name`` that goes to fresh memory;
+    the state tree it rebuilds and the reads left to run into the live tensors (checked
+    to fit the state first: running them writes the state)."""
     found = read_manifest(mgr.storage, name)
-    shared, _ = split(state) if state is not None else ({}, {})
+    shared, per = split(state) if state is not None else ({}, {})
     targets = {leaf.key: leaf.source for leaf in flatten(shared)[1]}
     cache: dict[str, Any] = {}
+    reads: list[chunked.Read] = []
+    # strict=False may skip parts of the state: those must not be written in place.
+    in_place = strict and state is not None
+
+    def box(entry: dict[str, Any], target: Any, offsets: list[int], sizes: list[int]) -> Any:
+        """The box's bytes in fresh memory, or None when its reads go into ``target``."""
+        dest = live_bytes(target, entry, sizes) if in_place else None
+        if dest is None:
+            return chunked.read_box(mgr.storage, name, entry, offsets, sizes)
+        reads.extend(chunked.box_reads(mgr.storage, name, entry, offsets, sizes, dest))
+        return None
 
     def tensor(key: str) -> Any:
         if key in cache:
@@ -86,6 +115,7 @@ def _read(mgr: Any, name: str, state: Any) -> tuple[Checkpoint, Any]:
                 "save it again from a multi-rank run.",
                 file=name,
             )
+        value: Any = target
         if isinstance(target, DTensor) and list(target.shape) == entry["shape"]:
             metas = target.__create_chunk_list__()
             local = target.to_local()
@@ -96,26 +126,30 @@ def _read(mgr: Any, name: str, state: Any) -> tuple[Checkpoint, Any]:
                     "Shard per tensor dimension."
                 )
             offsets, sizes = list(map(int, metas[0].offsets)), list(map(int, metas[0].sizes))
-            raw = read_box(mgr.storage, name, entry, offsets, sizes)
-            part = formats.materialize({**entry, "shape": sizes}, raw)
-            value: Any = DTensor.from_local(
-                part.to(local.device),
-                target.device_mesh,
-                target.placements,
-                run_check=False,
-                shape=target.shape,
-                stride=target.stride(),
-            )
+            raw = box(entry, local, offsets, sizes)
+            if raw is not None:
+                part = formats.materialize({**entry, "shape": sizes}, raw)
+                value = DTensor.from_local(
+                    part.to(local.device),
+                    target.device_mesh,
+                    target.placements,
+                    run_check=False,
+                    shape=target.shape,
+                    stride=target.stride(),
+                )
         else:
             shape = entry["shape"]
-            raw = read_box(mgr.storage, name, entry, [0] * len(shape), shape)
-            value = formats.materialize(entry, raw, as_numpy=isinstance(target, np.ndarray))
+            raw = box(entry, target, [0] * len(shape), shape)
+            if raw is not None:
+                value = formats.materialize(entry, raw, as_numpy=isinstance(target, np.ndarray))
         cache[key] = value
         return value
 
     loaded = unflatten(found.tree, tensor)
     ckpt = mgr.catalog.to_checkpoint(found, name)
-    return ckpt, loaded
+    if reads:  # a mismatch is refused before the first live tensor is written
+        fits(shared, {k: v for k, v in loaded.items() if k not in per})
+    return ckpt, loaded, reads
 
 
 def _apply(coord: Coordinator, state: Any, loaded: Any, *, strict: bool) -> None:
@@ -175,10 +209,13 @@ def restore(
             "Pass missing_ok=True to start fresh when there is none."
         )
     skipped: list[str] = []
+    touched, partly = False, ""
     for name in names:
         problem: list[Any] | None = None
         try:
-            ckpt, loaded = _read(mgr, name, state)
+            ckpt, loaded, reads = _read(mgr, name, state, strict=strict)
+            touched = touched or bool(reads)
+            chunked.run_reads(reads)
         except UNREADABLE as exc:
             problem = [False, f"{type(exc).__name__}: {exc}"]
         except Exception as exc:  # a mismatch with the state: never a reason to fall back
@@ -190,6 +227,8 @@ def restore(
                 _apply(coord, state, loaded, strict=strict)
             return replace(ckpt, state=loaded)
         text = "; ".join(f"rank {r}: {p[1]}" for r, p in bad)
+        touched = any(coord.exchange_json(touched))
+        partly = _PARTLY if touched else ""
         if any(p[0] for _, p in bad):
             raise StateMismatchError(
                 f"Restoring {name!r} into the given state failed. Expected a state that "
@@ -199,7 +238,7 @@ def restore(
         if checkpoint != "latest":
             raise CorruptCheckpointError(
                 f"Restoring {name!r} failed. Expected every rank to read its part. "
-                f"Received: {text}. Restore another checkpoint.",
+                f"Received: {text}. Restore another checkpoint.{partly}",
                 file=name,
             )
         log.warning("safepoint: skipping %s while restoring latest: %s", name, text)
@@ -207,7 +246,7 @@ def restore(
     raise CorruptCheckpointError(
         f"No checkpoint in {mgr.storage.root} could be restored. Expected one that every "
         f"rank reads. Received: {'; '.join(skipped)}. Check the storage; run "
-        "'safepoint verify ROOT'.",
+        f"'safepoint verify ROOT'.{partly}",
         file=str(mgr.storage.root),
     )
 

@@ -16,6 +16,14 @@ Steps (each rank; every exchange is bounded by the coordinator's timeout):
    then applies retention; any failure: rank 0 discards the staging directory. Rank 0
    sends the outcome and every rank returns the checkpoint or raises the same error.
 
+Async saves (``CheckpointManager(..., async_save=True)``): steps 1 and 2 run in
+``save()``, then every rank copies the boxes it writes (and its per-rank tensors) into
+the manager's reused staging memory and returns: the training stall is that copy plus
+two small exchanges. Steps 3 and 4 run in the manager's save worker thread. Their
+exchanges use the coordinator's own gloo group, never the training's group, and only
+one thread uses it at a time: ``save()``, ``restore()`` and ``close()`` first wait for
+the save in flight, and re-raise its error (the same on every rank, from the vote).
+
 A rank that dies leaves the others raising within the timeout; its partial file sits in
 a staging directory that the next writer's cleanup or ``safepoint gc`` removes.
 """
@@ -25,19 +33,19 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 from torch.distributed.tensor import DTensor
 
 from safepoint.checkpoint import Checkpoint
+from safepoint.distributed.committing import commit
 from safepoint.distributed.coordinator import Coordinator
 from safepoint.distributed.perrank import PerRank, prefix, split
 from safepoint.errors import ConfigError
 from safepoint.manager.options import int_arg, metrics_arg
 from safepoint.ondisk import checksum
-from safepoint.ondisk.container import CONTAINER
-from safepoint.ondisk.manifest import NAME as MANIFEST_NAME
 from safepoint.ondisk.manifest import Manifest, now
 from safepoint.ondisk.template import bounded
 from safepoint.state.tree import TensorLeaf, as_bytes, flatten
@@ -135,9 +143,22 @@ def _header(
 
 
 def save(
-    coord: Coordinator, mgr: Any, state: Any, *, step: Any, epoch: Any, metrics: Any
+    coord: Coordinator,
+    mgr: Any,
+    state: Any,
+    *,
+    step: Any,
+    epoch: Any,
+    metrics: Any,
+    background: bool = False,
 ) -> Checkpoint:
-    """The collective save (see the module docstring); call it on every rank."""
+    """The collective save (see the module docstring); call it on every rank.
+
+    ``background``: return after the plan and the snapshot of this rank's boxes into
+    the manager's staging memory; write, vote and commit in the manager's save worker
+    (the next ``wait()``, ``save()`` or ``close()`` raises its error, the same on every
+    rank).
+    """
     rank = coord.rank
     started = time.perf_counter()
     problem: str | None = None
@@ -175,95 +196,142 @@ def save(
             f"state on every rank. Received: {'; '.join(errors)}. Fix the cause named above."
         )
     assert header is not None
-    staged = header["staged"]
+    job = _Job(coord, mgr, header, tree, leaves, own_tree[prefix(rank)], own_leaves, per)
+    job.metrics, job.epoch, job.started = metrics, epoch, started
     try:
-        return _write_and_commit(
-            coord,
-            mgr,
-            header,
-            tree,
-            leaves,
-            boxes,
-            own_tree[prefix(rank)],
-            own_leaves,
-            per,
-            metrics,
-            epoch,
-            started,
-        )
+        mine, refused = _plan(job, boxes)
+        if background and refused is None:
+            staged_boxes = _snapshot(mgr, leaves + own_leaves, mine)
+            if staged_boxes is not None:
+                mgr._worker.submit(header["name"], lambda: _finish_or_discard(job, staged_boxes))
+                return job.checkpoint()
+        return _finish(job, mine, refused)
     except BaseException:
         if rank == 0:
-            mgr.storage.discard(staged)
+            mgr.storage.discard(header["staged"])
         raise
 
 
-def _write_and_commit(
-    coord: Coordinator,
-    mgr: Any,
-    header: dict[str, Any],
-    tree: dict[str, Any],
-    leaves: list[TensorLeaf],
-    boxes: list[Box],
-    own_tree: dict[str, Any],
-    own_leaves: list[TensorLeaf],
-    per: dict[str, PerRank],
-    metrics: dict[str, Any],
-    epoch: int | None,
-    started: float,
-) -> Checkpoint:
-    rank, world = coord.rank, coord.world_size
+@dataclass
+class _Job:
+    """One collective save after its header: what every later step needs."""
+
+    coord: Coordinator
+    mgr: Any
+    header: dict[str, Any]
+    tree: dict[str, Any]
+    leaves: list[TensorLeaf]
+    own_tree: dict[str, Any]
+    own_leaves: list[TensorLeaf]
+    per: dict[str, PerRank]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    epoch: int | None = None
+    started: float = 0.0
+
+    def checkpoint(self) -> Checkpoint:
+        h = self.header
+        return Checkpoint(
+            name=h["name"],
+            path=os.path.join(self.mgr.storage.root, h["name"]),
+            step=h["step"],
+            epoch=self.epoch,
+            metrics=dict(self.metrics),
+            created=h["created"],
+            seq=h["seq"],
+        )
+
+
+def _nbytes(t: Any) -> int:
+    """Bytes of a box's tensor: a torch tensor or a numpy array (a plain replicated leaf)."""
+    if isinstance(t, np.ndarray):
+        return int(t.nbytes)
+    return int(t.numel() * t.element_size())
+
+
+def _plan(job: _Job, boxes: list[Box]) -> tuple[list[Box], str | None]:
+    """Exchange every rank's boxes; the ones this rank writes, or why the save is refused."""
+    coord, rank = job.coord, job.coord.rank
     plans = coord.exchange_json(
         {
-            "boxes": [[k, o, int(t.numel() * t.element_size())] for k, o, _, t in boxes],
-            "shapes": {leaf.key: [list(leaf.shape), leaf.dtype.name] for leaf in leaves},
+            "boxes": [[k, o, _nbytes(t)] for k, o, _, t in boxes],
+            "shapes": {leaf.key: [list(leaf.shape), leaf.dtype.name] for leaf in job.leaves},
         }
     )
-    report: dict[str, Any] = {"error": None}
+    for r, plan in enumerate(plans):
+        if plan["shapes"] != plans[0]["shapes"]:
+            return [], (
+                f"ConfigError: Rank {r} holds a state of other tensors, shapes or dtypes than "
+                "rank 0. Expected the same state structure on every rank. Received: "
+                f"{sorted(set(plan['shapes']) ^ set(plans[0]['shapes']))[:5]} differ. "
+                "Build the state the same way on every rank."
+            )
+    owner = owners([p["boxes"] for p in plans], coord.world_size)
+    mine = [b for b in boxes if owner[(b[0], tuple(b[1]))] == rank and _nbytes(b[3])]
+    mine += [
+        (leaf.key, [0] * len(leaf.shape), list(leaf.shape), leaf.source) for leaf in job.own_leaves
+    ]
+    return mine, None
+
+
+def _snapshot(mgr: Any, leaves: list[TensorLeaf], mine: list[Box]) -> list[Box] | None:
+    """``mine`` copied into the manager's staging memory (None: over its cap)."""
+    by_key = {leaf.key: leaf for leaf in leaves}
+    group = [replace(by_key[k], shape=tuple(s), source=t) for k, _, s, t in mine]
+    snap = mgr._staging.capture([group])
+    if snap is None:
+        if "staging" not in mgr._warned:
+            mgr._warned.add("staging")
+            log.warning(
+                "safepoint: this rank's share of the state needs more than "
+                "max_staging_bytes=%d; saving synchronously. Raise max_staging_bytes to "
+                "save in the background.",
+                mgr._staging.max_bytes,
+            )
+        return None
+    return [(k, o, s, leaf.source) for (k, o, s, _), leaf in zip(mine, snap.leaves, strict=True)]
+
+
+def _finish_or_discard(job: _Job, mine: list[Box]) -> Checkpoint:
+    """The background half of an async save (its own thread; the coordinator's group)."""
     try:
-        for r, plan in enumerate(plans):
-            if plan["shapes"] != plans[0]["shapes"]:
-                raise ConfigError(
-                    f"Rank {r} holds a state of other tensors, shapes or dtypes than rank 0. "
-                    "Expected the same state structure on every rank. Received: "
-                    f"{sorted(set(plan['shapes']) ^ set(plans[0]['shapes']))[:5]} differ. "
-                    "Build the state the same way on every rank."
-                )
-        owner = owners([p["boxes"] for p in plans], world)
-        mine = [b for b in boxes if owner[(b[0], tuple(b[1]))] == rank and b[3].numel()]
-        mine += [
-            (leaf.key, [0] * len(leaf.shape), list(leaf.shape), leaf.source) for leaf in own_leaves
-        ]
-        fname = f"rank-{rank:05d}.bin"
-        info, records = write_boxes(mgr.storage, f"{header['staged']}/{fname}", mine)
-        report.update(
-            file=[fname, info],
-            chunks=records,
-            tree=own_tree,
-            entries={leaf.key: leaf.entry() for leaf in own_leaves},
-        )
-    except Exception as exc:
-        report = {"error": f"{type(exc).__name__}: {exc}"}
+        return _finish(job, mine, None)
+    except BaseException:
+        if job.coord.rank == 0:
+            job.mgr.storage.discard(job.header["staged"])
+        raise
+
+
+def _finish(job: _Job, mine: list[Box], refused: str | None) -> Checkpoint:
+    """Write this rank's file, vote, commit on rank 0, and agree on the outcome."""
+    coord, mgr, header = job.coord, job.mgr, job.header
+    rank, world = coord.rank, coord.world_size
+    report: dict[str, Any] = {"error": refused}
+    if refused is None:
+        try:
+            fname = f"rank-{rank:05d}.bin"
+            info, records = write_boxes(mgr.storage, f"{header['staged']}/{fname}", mine)
+            report.update(
+                file=[fname, info],
+                chunks=records,
+                tree=job.own_tree,
+                entries={leaf.key: leaf.entry() for leaf in job.own_leaves},
+            )
+        except Exception as exc:
+            report = {"error": f"{type(exc).__name__}: {exc}"}
     reports = coord.exchange_json(report)
     failed = [f"rank {r}: {p['error']}" for r, p in enumerate(reports) if p["error"]]
     outcome: dict[str, Any] = {"error": "; ".join(failed) or None}
     manifest: Manifest | None = None
     if rank == 0 and not failed:
         try:
-            manifest = _commit(mgr, header, tree, leaves, reports, per, metrics, epoch)
+            manifest = commit(
+                mgr, header, job.tree, job.leaves, reports, job.per, job.metrics, job.epoch
+            )
         except Exception as exc:
             outcome = {"error": f"rank 0 could not commit: {type(exc).__name__}: {exc}"}
     final = coord.exchange_json(outcome)[0]
     if final["error"]:
         coord.vote(final["error"] if rank == 0 else None)  # raises the same error everywhere
-    ckpt = Checkpoint(
-        name=header["name"],
-        path=os.path.join(mgr.storage.root, header["name"]),
-        step=header["step"],
-        epoch=epoch,
-        metrics=dict(metrics),
-        created=header["created"],
-        seq=header["seq"],
-    )
     if manifest is not None:
         mgr.catalog.forget(header["name"])
         mgr._history.record(
@@ -271,62 +339,14 @@ def _write_and_commit(
             name=header["name"],
             seq=header["seq"],
             step=header["step"],
-            epoch=epoch,
-            metrics=metrics,
+            epoch=job.epoch,
+            metrics=job.metrics,
             bytes=manifest.nbytes(),
-            seconds=round(time.perf_counter() - started, 6),
+            seconds=round(time.perf_counter() - job.started, 6),
             ranks=world,
         )
         mgr._apply_retention()
-    return ckpt
-
-
-def _commit(
-    mgr: Any,
-    header: dict[str, Any],
-    tree: dict[str, Any],
-    leaves: list[TensorLeaf],
-    reports: list[dict[str, Any]],
-    per: dict[str, PerRank],
-    metrics: dict[str, Any],
-    epoch: int | None,
-) -> Manifest:
-    """Rank 0: the manifest from every rank's report, written last, then the commit."""
-    chunks: dict[str, list[dict[str, Any]]] = {}
-    files: dict[str, Any] = {}
-    tensors: dict[str, Any] = {}
-    for report in reports:
-        files[report["file"][0]] = report["file"][1]
-        for rec in report["chunks"]:
-            key = rec.pop("key")
-            chunks.setdefault(key, []).append(rec)
-        tensors.update(report["entries"])
-    for leaf in leaves:
-        tensors[leaf.key] = leaf.entry()
-    for key, entry in tensors.items():
-        entry["chunks"] = chunks.get(key, [])
-    full = dict(tree)
-    for k in per:
-        full[k] = [report["tree"][k] for report in reports]
-    draft = Manifest(
-        name=header["name"],
-        seq=header["seq"],
-        step=header["step"],
-        epoch=epoch,
-        created=header["created"],
-        metrics=metrics,
-        tree=full,
-        tensors=tensors,
-        files=files,
-        extra={"series": mgr.series, CONTAINER: "directory", "ranks": len(reports)},
-    )
-    data = draft.to_bytes()
-    from safepoint.ondisk import manifest as manifest_mod
-
-    manifest_mod.parse(data, where=f"{header['name']}/{MANIFEST_NAME}")  # refuse a bad one now
-    mgr.storage.write_file(f"{header['staged']}/{MANIFEST_NAME}", data, stage="manifest")
-    mgr.storage.commit(header["staged"], header["name"])
-    return replace(draft)
+    return job.checkpoint()
 
 
 __all__ = ["local_boxes", "owners", "save", "write_boxes"]
