@@ -135,3 +135,32 @@ def test_wrong_credentials_are_a_storage_error_not_a_missing_root(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-0123456789")
     assert main(["ls", s3_root]) == 8
     assert "StorageError" in capsys.readouterr().err
+
+
+def test_a_reader_racing_resaves_of_a_directory_checkpoint_never_sees_damage(s3_env, s3_root):
+    import threading
+
+    mgr = safepoint.CheckpointManager(s3_root, name="latest")
+    mgr.save({"w": np.zeros(50_000, dtype=np.float32)}, step=0)
+    done, errors, loads = threading.Event(), [], [0]
+
+    def read() -> None:
+        while not done.is_set():
+            try:
+                value = safepoint.load(f"{s3_root}/latest")["w"]
+                assert (value == value[0]).all()  # one version, whole
+                loads[0] += 1
+            except Exception as exc:  # collected and reported below
+                errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for step in range(1, 31):
+            mgr.save({"w": np.full(50_000, step, dtype=np.float32)}, step=step)
+    finally:
+        done.set()
+        reader.join()
+        mgr.close()
+    assert not errors, errors[:3]
+    assert loads[0] > 0

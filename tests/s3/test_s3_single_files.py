@@ -165,3 +165,32 @@ def test_a_link_left_by_write_fn_is_refused_on_a_bucket(s3_env, s3_root, tmp_pat
     assert (
         outside.read_bytes() == before and safepoint.CheckpointManager(s3_root).checkpoints() == []
     )
+
+
+def test_a_reader_racing_resaves_of_a_file_never_sees_damage(s3_env, s3_root):
+    import threading
+
+    mgr = safepoint.CheckpointManager(s3_root)
+    mgr.save_file("best.h5", _writer(0.0), step=0)
+    done, errors, loads = threading.Event(), [], [0]
+
+    def read() -> None:
+        while not done.is_set():
+            try:
+                value = safepoint.load(f"{s3_root}/best.h5")["layer"]["kernel"]
+                assert (value == value.flat[0]).all()  # one version, whole
+                loads[0] += 1
+            except Exception as exc:  # collected and reported below
+                errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for step in range(1, 16):
+            mgr.save_file("best.h5", _writer(float(step)), step=step)
+    finally:
+        done.set()
+        reader.join()
+        mgr.close()
+    assert not errors, errors[:3]
+    assert loads[0] > 0

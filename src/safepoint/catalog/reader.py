@@ -90,7 +90,7 @@ def _consistent(storage: Storage, name: str, read: Callable[[Storage], _T]) -> _
     started again from the top when the name has meanwhile changed hands.
     """
     if not isinstance(storage, LocalStorage):  # no directory descriptors (an object store)
-        return read(storage)
+        return _consistent_remote(storage, name, read)
     opened = False
     for attempt in range(_ATTEMPTS):
         try:
@@ -119,6 +119,27 @@ def _consistent(storage: Storage, name: str, read: Callable[[Storage], _T]) -> _
             # checkpoint exists, which restore('latest') finds by listing again.
             raise _deleted(storage, name)
         return result
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _consistent_remote(storage: Storage, name: str, read: Callable[[Storage], _T]) -> _T:
+    """``read(storage)`` of checkpoint ``name`` in an object store, started again when a
+    re-save of the name (which deletes the old payload) raced it: the record changed."""
+    relpath = f"{name}/{manifest.NAME}"
+    for attempt in range(_ATTEMPTS):
+        try:
+            before = storage.read_bytes(relpath, max_size=manifest.MAX_BYTES)
+        except FileNotFoundError:
+            before = None  # read() reports the absence in its own words
+        try:
+            return read(storage)
+        except _RACED:
+            try:
+                now = storage.read_bytes(relpath, max_size=manifest.MAX_BYTES)
+            except FileNotFoundError:
+                now = None
+            if before is None or now == before or attempt + 1 == _ATTEMPTS:
+                raise
     raise AssertionError("unreachable")  # pragma: no cover
 
 

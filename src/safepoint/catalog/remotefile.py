@@ -130,47 +130,66 @@ def _download(storage: Storage, relpath: str, path: str) -> None:
             copied += len(chunk)
 
 
+#: Reads of a file checkpoint that a re-save of its name raced, before giving up.
+_ATTEMPTS = 3
+
+
 @contextlib.contextmanager
 def fetched(storage: Storage, name: str, kind: str) -> Iterator[tuple[LocalStorage, bytes]]:
     """The file of checkpoint ``name`` fetched into a private local root, and its record.
 
     The record and the payload come from one save (the record names its payload). The
     manifest embedded in the file must be the record byte for byte, so what was listed
-    is what is read; the caller's local read then checks every checksum.
+    is what is read; the caller's local read then checks every checksum. A re-save of
+    the name while it is fetched (the old payload deleted) starts the fetch again.
     """
-    data = record_bytes(storage, name)
     entry = tempfile.mkdtemp(prefix=_PREFIX)
     try:
-        try:
-            _download(storage, f"{name}/{name}", os.path.join(entry, name))
-        except FileNotFoundError:
-            if not storage.exists(record_path(name)):
-                raise CheckpointNotFoundError(
-                    f"Checkpoint {name!r} in {storage.root} was deleted while it was being "
-                    "read. Expected it to stay until read. List the root again."
-                ) from None
-            raise CorruptCheckpointError(
-                f"{storage.root}/{name} is committed but its file is missing. Expected the "
-                "object its record names. Received: no object. Restore an older checkpoint.",
-                file=name,
-                actual=None,
-            ) from None
-        with open(os.path.join(entry, name), "rb") as f:
+        for attempt in range(_ATTEMPTS):
+            data = record_bytes(storage, name)
             try:
-                inside = embedded.manifest_bytes(f, kind, name)
-            except FileNotFoundError:
-                inside = b""
-        if inside != data:
-            raise CorruptCheckpointError(
-                f"{storage.root}/{name}: the manifest embedded in the file differs from the "
-                "record it was committed with. Expected the same bytes. Received: "
-                f"{len(inside)} embedded bytes against a {len(data)}-byte record (a damaged "
-                "or replaced payload). Restore an older checkpoint.",
-                file=name,
-            )
+                _fetch(storage, name, kind, data, os.path.join(entry, name))
+                break
+            except (FileNotFoundError, CorruptCheckpointError):
+                try:
+                    now = record_bytes(storage, name)
+                except FileNotFoundError:
+                    raise CheckpointNotFoundError(
+                        f"Checkpoint {name!r} in {storage.root} was deleted while it was "
+                        "being read. Expected it to stay until read. List the root again."
+                    ) from None
+                if now == data or attempt + 1 == _ATTEMPTS:
+                    raise  # not a re-save: the damage is real
         yield LocalStorage(entry), data
     finally:
         discard(entry)
+
+
+def _fetch(storage: Storage, name: str, kind: str, record: bytes, path: str) -> None:
+    try:
+        _download(storage, f"{name}/{name}", path)
+    except FileNotFoundError:
+        if not storage.exists(record_path(name)):
+            raise
+        raise CorruptCheckpointError(
+            f"{storage.root}/{name} is committed but its file is missing. Expected the "
+            "object its record names. Received: no object. Restore an older checkpoint.",
+            file=name,
+            actual=None,
+        ) from None
+    with open(path, "rb") as f:
+        try:
+            inside = embedded.manifest_bytes(f, kind, name)
+        except FileNotFoundError:
+            inside = b""
+    if inside != record:
+        raise CorruptCheckpointError(
+            f"{storage.root}/{name}: the manifest embedded in the file differs from the "
+            "record it was committed with. Expected the same bytes. Received: "
+            f"{len(inside)} embedded bytes against a {len(record)}-byte record (a damaged "
+            "or replaced payload). Restore an older checkpoint.",
+            file=name,
+        )
 
 
 __all__ = [
