@@ -194,3 +194,38 @@ def test_a_reader_racing_resaves_of_a_file_never_sees_damage(s3_env, s3_root):
         mgr.close()
     assert not errors, errors[:3]
     assert loads[0] > 0
+
+
+def _temp_dirs() -> set[str]:
+    import tempfile
+
+    base = tempfile.gettempdir()
+    return {n for n in os.listdir(base) if n.startswith("safepoint-file-")}
+
+
+def test_temporary_files_never_outlive_their_save(s3_env, s3_root):
+    import gc
+    import subprocess
+    import sys
+    import tempfile
+
+    before = _temp_dirs()
+    mgr = safepoint.CheckpointManager(s3_root)
+    staged = mgr.stage_file("w.h5", _writer(1.0), step=1)
+    assert len(_temp_dirs() - before) == 1
+    del staged  # dropped between the two halves of save_file
+    gc.collect()
+    assert _temp_dirs() - before == set()
+    # A process killed with one: the next save removes it.
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    left = os.path.join(tempfile.gettempdir(), f"safepoint-file-{dead.stdout.strip()}-x")
+    os.makedirs(os.path.join(left, "inner"))
+    mgr.save_file("w.h5", _writer(2.0), step=2)
+    mgr.close()
+    assert not os.path.exists(left)
+    assert _temp_dirs() - before == set()

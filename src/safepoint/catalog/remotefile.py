@@ -32,7 +32,8 @@ from safepoint.storage.protocol import Storage
 
 #: Upload and download in pieces of this size (the file is never read whole into memory).
 _CHUNK = 16 << 20
-#: The temporary directories' prefix (in ``$TMPDIR``): a crash leaves one behind at worst.
+#: The temporary directories' prefix (in ``$TMPDIR``), followed by the pid and a dash: a
+#: killed process leaves one behind at worst, which the next :func:`stage` removes.
 _PREFIX = "safepoint-file-"
 
 
@@ -65,7 +66,8 @@ def is_file_checkpoint(storage: Storage, name: str) -> bool:
 # ---------------------------------------------------------------------------- writing
 def stage(name: str, write: Callable[[str], None]) -> str:
     """Have ``write`` create the file in a fresh local temporary directory; returns it."""
-    entry = tempfile.mkdtemp(prefix=_PREFIX)
+    _sweep()
+    entry = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-")
     try:
         write(os.path.join(entry, name))
     except BaseException:
@@ -93,6 +95,33 @@ def not_a_file(path: str) -> str | None:
     if stat.S_ISLNK(mode):
         return "a symbolic link"
     return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def _sweep() -> None:
+    """Remove the temporary directories of this user's processes that died with one."""
+    base = tempfile.gettempdir()
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for item in names:
+        pid = item[len(_PREFIX) :].split("-", 1)[0]
+        if not item.startswith(_PREFIX) or not pid.isdigit() or _alive(int(pid)):
+            continue
+        path = os.path.join(base, item)
+        with contextlib.suppress(OSError):
+            if os.lstat(path).st_uid == os.getuid() and stat.S_ISDIR(os.lstat(path).st_mode):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def discard(entry: str) -> None:
@@ -143,7 +172,7 @@ def fetched(storage: Storage, name: str, kind: str) -> Iterator[tuple[LocalStora
     is what is read; the caller's local read then checks every checksum. A re-save of
     the name while it is fetched (the old payload deleted) starts the fetch again.
     """
-    entry = tempfile.mkdtemp(prefix=_PREFIX)
+    entry = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-")
     try:
         for attempt in range(_ATTEMPTS):
             data = record_bytes(storage, name)

@@ -10,9 +10,11 @@ training steps. :meth:`CheckpointManager.stage_file` does the first half and ret
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -52,10 +54,15 @@ class StagedFile:
         self._done = done
         self._started = time.perf_counter()
         self._ended = threading.Lock()
+        # Dropped without commit() or discard() (an exception between the two halves):
+        # the staged file (a model-sized temporary, for a bucket) goes with the object.
+        self._drop = weakref.finalize(self, _discard_quietly, storage, entry)
 
     def _end(self) -> str | None:
         with self._ended:
             entry, self._entry = self._entry, None
+        if entry is not None:
+            self._drop.detach()  # commit() or discard() owns the entry now
         return entry
 
     def commit(self) -> Checkpoint:
@@ -109,6 +116,11 @@ class StagedFile:
             singlefile.discard(self._storage, entry)
         finally:
             self._done()
+
+
+def _discard_quietly(storage: Storage, entry: str) -> None:
+    with contextlib.suppress(Exception):  # a leftover is cleanup's, never an error here
+        singlefile.discard(storage, entry)
 
 
 class _Null:
