@@ -14,14 +14,13 @@ import io
 import os
 import stat
 import sys
-import time
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from safepoint import formats
-from safepoint.catalog import chunked, singlefile
+from safepoint.catalog import chunked, singlefile, versions
 from safepoint.catalog.lazytree import lazy_unflatten
 from safepoint.errors import (
     CheckpointNotFoundError,
@@ -36,18 +35,6 @@ from safepoint.state.tree import unflatten
 from safepoint.storage import held, rangeimage
 from safepoint.storage.local import LocalStorage, Storage, check_name
 from safepoint.storage.urls import is_url, open_url, split_url
-
-_T = TypeVar("_T")
-
-#: Reads of one checkpoint directory: a same-name re-save that deletes the version
-#: being read (detected by the name's new inode) restarts the read from the top.
-_ATTEMPTS = 3
-#: What a reader racing that deletion may meet, before it looks at the name again.
-_RACED = (CorruptCheckpointError, IncompleteCheckpointError, FileNotFoundError)
-#: Seconds to wait, one after the other, for a name gone missing to come back: the gap
-#: between the two renames of a re-save without RENAME_EXCHANGE is microseconds, but a
-#: loaded machine can deschedule the writer between them.
-_ABSENT_WAITS = (0.01, 0.04, 0.16)
 
 
 def read_manifest(storage: Storage, name: str) -> Manifest:
@@ -81,81 +68,6 @@ def _dir_manifest(storage: Storage, name: str) -> Manifest:
     return manifest.parse(data, where=f"{name}/{manifest.NAME}")
 
 
-def _consistent(storage: Storage, name: str, read: Callable[[Storage], _T]) -> _T:
-    """``read(view)`` of checkpoint directory ``name``, held open so it sees one version.
-
-    The view reads every file relative to the directory opened once (see
-    ``held.hold``). A writer re-saving the same name swaps a new directory
-    in and deletes the old one; a read of the old one that then misses a file is
-    started again from the top when the name has meanwhile changed hands.
-    """
-    if not isinstance(storage, LocalStorage):  # no directory descriptors (an object store)
-        return _consistent_remote(storage, name, read)
-    opened = False
-    for attempt in range(_ATTEMPTS):
-        try:
-            view = held.hold(storage, name)
-        except FileNotFoundError:
-            if _comes_back(storage, name):
-                continue
-            if opened:
-                raise _deleted(storage, name) from None
-            raise CheckpointNotFoundError(
-                f"No checkpoint named {name!r} in {storage.root}. Expected one of the names "
-                "'safepoint ls ROOT' prints."
-            ) from None
-        opened = True
-        try:
-            held.preopen(view, [f"{name}/{manifest.NAME}"])
-            result = read(view)
-        except _RACED:
-            if attempt + 1 == _ATTEMPTS or not held.replaced(view):
-                raise
-            continue
-        finally:
-            held.release(view)
-        if not storage.is_dir(name) and not _comes_back(storage, name):
-            # Read whole, but deleted meanwhile (the writer's retention): a newer
-            # checkpoint exists, which restore('latest') finds by listing again.
-            raise _deleted(storage, name)
-        return result
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _consistent_remote(storage: Storage, name: str, read: Callable[[Storage], _T]) -> _T:
-    """``read(storage)`` of checkpoint ``name`` in an object store, started again when a
-    re-save of the name (which deletes the old payload) raced it: the record changed."""
-    relpath = f"{name}/{manifest.NAME}"
-    for attempt in range(_ATTEMPTS):
-        try:
-            before = storage.read_bytes(relpath, max_size=manifest.MAX_BYTES)
-        except FileNotFoundError:
-            before = None  # read() reports the absence in its own words
-        try:
-            return read(storage)
-        except _RACED:
-            try:
-                now = storage.read_bytes(relpath, max_size=manifest.MAX_BYTES)
-            except FileNotFoundError:
-                now = None
-            if before is None or now == before or attempt + 1 == _ATTEMPTS:
-                raise
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _comes_back(storage: Storage, name: str) -> bool:
-    """True when the missing checkpoint directory ``name`` reappears within a short wait.
-
-    Without RENAME_EXCHANGE a re-save renames the old directory away and the new one
-    in; a reader that looks in between must not call the checkpoint deleted.
-    """
-    for wait in _ABSENT_WAITS:
-        time.sleep(wait)
-        if storage.is_dir(name):
-            return True
-    return False
-
-
 def _preopen(view: Storage, name: str, found: Manifest) -> None:
     if isinstance(view, LocalStorage):
         held.preopen(view, [f"{name}/{fname}" for fname in found.files])
@@ -179,7 +91,7 @@ def read_checkpoint(
         _preopen(view, name, found)
         return found, read_state(view, name, found, as_numpy=as_numpy, lazy=lazy)
 
-    return _consistent(storage, name, read)
+    return versions.consistent(storage, name, read)
 
 
 def read_state(
@@ -223,7 +135,7 @@ def read_raw(storage: Storage, name: str) -> tuple[Manifest, dict[str, np.ndarra
         _preopen(view, name, found)
         return found, _payloads(view, name, found)
 
-    return _consistent(storage, name, read)
+    return versions.consistent(storage, name, read)
 
 
 def _payloads(
@@ -237,7 +149,7 @@ def _payloads(
         raw = fmt.read(storage, name, chunked.without_chunked(found), lazy=lazy and fmt.lazy)
         raw.update(chunked.read_whole(storage, name, found))  # a multi-rank save's tensors
     except FileNotFoundError as exc:
-        _raise_if_deleted(storage, name)
+        versions.raise_if_deleted(storage, name)
         # A payload the manifest lists is gone: the checkpoint is damaged, and
         # restore("latest") must be able to skip it like any other corruption.
         fname = os.path.basename(str(exc.filename or "")) or "a payload file"
@@ -248,25 +160,6 @@ def _payloads(
             actual=None,
         ) from None
     return raw
-
-
-def _raise_if_deleted(storage: Storage, name: str) -> None:
-    """A payload is missing: if the manifest went too, the checkpoint was deleted.
-
-    The writer's retention may remove a checkpoint that a reader in another process
-    listed a moment before; that is not damage, and the caller (restore('latest'))
-    must look again rather than report corruption.
-    """
-    if not storage.exists(f"{name}/{manifest.NAME}"):
-        raise _deleted(storage, name)
-
-
-def _deleted(storage: Storage, name: str) -> CheckpointNotFoundError:
-    return CheckpointNotFoundError(
-        f"Checkpoint {name!r} in {storage.root} was deleted while it was being read "
-        "(by the writer's retention). Expected it to stay until read. List the root "
-        "again: newer checkpoints exist."
-    )
 
 
 def verify(storage: Storage, name: str) -> Manifest:
@@ -281,7 +174,7 @@ def verify(storage: Storage, name: str) -> Manifest:
             _check_file(view, name, fname, info)
         return found
 
-    return _consistent(storage, name, check)
+    return versions.consistent(storage, name, check)
 
 
 def _check_file(storage: Storage, name: str, fname: str, info: dict[str, Any]) -> None:
@@ -289,7 +182,7 @@ def _check_file(storage: Storage, name: str, fname: str, info: dict[str, Any]) -
     try:
         f = storage.open_read(relpath)
     except FileNotFoundError:
-        _raise_if_deleted(storage, name)
+        versions.raise_if_deleted(storage, name)
         raise CorruptCheckpointError(
             f"{relpath} is listed in the manifest but missing. Expected {info['size']} "
             "bytes. Received: no file. Restore an older checkpoint.",

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from safepoint.catalog import singlefile
 from safepoint.catalog.index import Catalog
+from safepoint.catalog.versions import ABSENT_WAITS
 from safepoint.cli.remote import classify_url, storage_at
 from safepoint.errors import (
     CheckpointNotFoundError,
@@ -79,12 +80,6 @@ def _payload_only(full: str, names: list[str]) -> bool:
     )
 
 
-#: Seconds to wait, one after the other, for a missing name to come back while a writer
-#: has a save in flight beside it: without RENAME_EXCHANGE a re-save renames the old
-#: version away before it renames the new one in.
-_ABSENT_WAITS = (0.01, 0.04, 0.16)
-
-
 def _inode(path: str) -> int | None:
     try:
         return os.stat(path).st_ino
@@ -119,7 +114,7 @@ def classify(path: str, *, listing: bool = True) -> PathKind:
         if found.kind not in ("uncommitted", "empty") or _inode(path) == before:
             break
     if found.kind == "missing" and _writer_in_flight(os.path.dirname(found.path)):
-        for wait in _ABSENT_WAITS:
+        for wait in ABSENT_WAITS:  # a re-save may be between its two renames
             time.sleep(wait)
             again = _classify(path, listing=listing)
             if again.kind != "missing":

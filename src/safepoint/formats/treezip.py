@@ -22,7 +22,8 @@ import numpy as np
 
 from safepoint.errors import CorruptCheckpointError
 from safepoint.formats import materialize
-from safepoint.ondisk.manifest import MAX_BYTES, layout_problem, no_duplicates
+from safepoint.ondisk.manifest import MAX_BYTES, no_duplicates
+from safepoint.ondisk.records import layout_problem
 from safepoint.state import dtypes
 from safepoint.state.tree import flatten, tensor_refs, unflatten
 

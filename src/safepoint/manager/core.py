@@ -15,6 +15,7 @@ restarted process (or a reader on another machine) sees the same run.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -190,21 +191,9 @@ class CheckpointManager(Listing, FileSaving):
             heads = None if None in prefixes else [p for p in prefixes if p is not None]
             snap = self._staging.capture(groups, heads)
             if snap is not None:
-                self._worker.submit(
-                    name,
-                    lambda: self._persist(
-                        name,
-                        seq,
-                        step,
-                        epoch,
-                        metrics,
-                        tree,
-                        snap.leaves,
-                        created,
-                        waited=waited,
-                        images=snap.images,
-                    ),
-                )
+                args = (name, seq, step, epoch, metrics, tree, snap.leaves, created)
+                job = functools.partial(self._persist, *args, waited=waited, images=snap.images)
+                self._worker.submit(name, job)
                 return Checkpoint(
                     name=name,
                     path=os.path.join(self.storage.root, name),

@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 
 from safepoint.errors import CorruptCheckpointError, IncompatibleCheckpointError
-from safepoint.ondisk import checksum, chunks
+from safepoint.ondisk import checksum, chunks, records
 from safepoint.ondisk.names import BLOB_KEY_RE, component_problem
-from safepoint.state import dtypes
+from safepoint.ondisk.records import LIBS, MAX_DIMS, layout_problem, tensor_nbytes
 from safepoint.state import metrics as metriccodec
 from safepoint.state.tree import tensor_refs
 from safepoint.version import __version__
@@ -47,9 +47,7 @@ MAX_BYTES = 64 << 20
 MAX_PARSE_COST = 512 << 20
 CONTAINER_COST, MEMBER_COST = 200, 32
 _SCAN = 8 << 20  # bytes per step of parse_cost's exact count
-MAX_DIMS = 64
 PAYLOADS = ("safetensors", "hdf5")
-LIBS = ("numpy", "numpy-scalar", "torch")
 
 log = logging.getLogger("safepoint")
 
@@ -299,7 +297,9 @@ def _from_body(body: dict[str, Any], where: str) -> Manifest:
         raise _fail(where, "tensors must be an object", tensors)
     per_file: dict[str, int] = {}
     for key, entry in tensors.items():
-        _check_tensor(key, entry, files, where)
+        problem = records.tensor_problem(key, entry, files, where)
+        if problem is not None:
+            raise _fail(where, *problem)
         if chunks.is_chunked(entry):  # a multi-rank save's tensor: checked by its chunks
             continue
         per_file[entry["file"]] = per_file.get(entry["file"], 0) + tensor_nbytes(entry)
@@ -343,56 +343,6 @@ def _decode_metrics(node: Any, where: str) -> dict[str, Any]:
     except metriccodec.MetricsError as exc:
         log.warning("safepoint: %s: listing it without metrics: %s", where, exc)
         return {}
-
-
-def _check_tensor(key: Any, entry: Any, files: dict[str, Any], where: str) -> None:
-    if not isinstance(entry, dict):
-        raise _fail(where, "tensor entries must be objects", entry)
-    if chunks.is_chunked(entry):
-        _check_chunked(key, entry, files, where)
-        return
-    if not isinstance(entry.get("file"), str) or entry["file"] not in files:
-        raise _fail(where, f"tensor {key!r} lives in an unlisted file", entry.get("file"))
-    if not isinstance(entry.get("name"), str):
-        raise _fail(where, f"tensor {key!r} needs a name inside its file", entry.get("name"))
-    _check_layout(key, entry, where)
-
-
-def layout_problem(key: Any, entry: dict[str, Any]) -> tuple[str, Any] | None:
-    """What is wrong with a tensor record's shape and lib, as ``(why, received)``; None
-    when sound. Shared by every record of tensors (manifests, a tree zip's state)."""
-    shape = entry.get("shape")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_DIMS
-        or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape)
-    ):
-        return f"tensor {key!r} shape must be a list of non-negative ints", shape
-    if entry.get("lib") not in LIBS:
-        return f"tensor {key!r} lib must be one of {LIBS}", entry.get("lib")
-    if entry["lib"] == "numpy-scalar" and shape:
-        return f"tensor {key!r} is a scalar with a shape", shape
-    return None
-
-
-def _check_layout(key: Any, entry: dict[str, Any], where: str) -> dtypes.DType:
-    """A tensor entry's dtype, shape and lib, whole or chunked; return its dtype."""
-    dt = dtypes.lookup(entry.get("dtype"), where=f"{where} tensor {key!r}")
-    problem = layout_problem(key, entry)
-    if problem is not None:
-        raise _fail(where, *problem)
-    return dt
-
-
-def _check_chunked(key: Any, entry: dict[str, Any], files: dict[str, Any], where: str) -> None:
-    dt = _check_layout(key, entry, where)
-    why = chunks.problem(entry, files, dt.itemsize)
-    if why is not None:
-        raise _fail(where, f"tensor {key!r}: {why}", entry.get(chunks.KEY))
-
-
-def tensor_nbytes(entry: dict[str, Any]) -> int:
-    return math.prod(entry["shape"]) * dtypes.BY_NAME[entry["dtype"]].itemsize
 
 
 __all__ = [

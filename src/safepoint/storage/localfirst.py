@@ -40,9 +40,8 @@ log = logging.getLogger("safepoint")
 class LocalFirstStorage:
     """A bucket root whose saves are committed in ``local`` first (see the module docstring)."""
 
-    #: Managers keep the writer lock from their first save until ``close``
-    #: (:class:`safepoint.manager.writer_lock.WriterLock`): releasing it after each framework
-    #: file would wait for that file's upload.
+    #: Managers keep the lock from their first save until ``close`` (releasing it after
+    #: each framework file would wait for that file's upload): see ``WriterLock``.
     keep_lock = True
 
     def __init__(self, local: LocalStorage, remote: Storage, ledger: Ledger) -> None:
@@ -194,11 +193,9 @@ class LocalFirstStorage:
                 _forget_lock(os.path.realpath(self.local.root), self)
 
     def flush(self) -> None:
-        """Wait until every local commit and removal so far reached the bucket.
-
-        Raises ``StorageError`` naming the checkpoints that could not be uploaded; they
-        stay committed locally, and the next writer on this machine uploads them.
-        """
+        """Wait until every local commit and removal so far reached the bucket; raise
+        ``StorageError`` naming the checkpoints that could not be uploaded (they stay
+        committed locally, and the next writer on this machine uploads them)."""
         with self._cond:
             if self._failed:  # one more try before reporting
                 self._dirty = True

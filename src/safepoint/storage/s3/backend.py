@@ -31,12 +31,12 @@ from safepoint.ondisk.names import STAGE_PREFIX, STAGE_RE, check_name
 from safepoint.ondisk.names import split as _split
 from safepoint.storage.s3 import config as s3_config
 from safepoint.storage.s3 import log as s3_log
-from safepoint.storage.s3 import uploads, writers
+from safepoint.storage.s3 import writers
+from safepoint.storage.s3.cleanup import DATA, Cleanup
 from safepoint.storage.s3.client import S3Client
 from safepoint.storage.s3.io import RangeFile, S3Writer
 from safepoint.storage.s3.lease import DEFAULT_TTL, Lease
 
-DATA = ".sp-data"
 RECORD = "manifest.json"  # safepoint.ondisk.manifest.NAME
 SAVE_ATTR = "safepoint-save"
 _SAVE_ID = re.compile(r"^[0-9a-f]{16}$")
@@ -54,7 +54,7 @@ class _Staged:
     manifest: bytes | None = None
 
 
-class S3Storage:
+class S3Storage(Cleanup):
     """A checkpoint root in an S3 (or S3-compatible) bucket.
 
     Construction checks endpoint, credentials and bucket with one LIST, so a typo
@@ -330,70 +330,6 @@ class S3Storage:
         self.client.delete([f"{name}/{RECORD}"], stage="retention")
         if save_id is not None:
             self._delete_prefix(f"{DATA}/{save_id}/", stage="retention", quiet=True)
-
-    def cleanup_stale(self) -> list[str]:
-        """Remove payload that no record references, once older than ``stale_after``.
-
-        Runs under the lease (taken here if not held). Payload of a save in flight in
-        this process is never touched; a younger prefix may belong to a writer whose
-        lease just expired, so it is left for a later run.
-        """
-        held = self._lease.held
-        if not held:
-            self.lock()
-        try:
-            return self._clean()
-        finally:
-            if not held:
-                self.unlock()
-
-    def _clean(self) -> list[str]:
-        ids, _ = self.client.list_dirs(DATA, stage="cleanup")
-        keep = set(self._staged) | writers.LIVE  # this process's saves in flight
-        for name in self.list_names():
-            try:
-                self._read_record(name)
-                keep.add(self._ids[name])
-            except (FileNotFoundError, CorruptCheckpointError):
-                continue
-        candidates = [i for i in ids if i not in keep]
-        if not candidates:
-            return []
-        now = self.client.server_now()
-        removed = []
-        for save_id in candidates:
-            objs = list(self.client.list_all(f"{DATA}/{save_id}/", stage="cleanup"))
-            newest = max((o["last_modified"] for o in objs), default=None)
-            if newest is not None and (now - newest).total_seconds() > self.stale_after:
-                self._delete_prefix(f"{DATA}/{save_id}/", stage="cleanup")
-                removed.append(f"{DATA}/{save_id}")
-        return removed
-
-    def abort_stale_uploads(self) -> list[str]:
-        """Abort the multipart uploads killed writers left, once older than ``stale_after``.
-
-        ``safepoint gc`` runs this (under the lease) after :meth:`cleanup_stale`; a
-        manager does not, so a training job's start never waits for botocore
-        (:mod:`.uploads`). Returns one entry per upload aborted.
-        """
-        held = self._lease.held
-        if not held:
-            self.lock()
-        try:
-            data_prefix = self.client.location.key(f"{DATA}/")
-            keep = set(self._staged) | writers.LIVE  # this process's saves in flight
-            aborted = uploads.abort_stale(
-                self.client.config,
-                self.location.bucket,
-                data_prefix,
-                now=self.client.server_now(),
-                older_than=self.stale_after,
-                spare=lambda key: key[len(data_prefix) :].split("/", 1)[0] in keep,
-            )
-        finally:
-            if not held:
-                self.unlock()
-        return [f"multipart upload {key}" for key in aborted]
 
     # -- the run log (one object per event: S3 has no append) ---------------------------
     def append_log(self, line: str) -> None:
