@@ -14,9 +14,10 @@ changes frozen tensors that way should pass ``dedup_rehash_every=1``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from safepoint.catalog.dedup import BlobRef, write_dedup_checkpoint
+from safepoint.catalog.dedup import HASH, OWN, BlobRef, Verdict, write_dedup_checkpoint
 from safepoint.errors import ConfigError
 from safepoint.manager import options
 from safepoint.ondisk.manifest import Manifest
@@ -56,39 +57,63 @@ def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     return a[1:] == b[1:]
 
 
+@dataclass(frozen=True)
+class _Known:
+    """A tensor at the last save: its identity, its blob (None: in that checkpoint's
+    own file, i.e. it was not equal to anything stored)."""
+
+    ident: tuple[Any, ...]
+    ref: BlobRef | None
+
+
 class Hints:
-    """Per-key identity of each tensor at the last save, and its blob."""
+    """Per-key identity of each tensor at the last save, and where its bytes went.
+
+    The verdicts (see ``catalog/dedup.py``): same identity and a blob -> that blob;
+    same identity, own bytes -> hash it (it stopped changing: make it a blob); changed
+    identity after changed bytes -> :data:`OWN`, no hash; changed identity after shared
+    bytes -> :data:`HASH` (an EMA of frozen weights changes its version, not its
+    bytes); unknown -> hash. A re-hash save hashes everything, hinted or predicted.
+    """
 
     def __init__(self, rehash_every: int = REHASH_EVERY) -> None:
         self.rehash_every = max(1, rehash_every)
         self._saves = 0
-        self._known: dict[str, tuple[tuple[Any, ...], BlobRef]] = {}
+        self._known: dict[str, _Known] = {}
         self._pending: dict[str, tuple[Any, ...] | None] = {}
+        self._fresh = True
         self.hits = 0
+        self.predicted = 0
 
     def begin(self, leaves: list[TensorLeaf]) -> None:
         """Note each leaf's identity now (at snapshot time, before any copy)."""
         self._pending = {leaf.key: _identity(leaf.source) for leaf in leaves}
         self._fresh = self._saves % self.rehash_every == 0
         self._saves += 1
-        self.hits = 0
+        self.hits = self.predicted = 0
 
-    def hint(self, leaf: TensorLeaf) -> BlobRef | None:
-        if self._fresh:
-            return None
+    def plan(self, leaf: TensorLeaf) -> Verdict:
         ident = self._pending.get(leaf.key)
         known = self._known.get(leaf.key)
-        if ident is None or known is None or not _same(known[0], ident):
+        if ident is None or known is None:
             return None
-        self.hits += 1
-        return known[1]
+        if _same(known.ident, ident):
+            if known.ref is None or self._fresh:
+                return None
+            self.hits += 1
+            return known.ref
+        if known.ref is None and not self._fresh:
+            self.predicted += 1
+            return OWN
+        return HASH
 
-    def commit(self, refs: dict[str, BlobRef], identities: dict[str, Any]) -> None:
-        """Remember the blobs of a committed save under the identities noted at its start."""
+    def commit(self, placed: dict[str, BlobRef | None], identities: dict[str, Any]) -> None:
+        """Remember where a committed save put each tensor, under the identities noted
+        at its start."""
         self._known = {
-            key: (ident, refs[key])
+            key: _Known(ident, placed[key])
             for key, ident in identities.items()
-            if ident is not None and key in refs and refs[key].key
+            if ident is not None and key in placed
         }
 
     def take(self) -> dict[str, tuple[Any, ...] | None]:
@@ -130,7 +155,7 @@ class DedupSaving:
         self._identities = self.hints.take()
 
     def write(self, draft: Manifest, leaves: list[TensorLeaf]) -> Manifest:
-        manifest, refs = write_dedup_checkpoint(self.storage, draft, leaves, hint=self.hints.hint)
+        manifest, refs = write_dedup_checkpoint(self.storage, draft, leaves, plan=self.hints.plan)
         self.hints.commit(refs, self._identities)
         return manifest
 
