@@ -126,7 +126,8 @@ def main() -> None:
         print(
             f"  save: first {med(*on, 'first'):.3f} s, later {med(*on, 'later'):.3f} s "
             f"({med(*on, 'first') / med(*on, 'later'):.1f}x faster); dedup off "
-            f"{med(*off, 'later'):.3f} s per save"
+            f"{med(*off, 'later'):.3f} s per save (later dedup saves "
+            f"{med(*off, 'later') / med(*on, 'later'):.1f}x faster)"
         )
         print(
             f"  restore latest: dedup {med(*on, 'restore'):.3f} s, dedup off "
@@ -135,8 +136,14 @@ def main() -> None:
         print(
             f"nothing frozen: save total dedup {med(0.0, True, 'total'):.3f} s, dedup off "
             f"{med(0.0, False, 'total'):.3f} s "
-            f"(overhead {med(0.0, True, 'total') / med(0.0, False, 'total') - 1:+.1%})"
+            f"(overhead {med(0.0, True, 'total') / med(0.0, False, 'total') - 1:+.1%}); "
+            f"first save {med(0.0, True, 'first'):.3f} s vs {med(0.0, False, 'first'):.3f} s"
         )
+        ratios = [
+            on_["total"] / off_["total"]
+            for on_, off_ in zip(res[(0.0, True)], res[(0.0, False)], strict=True)
+        ]
+        print(f"  per-rep overhead: {', '.join(f'{r - 1:+.1%}' for r in ratios)}")
     finally:
         shutil.rmtree(base)
 

@@ -191,17 +191,19 @@ def _own_task(
     """Writing ``leaves`` into the own file ``fname`` (as a plain save writes a shard)."""
 
     def task() -> None:
+        head = header_bytes(leaves)
+        total = len(head) + sum(leaf.nbytes for leaf in leaves)
         parts = (leaf.buffer() for leaf in leaves)  # one at a time, as a plain save
-        written[fname] = _write(
-            storage, f"{staged}/{fname}", [memoryview(header_bytes(leaves)), *parts]
-        )
+        written[fname] = _write(storage, f"{staged}/{fname}", [memoryview(head), *parts], total)
 
     return task
 
 
-def _write(storage: LocalStorage, relpath: str, parts: Iterable[memoryview]) -> tuple[int, str]:
-    """Write and fsync one file of ``parts``; its ``(size, xxh3)``."""
-    stream = payload_write.PayloadStream(storage.open_write(relpath), size_hint=0)
+def _write(
+    storage: LocalStorage, relpath: str, parts: Iterable[memoryview], total: int
+) -> tuple[int, str]:
+    """Write and fsync one file of ``parts`` (``total`` bytes); its ``(size, xxh3)``."""
+    stream = payload_write.PayloadStream(storage.open_write(relpath), size_hint=total)
     try:
         for part in parts:
             stream.write(part)
@@ -353,7 +355,9 @@ class _Sharing:
                 else:  # collected since it was found: this checkpoint keeps its own copy
                     unshared.append(item)
             for item in unshared:
-                size, digest = _write(self.storage, f"{staged}/{item.fname}", item.parts())
+                parts = item.parts()
+                total = sum(p.nbytes for p in parts)
+                size, digest = _write(self.storage, f"{staged}/{item.fname}", parts, total)
                 placed[item.leaf.key] = None
                 where[item.leaf.key] = (item.fname, INNER)
                 files[item.fname] = _entry(BlobRef("", size, digest))

@@ -1,11 +1,15 @@
-"""The cheap-skip hints of a dedup manager: tensors provably unchanged since the last save.
+"""The plan of a dedup manager: which tensors to link, hash, or write without hashing.
 
 A torch tensor whose storage pointer, offset, shape, dtype and version counter
 (``_version``, bumped by every in-place write, optimizer steps included) are those
 of the last save holds the same bytes, so its blob is reused without hashing or
-copying. A hint is only a hint: every ``rehash_every``-th save hashes everything
-again, and a blob the store lost is written again. Numpy arrays have no version
-counter and are always hashed.
+copying (a *hint*). A tensor whose version moved and whose bytes changed at the last
+save too (trainable weights, optimizer moments) is *predicted* changed: it is written
+into the checkpoint's own file without hashing, as a plain save writes it -- so with
+nothing frozen a dedup save costs what a plain one does. Hints and predictions are
+only that: every ``rehash_every``-th save hashes everything again, a blob the store
+lost is written again, and a prediction only ever makes a save write bytes it could
+have shared. Numpy arrays have no version counter and are always hashed.
 
 Writes that bypass the version counter (through ``tensor.data``, or a numpy view of
 the tensor's memory) are invisible to the hint until the next re-hash: a program that

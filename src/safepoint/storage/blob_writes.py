@@ -50,13 +50,14 @@ class HeldWriter:
         self._inner.close()
 
 
-def run_all(tasks: Sequence[Callable[[], object]], workers: int = WORKERS) -> None:
-    """Run ``tasks`` on up to ``workers`` threads.
+def run_all(tasks: Sequence[Callable[[], object]], workers: int | None = None) -> None:
+    """Run ``tasks`` on up to ``workers`` threads (default :data:`WORKERS`).
 
     Waits for every task before raising the first error (in task order), so that no
     thread still writes into a staging directory the caller then removes. One task
     runs on the calling thread, without a pool.
     """
+    workers = WORKERS if workers is None else workers
     if len(tasks) <= 1 or workers <= 1:
         for task in tasks:
             task()
@@ -69,7 +70,7 @@ def run_all(tasks: Sequence[Callable[[], object]], workers: int = WORKERS) -> No
             raise error
 
 
-def sync_all(writers: Sequence[HeldWriter], workers: int = WORKERS) -> None:
+def sync_all(writers: Sequence[HeldWriter], workers: int | None = None) -> None:
     """``fsync`` every held writer, in parallel; all are closed when this returns or raises."""
 
     def sync(writer: HeldWriter) -> Callable[[], None]:
