@@ -214,3 +214,45 @@ def test_a_key_collision_never_substitutes_content(
         assert all(v.error is None for v in mgr.verify())
     files = read_manifest(tmp_path / "step-00000000")["files"]
     assert sorted("blob" in info for info in files.values()) == [False, True, True]
+
+
+def test_predicted_changes_skip_hashing_and_a_layer_frozen_later_is_shared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safepoint.catalog import dedup
+
+    hashed: list[int] = []
+    real_key = dedup.blob_key
+    monkeypatch.setattr(
+        dedup, "blob_key", lambda head, buf: hashed.append(buf.nbytes) or real_key(head, buf)
+    )
+    frozen, ema, live = torch.arange(300.0), torch.arange(300.0), torch.zeros(200)
+    with safepoint.CheckpointManager(tmp_path, dedup=True, dedup_rehash_every=100) as mgr:
+        for step in range(8):
+            if step < 4:
+                live.add_(1)  # trains until step 3, then frozen
+            ema.mul_(1.0)  # an in-place EMA of frozen weights: new version, same bytes
+            hashed.clear()
+            mgr.save({"frozen": frozen, "ema": ema, "live": live}, step=step)
+            assert mgr._dedup is not None
+            hints = mgr._dedup.hints
+            if step == 0:
+                assert len(hashed) == 3  # unknown: everything hashed
+            elif step == 1:
+                assert (hints.hits, hints.predicted, len(hashed)) == (1, 0, 2)
+            elif step in (2, 3):  # live predicted changed: written, not hashed
+                assert (hints.hits, hints.predicted, len(hashed)) == (1, 1, 1)
+            elif step == 4:  # live stopped changing: hashed once, becomes a blob
+                assert (hints.hits, hints.predicted, len(hashed)) == (1, 0, 2)
+            else:  # then linked without a hash
+                assert (hints.hits, hints.predicted, len(hashed)) == (2, 0, 1)
+        for step in range(8):
+            got = mgr.restore(checkpoint=f"step-{step:08d}").state
+            assert torch.equal(got["live"], torch.full((200,), float(min(step, 3) + 1)))
+            assert torch.equal(got["ema"], frozen) and torch.equal(got["frozen"], frozen)
+    for step in range(8):  # the EMA shares the frozen weights' blob at every step
+        name = f"step-{step:08d}"
+        ino = _file_of(tmp_path, name, "frozen").st_ino
+        assert _file_of(tmp_path, name, "ema").st_ino == ino
+    lives = {_file_of(tmp_path, f"step-{s:08d}", "live").st_ino for s in range(4, 8)}
+    assert len(lives) == 1  # frozen from step 4 on: one blob
