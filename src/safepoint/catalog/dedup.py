@@ -213,7 +213,7 @@ def _write(
     return stream.close()
 
 
-def _is_view(leaf: TensorLeaf) -> bool:
+def is_view(leaf: TensorLeaf) -> bool:
     """Whether ``leaf.buffer()`` is a view of the tensor's memory rather than a copy."""
     src = leaf.source
     if isinstance(src, np.ndarray):
@@ -261,7 +261,7 @@ class _Sharing:
         for item in items:
             buf = item.leaf.buffer()
             groups.setdefault(blob_key(item.head, buf), []).append(item)
-            if _is_view(item.leaf):
+            if is_view(item.leaf):
                 item.buf = buf
         #: the tensors hashed in vain: no equal bytes stored, and not to become a blob
         self.own: list[TensorLeaf] = []
@@ -363,4 +363,14 @@ class _Sharing:
                 files[item.fname] = _entry(BlobRef("", size, digest))
 
 
-__all__ = ["INNER", "OWN", "BlobRef", "Plan", "blob_key", "write_dedup_checkpoint"]
+__all__ = [
+    "HASH",
+    "INNER",
+    "OWN",
+    "BlobRef",
+    "Plan",
+    "Verdict",
+    "blob_key",
+    "is_view",
+    "write_dedup_checkpoint",
+]

@@ -21,7 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from safepoint.catalog.dedup import HASH, OWN, BlobRef, Verdict, write_dedup_checkpoint
+import numpy as np
+import xxhash
+
+from safepoint.catalog.dedup import HASH, OWN, BlobRef, Verdict, is_view, write_dedup_checkpoint
 from safepoint.errors import ConfigError
 from safepoint.manager import options
 from safepoint.ondisk.manifest import Manifest
@@ -61,13 +64,31 @@ def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     return a[1:] == b[1:]
 
 
+#: A fingerprint samples this many slices of this many bytes of a tensor.
+_SAMPLES, _SLICE = 16, 256
+
+
+def _fingerprint(leaf: TensorLeaf) -> str | None:
+    """A cheap digest of a few slices of a CPU tensor's bytes (None for other tensors:
+    sampling a GPU tensor would copy it). Two tensors of equal size whose fingerprints
+    differ have different bytes; equal fingerprints prove nothing."""
+    if not is_view(leaf):
+        return None
+    arr = np.frombuffer(leaf.buffer(), dtype=np.uint8)
+    if arr.size > _SAMPLES * _SLICE:
+        starts = np.linspace(0, arr.size - _SLICE, _SAMPLES).astype(np.int64)
+        arr = np.concatenate([arr[s : s + _SLICE] for s in starts])
+    return f"{leaf.nbytes}:{xxhash.xxh3_64_hexdigest(arr.tobytes())}"
+
+
 @dataclass(frozen=True)
 class _Known:
     """A tensor at the last save: its identity, its blob (None: in that checkpoint's
-    own file, i.e. it was not equal to anything stored)."""
+    own file, i.e. it was not equal to anything stored) and its fingerprint."""
 
     ident: tuple[Any, ...]
     ref: BlobRef | None
+    fp: str | None
 
 
 class Hints:
@@ -76,8 +97,10 @@ class Hints:
     The verdicts (see ``catalog/dedup.py``): same identity and a blob -> that blob;
     same identity, own bytes -> hash it (it stopped changing: make it a blob); changed
     identity after changed bytes -> :data:`OWN`, no hash; changed identity after shared
-    bytes -> :data:`HASH` (an EMA of frozen weights changes its version, not its
-    bytes); unknown -> hash. A re-hash save hashes everything, hinted or predicted.
+    bytes -> :data:`OWN` too when a fingerprint (a few sampled slices) proves the bytes
+    differ from the last save's, else :data:`HASH` (an EMA of frozen weights changes
+    its version, not its bytes); unknown -> hash. A re-hash save hashes everything,
+    hinted or predicted.
     """
 
     def __init__(self, rehash_every: int = REHASH_EVERY) -> None:
@@ -85,6 +108,7 @@ class Hints:
         self._saves = 0
         self._known: dict[str, _Known] = {}
         self._pending: dict[str, tuple[Any, ...] | None] = {}
+        self._fps: dict[str, str | None] = {}
         self._fresh = True
         self.hits = 0
         self.predicted = 0
@@ -94,19 +118,22 @@ class Hints:
         self._pending = {leaf.key: _identity(leaf.source) for leaf in leaves}
         self._fresh = self._saves % self.rehash_every == 0
         self._saves += 1
+        self._fps = {}
         self.hits = self.predicted = 0
 
     def plan(self, leaf: TensorLeaf) -> Verdict:
         ident = self._pending.get(leaf.key)
         known = self._known.get(leaf.key)
-        if ident is None or known is None:
+        if ident is None:
             return None
-        if _same(known.ident, ident):
-            if known.ref is None or self._fresh:
-                return None
+        same = known is not None and _same(known.ident, ident)
+        if same and known is not None and known.ref is not None and not self._fresh:
             self.hits += 1
             return known.ref
-        if known.ref is None and not self._fresh:
+        fp = self._fps[leaf.key] = _fingerprint(leaf)  # the next save compares with it
+        if known is None or same:
+            return None
+        if not self._fresh and (known.ref is None or (fp and known.fp and fp != known.fp)):
             self.predicted += 1
             return OWN
         return HASH
@@ -115,9 +142,10 @@ class Hints:
         """Remember where a committed save put each tensor, under the identities noted
         at its start."""
         self._known = {
-            key: _Known(ident, placed[key])
+            key: _Known(ident, placed[key], self._fps.get(key, old.fp if old else None))
             for key, ident in identities.items()
             if ident is not None and key in placed
+            for old in [self._known.get(key)]
         }
 
     def take(self) -> dict[str, tuple[Any, ...] | None]:
