@@ -127,13 +127,19 @@ class Hints:
         if ident is None:
             return None
         same = known is not None and _same(known.ident, ident)
-        if same and known is not None and known.ref is not None and not self._fresh:
-            self.hits += 1
-            return known.ref
-        fp = self._fps[leaf.key] = _fingerprint(leaf)  # the next save compares with it
+        if known is not None and known.ref is not None and not self._fresh:
+            if same:
+                self.hits += 1
+                self._fps[leaf.key] = known.fp  # the same bytes
+                return known.ref
+        elif known is not None and not same and not self._fresh:
+            self.predicted += 1  # changed after changed bytes: no fingerprint needed
+            return OWN
+        # becomes a blob or is compared with one: the next save compares fingerprints
+        fp = self._fps[leaf.key] = _fingerprint(leaf)
         if known is None or same:
             return None
-        if not self._fresh and (known.ref is None or (fp and known.fp and fp != known.fp)):
+        if not self._fresh and fp and known.fp and fp != known.fp:
             self.predicted += 1
             return OWN
         return HASH
@@ -142,10 +148,9 @@ class Hints:
         """Remember where a committed save put each tensor, under the identities noted
         at its start."""
         self._known = {
-            key: _Known(ident, placed[key], self._fps.get(key, old.fp if old else None))
+            key: _Known(ident, placed[key], self._fps.get(key))
             for key, ident in identities.items()
             if ident is not None and key in placed
-            for old in [self._known.get(key)]
         }
 
     def take(self) -> dict[str, tuple[Any, ...] | None]:
