@@ -254,3 +254,22 @@ def test_predicted_changes_skip_hashing_and_a_layer_frozen_later_is_shared(
         assert _file_of(tmp_path, name, "ema").st_ino == ino
     lives = {_file_of(tmp_path, f"step-{s:08d}", "live").st_ino for s in range(4, 8)}
     assert len(lives) == 1  # frozen from step 4 on: one blob
+
+
+def test_blobs_written_in_windows_of_held_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More new blobs than HELD_MAX: written, fsynced and published a window at a time."""
+    from safepoint.storage import blob_writes
+
+    monkeypatch.setattr(blob_writes, "HELD_MAX", 2)
+    state = {f"t{i}": np.full(100 + i, i, dtype=np.float32) for i in range(7)}
+    state["dup"] = state["t3"].copy()  # equal bytes in the same save: one blob
+    with safepoint.CheckpointManager(tmp_path, dedup=True) as mgr:
+        mgr.save(state, step=0)
+        assert_same(state, mgr.restore().state)
+        assert all(v.error is None for v in mgr.verify())
+    assert len([n for n in os.listdir(tmp_path / BLOBS) if not n.startswith(".")]) == 7
+    assert _file_of(tmp_path, "step-00000000", "dup").st_ino == (
+        _file_of(tmp_path, "step-00000000", "t3").st_ino
+    )
