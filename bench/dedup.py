@@ -4,7 +4,8 @@ A model of ``--mib`` MiB of float32 parameters (1024x1024 linear weights), 90% f
 Adam on the trainable 10% (so a full checkpoint is 90 frozen + 10 trainable + 20
 optimizer units, of which 30 change per step), plus an EMA copy of the frozen weights
 equal to them. ``--ckpts`` checkpoints per run, one optimizer step between saves;
-``--reps`` runs, medians reported. Then the same with nothing frozen (every tensor
+``--reps`` runs, medians reported. Dedup off and on run in lockstep (paired; see
+:func:`run_pair`). Then the same with nothing frozen (every tensor
 changes every step): the save-time overhead of dedup when there is nothing to share.
 
     python bench/dedup.py [--mib 256] [--ckpts 10] [--reps 3] [--dir /tmp]
@@ -58,40 +59,64 @@ def unique_bytes(root: str) -> int:
     return sum(seen.values())
 
 
-def run(base: str, mib: int, ckpts: int, frozen_share: float, dedup: bool) -> dict[str, float]:
-    model, opt = build(mib, frozen_share)
-    frozen = {k: v.detach() for k, v in model.named_parameters() if not v.requires_grad}
-    root = tempfile.mkdtemp(dir=base)
-    times, written, first_written = [], 0, 0
-    with safepoint.CheckpointManager(root, dedup=dedup, run_log=False) as mgr:
-        for step in range(ckpts):
-            opt.step()  # Adam moments and trainable weights change in place
-            ema = {k: v for k, v in frozen.items()}  # an EMA of frozen weights: equal
-            before = unique_bytes(root)
-            t0 = time.perf_counter()
-            mgr.save(state(model, opt, ema), step=step)
-            times.append(time.perf_counter() - t0)
-            written += unique_bytes(root) - before
-            first_written = first_written or written
-        full = sum(
-            int(f["size"]) for f in mgr.catalog.manifest(mgr.checkpoints()[-1].name).files.values()
-        )
+class Run:
+    """One training run saving into its own root, with or without dedup."""
+
+    def __init__(self, base: str, mib: int, frozen_share: float, dedup: bool) -> None:
+        self.model, self.opt = build(mib, frozen_share)
+        params = self.model.named_parameters()
+        self.frozen = {k: v.detach() for k, v in params if not v.requires_grad}
+        self.root = tempfile.mkdtemp(dir=base)
+        self.mgr = safepoint.CheckpointManager(self.root, dedup=dedup, run_log=False)
+        self.times: list[float] = []
+        self.written = self.first_written = 0
+
+    def step(self) -> None:
+        self.opt.step()  # Adam moments and trainable weights change in place
+
+    def save(self, step: int) -> None:
+        ema = {k: v for k, v in self.frozen.items()}  # an EMA of frozen weights: equal
+        before = unique_bytes(self.root)
+        t0 = time.perf_counter()
+        self.mgr.save(state(self.model, self.opt, ema), step=step)
+        self.times.append(time.perf_counter() - t0)
+        self.written += unique_bytes(self.root) - before
+        self.first_written = self.first_written or self.written
+
+    def finish(self, ckpts: int) -> dict[str, float]:
+        mgr = self.mgr
+        last = mgr.catalog.manifest(mgr.checkpoints()[-1].name)
+        full = sum(int(f["size"]) for f in last.files.values())
         t0 = time.perf_counter()
         mgr.restore()
         restore = time.perf_counter() - t0
-    shutil.rmtree(root)
-    changed = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad) * 3
-    return {
-        "first": times[0],
-        "later": statistics.median(times[1:]),
-        "total": sum(times),
-        "written": written,
-        # one full checkpoint (each distinct tensor once: the EMA equals the weights)
-        # plus the tensors that changed at each later step
-        "floor": first_written + (ckpts - 1) * changed,
-        "full": full,
-        "restore": restore,
-    }
+        mgr.close()
+        shutil.rmtree(self.root)
+        changed = sum(p.numel() * 4 for p in self.model.parameters() if p.requires_grad) * 3
+        return {
+            "first": self.times[0],
+            "later": statistics.median(self.times[1:]),
+            "total": sum(self.times),
+            "written": self.written,
+            # one full checkpoint (each distinct tensor once: the EMA equals the weights)
+            # plus the tensors that changed at each later step
+            "floor": self.first_written + (ckpts - 1) * changed,
+            "full": full,
+            "restore": restore,
+        }
+
+
+def run_pair(base: str, mib: int, ckpts: int, frozen_share: float) -> list[dict[str, float]]:
+    """The same training saved with dedup off and on, in lockstep: at each step both
+    save, in alternating order, so that both meet the same load on a shared machine
+    (a paired comparison; runs one after the other differed by +-15% here)."""
+    runs = [Run(base, mib, frozen_share, dedup) for dedup in (False, True)]
+    for step in range(ckpts):
+        for run in runs:
+            run.step()
+        for run in runs if step % 2 else runs[::-1]:
+            run.save(step)
+    return [run.finish(ckpts) for run in runs]
 
 
 def main() -> None:
@@ -106,10 +131,9 @@ def main() -> None:
         res: dict[tuple[float, bool], list[dict[str, float]]] = {}
         for _ in range(args.reps):
             for share in (0.9, 0.0):
-                for dedup in (False, True):
-                    res.setdefault((share, dedup), []).append(
-                        run(base, args.mib, args.ckpts, share, dedup)
-                    )
+                off, on = run_pair(base, args.mib, args.ckpts, share)
+                res.setdefault((share, False), []).append(off)
+                res.setdefault((share, True), []).append(on)
 
         def med(share: float, dedup: bool, key: str) -> float:
             return statistics.median(r[key] for r in res[(share, dedup)])
@@ -126,7 +150,8 @@ def main() -> None:
         print(
             f"  save: first {med(*on, 'first'):.3f} s, later {med(*on, 'later'):.3f} s "
             f"({med(*on, 'first') / med(*on, 'later'):.1f}x faster); dedup off "
-            f"{med(*off, 'later'):.3f} s per save"
+            f"{med(*off, 'later'):.3f} s per save (later dedup saves "
+            f"{med(*off, 'later') / med(*on, 'later'):.1f}x faster)"
         )
         print(
             f"  restore latest: dedup {med(*on, 'restore'):.3f} s, dedup off "
@@ -135,7 +160,14 @@ def main() -> None:
         print(
             f"nothing frozen: save total dedup {med(0.0, True, 'total'):.3f} s, dedup off "
             f"{med(0.0, False, 'total'):.3f} s "
-            f"(overhead {med(0.0, True, 'total') / med(0.0, False, 'total') - 1:+.1%})"
+            f"(overhead {med(0.0, True, 'total') / med(0.0, False, 'total') - 1:+.1%}); "
+            f"first save {med(0.0, True, 'first'):.3f} s vs {med(0.0, False, 'first'):.3f} s"
+        )
+        pairs = zip(res[(0.0, True)], res[(0.0, False)], strict=True)
+        ratios = [a["total"] / b["total"] - 1 for a, b in pairs]
+        print(
+            f"  paired overhead per rep: {', '.join(f'{r:+.1%}' for r in ratios)} "
+            f"(median {statistics.median(ratios):+.1%})"
         )
     finally:
         shutil.rmtree(base)

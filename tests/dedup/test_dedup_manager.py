@@ -66,23 +66,37 @@ def test_same_state_loads_equal_with_and_without_dedup(tmp_path: Path) -> None:
     assert_same(torch_plain, torch_dedup)
 
 
+def _file_of(root: Path, ckpt: str, key: str) -> os.stat_result:
+    body = read_manifest(root / ckpt)
+    return (root / ckpt / body["tensors"][key]["file"]).stat()
+
+
 def test_frozen_and_ema_stored_once(tmp_path: Path) -> None:
-    model, opt = _model()
-    with safepoint.CheckpointManager(tmp_path, dedup=True) as mgr:
-        for step in range(4):
-            _step(model, opt)
-            mgr.save(_state(model, opt), step=step)
-        hits = mgr._dedup.hints.hits if mgr._dedup else 0
-        assert hits == 2  # the frozen weight and bias skipped hashing
-        for ckpt in mgr.checkpoints():
-            restored = mgr.restore(checkpoint=ckpt.name)
-            assert restored is not None
-        assert_same(dict(_state(model, opt)["model"]), dict(mgr.restore().state["model"]))
-    frozen = model[0].weight.numel() * 4 + 1000
-    per_step = sum(v.numel() * 4 for v in model[1].state_dict().values()) * 4  # w, ema, m, v
-    total = sum(_inodes(tmp_path).values())
-    assert total < frozen + 4 * (per_step + 4000)
-    assert total < 0.5 * 4 * (frozen + per_step)
+    for flag in (False, True):
+        model, opt = _model()
+        with safepoint.CheckpointManager(tmp_path / str(flag), dedup=flag) as mgr:
+            for step in range(4):
+                _step(model, opt)
+                mgr.save(_state(model, opt), step=step)
+            if flag:
+                assert mgr._dedup is not None
+                assert mgr._dedup.hints.hits == 2  # the frozen weight and bias: no hash
+                # the trainable weight, bias and both moments of each: predicted changed
+                assert mgr._dedup.hints.predicted >= 6
+            for ckpt in mgr.checkpoints():
+                restored = mgr.restore(checkpoint=ckpt.name)
+                assert restored is not None
+            assert_same(dict(_state(model, opt)["model"]), dict(mgr.restore().state["model"]))
+    root = tmp_path / "True"
+    frozen = {
+        _file_of(root, f"step-{s:08d}", k).st_ino
+        for s in range(4)
+        for k in ("model/0.weight", "ema/0.weight")
+    }
+    assert len(frozen) == 1  # one blob: the frozen weight and its EMA, in all 4 checkpoints
+    total, plain = sum(_inodes(root).values()), sum(_inodes(tmp_path / "False").values())
+    frozen_bytes = model[0].weight.numel() * 4
+    assert total < plain - 6 * frozen_bytes  # 8 copies of the frozen weight -> 1, at least
 
 
 def test_in_place_change_is_saved_not_hinted(tmp_path: Path) -> None:
@@ -109,9 +123,11 @@ def test_retention_frees_only_unreferenced_blobs(tmp_path: Path) -> None:
     frozen = torch.arange(1000, dtype=torch.float32)
     with safepoint.CheckpointManager(tmp_path, dedup=True, keep=safepoint.Keep(last=2)) as mgr:
         for step in range(5):
-            mgr.save({"frozen": frozen, "live": torch.full((500,), float(step))}, step=step)
+            # numpy: no version counter, so always hashed and stored as a blob
+            live = np.full(500, step, dtype=np.float32)
+            mgr.save({"frozen": frozen, "live": live}, step=step)
         assert [c.name for c in mgr.checkpoints()] == ["step-00000003", "step-00000004"]
-    # the deleted checkpoints' own blobs are unreferenced; the frozen one is not
+    # the deleted checkpoints' blobs are unreferenced; the frozen one is not
     live_size = (tmp_path / "step-00000004" / "model-00001.safetensors").stat().st_size
     assert blobs.collect(str(tmp_path), grace_s=0) == (3, 3 * live_size)
     assert len([n for n in os.listdir(tmp_path / BLOBS) if not n.startswith(".")]) == 3
@@ -198,3 +214,62 @@ def test_a_key_collision_never_substitutes_content(
         assert all(v.error is None for v in mgr.verify())
     files = read_manifest(tmp_path / "step-00000000")["files"]
     assert sorted("blob" in info for info in files.values()) == [False, True, True]
+
+
+def test_predicted_changes_skip_hashing_and_a_layer_frozen_later_is_shared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safepoint.catalog import dedup
+
+    hashed: list[int] = []
+    real_key = dedup.blob_key
+    monkeypatch.setattr(
+        dedup, "blob_key", lambda head, buf: hashed.append(buf.nbytes) or real_key(head, buf)
+    )
+    frozen, ema, live = torch.arange(300.0), torch.arange(300.0), torch.zeros(200)
+    with safepoint.CheckpointManager(tmp_path, dedup=True, dedup_rehash_every=100) as mgr:
+        for step in range(8):
+            if step < 4:
+                live.add_(1)  # trains until step 3, then frozen
+            ema.mul_(1.0)  # an in-place EMA of frozen weights: new version, same bytes
+            hashed.clear()
+            mgr.save({"frozen": frozen, "ema": ema, "live": live}, step=step)
+            assert mgr._dedup is not None
+            hints = mgr._dedup.hints
+            if step == 0:
+                assert len(hashed) == 3  # unknown: everything hashed
+            elif step in (1, 2, 3):  # live predicted changed: written, not hashed
+                assert (hints.hits, hints.predicted, len(hashed)) == (1, 1, 1)
+            elif step == 4:  # live stopped changing: hashed once, becomes a blob
+                assert (hints.hits, hints.predicted, len(hashed)) == (1, 0, 2)
+            else:  # then linked without a hash
+                assert (hints.hits, hints.predicted, len(hashed)) == (2, 0, 1)
+        for step in range(8):
+            got = mgr.restore(checkpoint=f"step-{step:08d}").state
+            assert torch.equal(got["live"], torch.full((200,), float(min(step, 3) + 1)))
+            assert torch.equal(got["ema"], frozen) and torch.equal(got["frozen"], frozen)
+    for step in range(8):  # the EMA shares the frozen weights' blob at every step
+        name = f"step-{step:08d}"
+        ino = _file_of(tmp_path, name, "frozen").st_ino
+        assert _file_of(tmp_path, name, "ema").st_ino == ino
+    lives = {_file_of(tmp_path, f"step-{s:08d}", "live").st_ino for s in range(4, 8)}
+    assert len(lives) == 1  # frozen from step 4 on: one blob
+
+
+def test_blobs_written_in_windows_of_held_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More new blobs than HELD_MAX: written, fsynced and published a window at a time."""
+    from safepoint.storage import blob_writes
+
+    monkeypatch.setattr(blob_writes, "HELD_MAX", 2)
+    state = {f"t{i}": np.full(100 + i, i, dtype=np.float32) for i in range(7)}
+    state["dup"] = state["t3"].copy()  # equal bytes in the same save: one blob
+    with safepoint.CheckpointManager(tmp_path, dedup=True) as mgr:
+        mgr.save(state, step=0)
+        assert_same(state, mgr.restore().state)
+        assert all(v.error is None for v in mgr.verify())
+    assert len([n for n in os.listdir(tmp_path / BLOBS) if not n.startswith(".")]) == 7
+    assert _file_of(tmp_path, "step-00000000", "dup").st_ino == (
+        _file_of(tmp_path, "step-00000000", "t3").st_ino
+    )

@@ -1,33 +1,55 @@
-"""Writing a dedup checkpoint: one content-addressed blob per tensor, hard-linked in.
+"""Writing a dedup checkpoint: shared blobs hard-linked in, plus the save's own file.
 
-The checkpoint directory looks like any sharded checkpoint (``model-NNNNN.safetensors``,
-one tensor each, named ``t`` inside its file so equal bytes under different keys --
-EMA weights equal to the model's -- are one blob). Each file entry of the manifest
-carries the optional ``blob`` key; readers need nothing else. See docs/dedup.md.
+The checkpoint directory looks like any sharded checkpoint. A tensor that is shared
+is a one-tensor file ``model-NNNNN.safetensors`` (named ``t`` inside, so equal bytes
+under different keys -- EMA weights equal to the model's -- are one blob), a hard link
+to its blob; its file entry in the manifest carries the optional ``blob`` key. The
+tensors that changed go into the checkpoint's own ``own-NNNNN.safetensors``, written
+as a plain save writes a shard, without a ``blob`` key. Readers need nothing else.
 
-Order (crash safety): a new blob is written and fsynced under a temporary name, then
-renamed to its key; every blob is hard-linked into the staging directory; the
-manifest is written last and the directory committed by the one commit transaction.
+The manager's plan gives each tensor a verdict (``manager/dedup.py`` decides):
+
+- a :class:`BlobRef`: provably unchanged since the last save: link that blob;
+- :data:`OWN`: predicted changed (its version counter moved, and its bytes changed at
+  the last save too: trainable weights, optimizer moments): not hashed, own file;
+- :data:`HASH`: changed identity, not known to change: hashed; linked when equal bytes
+  are in the store (an EMA of frozen weights, updated in place), else own file;
+- None (never seen, or unchanged but unshared): hashed; linked when equal bytes are in
+  the store, else written as a new blob, so that the next save can share it.
+
+Order (crash safety): new blobs are written under temporary names by a few threads
+without an fsync each, then fsynced together, then renamed to their keys
+(:mod:`safepoint.storage.blob_writes`); every blob is hard-linked into the staging
+directory, the own files are written and fsynced there, the manifest is written last
+and the directory committed by the one commit transaction. So a committed manifest
+only ever names durable bytes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import Literal
 
+import numpy as np
 import xxhash
 
+from safepoint.formats import SHARD_BYTES, shards
 from safepoint.formats.safetensors import header_bytes
 from safepoint.ondisk import checksum
 from safepoint.ondisk.container import CONTAINER
 from safepoint.ondisk.manifest import NAME as MANIFEST_NAME
 from safepoint.ondisk.manifest import Manifest
 from safepoint.state.tree import TensorLeaf
-from safepoint.storage import blobs, payload_write
+from safepoint.storage import blob_writes, blobs, payload_write
 from safepoint.storage.local import LocalStorage
 
 #: The tensor's name inside every blob file.
 INNER = "t"
+#: Verdict: predicted changed; into the own file without hashing.
+OWN: Literal["own"] = "own"
+#: Verdict: hash; link equal bytes of the store, else into the own file.
+HASH: Literal["hash"] = "hash"
 
 
 @dataclass(frozen=True)
@@ -39,9 +61,9 @@ class BlobRef:
     digest: str
 
 
-#: ``hint(leaf)``: the blob this leaf had at the last save when it provably did not
-#: change since (torch storage pointer and version counter), else None.
-Hint = Callable[[TensorLeaf], BlobRef | None]
+Verdict = BlobRef | Literal["own", "hash"] | None
+#: ``plan(leaf)``: the leaf's verdict (see the module docstring).
+Plan = Callable[[TensorLeaf], Verdict]
 
 
 def blob_key(head: bytes, buf: memoryview) -> str:
@@ -57,32 +79,90 @@ def blob_key(head: bytes, buf: memoryview) -> str:
     return h.hexdigest()
 
 
-def write_dedup_checkpoint(
-    storage: LocalStorage, draft: Manifest, leaves: Sequence[TensorLeaf], *, hint: Hint
-) -> tuple[Manifest, dict[str, BlobRef]]:
-    """Commit ``draft`` with the tensors of ``leaves`` as shared blobs.
+@dataclass
+class _Item:
+    """A tensor to hash and share: its file in the checkpoint, its blob's header, and
+    whether it may become a new blob (verdict None) or only link one (:data:`HASH`).
 
-    Returns the manifest and each leaf's blob (for the next save's hints).
+    ``buf`` is kept only when it is a view of the tensor's memory (a CPU tensor or
+    array, contiguous): a copy (a GPU tensor's) is made again when written, so that a
+    save never holds a second copy of the whole state.
+    """
+
+    fname: str
+    leaf: TensorLeaf
+    head: bytes
+    new_blob: bool
+    buf: memoryview | None = None
+
+    def parts(self) -> list[memoryview]:
+        return [memoryview(self.head), self.buf if self.buf is not None else self.leaf.buffer()]
+
+
+def write_dedup_checkpoint(
+    storage: LocalStorage,
+    draft: Manifest,
+    leaves: Sequence[TensorLeaf],
+    *,
+    plan: Plan,
+    shard_bytes: int = SHARD_BYTES,
+) -> tuple[Manifest, dict[str, BlobRef | None]]:
+    """Commit ``draft`` with the tensors of ``leaves`` as shared blobs or own files.
+
+    Returns the manifest and each leaf's blob (None: in the checkpoint's own bytes),
+    for the next save's plan.
     """
     root = str(storage.root)
     blobs.ensure(root)
     staged = storage.stage(draft.name)
-    refs: dict[str, BlobRef] = {}
+    placed: dict[str, BlobRef | None] = {}
+    where: dict[str, tuple[str, str]] = {}  # leaf key -> (file, name inside)
     files: dict[str, dict[str, object]] = {}
-    tensors: dict[str, dict[str, object]] = {}
     try:
+        own: list[TensorLeaf] = []
+        hashed: list[_Item] = []
         for index, leaf in enumerate(leaves):
+            verdict = plan(leaf)
+            if verdict == OWN:
+                own.append(leaf)
+                continue
             fname = f"model-{index:05d}.safetensors"
-            ref = _place(storage, root, leaf, f"{staged}/{fname}", hint(leaf))
-            refs[leaf.key] = ref
-            files[fname] = {"size": ref.size, checksum.ALGORITHM: ref.digest}
-            if ref.key:  # "": this checkpoint's own bytes (a key collision), not shared
-                files[fname]["blob"] = ref.key
-            tensors[leaf.key] = {**leaf.entry(), "file": fname, "name": INNER}
+            if isinstance(verdict, BlobRef) and blobs.link(root, verdict.key, f"{staged}/{fname}"):
+                placed[leaf.key] = verdict
+                where[leaf.key] = (fname, INNER)
+                files[fname] = _entry(verdict)
+                continue
+            head = header_bytes([replace(leaf, key=INNER)])
+            hashed.append(_Item(fname, leaf, head, new_blob=verdict != HASH))
+        shared = _Sharing(storage, root, hashed)
+        own += shared.own  # hashed, unequal to anything stored
+        groups = list(shards(own, shard_bytes)) if own else []
+        names = [f"own-{i:05d}.safetensors" for i in range(len(groups))]
+        written: dict[str, tuple[int, str]] = {}
+        pairs = zip(names, groups, strict=True)
+        tasks = [_own_task(storage, staged, n, g, written) for n, g in pairs]
+        try:
+            for window in shared.windows():  # the own files are written with the first
+                blob_writes.run_all([*tasks, *window])
+                tasks = []
+                shared.settle()
+        except BaseException:
+            shared.abort()
+            raise
+        for fname, group in zip(names, groups, strict=True):
+            size, digest = written[fname]
+            files[fname] = {"size": size, checksum.ALGORITHM: digest}
+            for leaf in group:
+                placed[leaf.key] = None
+                where[leaf.key] = (fname, leaf.key)
+        shared.link(staged, placed, where, files)
         manifest = replace(
             draft,
             files=files,
-            tensors=tensors,
+            tensors={
+                leaf.key: {**leaf.entry(), "file": where[leaf.key][0], "name": where[leaf.key][1]}
+                for leaf in leaves
+            },
             payload="safetensors",
             extra={**draft.extra, CONTAINER: "directory", "dedup": True},
         )
@@ -91,58 +171,206 @@ def write_dedup_checkpoint(
     except BaseException:
         storage.discard(staged)
         raise
-    return manifest, refs
+    return manifest, placed
 
 
-def _place(
-    storage: LocalStorage, root: str, leaf: TensorLeaf, dst: str, known: BlobRef | None
-) -> BlobRef:
-    """Link the blob of ``leaf`` to ``dst``, writing it first when the store lacks it."""
-    if known is not None and blobs.link(root, known.key, dst):
-        return known
-    inner = replace(leaf, key=INNER)
-    head = header_bytes([inner])
-    buf = leaf.buffer()
-    key = blob_key(head, buf)
-    parts = [memoryview(head), buf]
-    if blobs.has(root, key):
-        if blobs.same_bytes(root, key, parts) and blobs.link(root, key, dst):
-            hasher = checksum.Hasher()
-            hasher.update_all(parts)
-            return BlobRef(key, len(head) + buf.nbytes, hasher.hexdigest())
-        if blobs.has(root, key):  # a hash collision (or a damaged blob): keep it unshared
-            return _own(storage, dst, parts)
-    temp = blobs.temp_relpath()
-    stream = payload_write.PayloadStream(storage.open_write(temp), size_hint=len(head) + buf.nbytes)
-    try:
-        stream.write(memoryview(head))
-        stream.write(buf)
-    except BaseException:
-        stream.abort()
-        blobs.discard(root, temp)
-        raise
-    try:
-        size, digest = stream.close()
-        blobs.publish(root, temp, key)
-    except BaseException:
-        blobs.discard(root, temp)
-        raise
-    if not blobs.link(root, key, dst):  # collected between publish and link: not ours
-        raise FileNotFoundError(f"blob {key} vanished before it was linked")
-    return BlobRef(key, size, digest)
+def _entry(ref: BlobRef) -> dict[str, object]:
+    out: dict[str, object] = {"size": ref.size, checksum.ALGORITHM: ref.digest}
+    if ref.key:  # "": this checkpoint's own bytes (a key collision), not shared
+        out["blob"] = ref.key
+    return out
 
 
-def _own(storage: LocalStorage, dst: str, parts: list[memoryview]) -> BlobRef:
-    """Write the bytes as this checkpoint's own file (no blob key: never shared)."""
-    stream = payload_write.PayloadStream(storage.open_write(dst), size_hint=0)
+def _own_task(
+    storage: LocalStorage,
+    staged: str,
+    fname: str,
+    leaves: list[TensorLeaf],
+    written: dict[str, tuple[int, str]],
+) -> Callable[[], None]:
+    """Writing ``leaves`` into the own file ``fname`` (as a plain save writes a shard)."""
+
+    def task() -> None:
+        head = header_bytes(leaves)
+        total = len(head) + sum(leaf.nbytes for leaf in leaves)
+        parts = (leaf.buffer() for leaf in leaves)  # one at a time, as a plain save
+        written[fname] = _write(storage, f"{staged}/{fname}", [memoryview(head), *parts], total)
+
+    return task
+
+
+def _write(
+    storage: LocalStorage, relpath: str, parts: Iterable[memoryview], total: int
+) -> tuple[int, str]:
+    """Write and fsync one file of ``parts`` (``total`` bytes); its ``(size, xxh3)``."""
+    stream = payload_write.PayloadStream(storage.open_write(relpath), size_hint=total)
     try:
         for part in parts:
             stream.write(part)
     except BaseException:
         stream.abort()
         raise
-    size, digest = stream.close()
-    return BlobRef("", size, digest)
+    return stream.close()
 
 
-__all__ = ["INNER", "BlobRef", "Hint", "blob_key", "write_dedup_checkpoint"]
+def is_view(leaf: TensorLeaf) -> bool:
+    """Whether ``leaf.buffer()`` is a view of the tensor's memory rather than a copy."""
+    src = leaf.source
+    if isinstance(src, np.ndarray):
+        return bool(src.flags.c_contiguous) and src.dtype.byteorder != ">"
+    device = getattr(src, "device", None)
+    return getattr(device, "type", None) == "cpu" and bool(src.is_contiguous())
+
+
+def _equal(a: memoryview, b: memoryview) -> bool:
+    """Byte equality of two buffers, compared a slice at a time (no copy of either)."""
+    if a.nbytes != b.nbytes:
+        return False
+    x, y = np.frombuffer(a, dtype=np.uint8), np.frombuffer(b, dtype=np.uint8)
+    step = 1 << 20
+    return all(np.array_equal(x[i : i + step], y[i : i + step]) for i in range(0, x.size, step))
+
+
+@dataclass
+class _New:
+    """A blob written under a temporary name, not yet fsynced or published."""
+
+    key: str
+    temp: str
+    writer: blob_writes.HeldWriter
+
+
+@dataclass
+class _Group:
+    """What became of the tensors of one key: those sharing its blob, those written
+    unshared (equal key, other bytes), the blob's size and xxh3."""
+
+    shared: list[_Item]
+    unshared: list[_Item]
+    size: int = 0
+    digest: str = ""
+
+
+class _Sharing:
+    """The tensors of a save to hash and share: grouped by key; each group linked to
+    an equal blob of the store, or its blob written once."""
+
+    def __init__(self, storage: LocalStorage, root: str, items: list[_Item]) -> None:
+        self.storage, self.root = storage, root
+        groups: dict[str, list[_Item]] = {}
+        for item in items:
+            buf = item.leaf.buffer()
+            groups.setdefault(blob_key(item.head, buf), []).append(item)
+            if is_view(item.leaf):
+                item.buf = buf
+        #: the tensors hashed in vain: no equal bytes stored, and not to become a blob
+        self.own: list[TensorLeaf] = []
+        self.groups: dict[str, list[_Item]] = {}
+        for key, members in groups.items():
+            if any(m.new_blob for m in members) or blobs.has(root, key):
+                self.groups[key] = members
+            else:
+                self.own += [m.leaf for m in members]
+        self.done: dict[str, _Group] = {}
+        self.pending: list[_New] = []  # written, not yet published
+
+    def windows(self) -> list[list[Callable[[], None]]]:
+        """The groups' tasks, in windows of at most ``HELD_MAX`` (at least one window)."""
+        tasks = [self._task(key, members) for key, members in self.groups.items()]
+        step = blob_writes.HELD_MAX
+        return [tasks[i : i + step] for i in range(0, len(tasks), step)] or [[]]
+
+    def _task(self, key: str, members: list[_Item]) -> Callable[[], None]:
+        def task() -> None:
+            first = members[0].parts()
+            group = _Group([members[0]], [])
+            for m in members[1:]:
+                (group.shared if _equal(m.parts()[1], first[1]) else group.unshared).append(m)
+            if blobs.has(self.root, key):
+                if not blobs.same_bytes(self.root, key, first) and blobs.has(self.root, key):
+                    # a hash collision (or a damaged blob): nothing of this key is shared
+                    self.done[key] = _Group([], members)
+                    return
+                if blobs.has(self.root, key):  # the equal blob is still there: link it
+                    hasher = checksum.Hasher()
+                    hasher.update_all(first)
+                    group.size, group.digest = sum(p.nbytes for p in first), hasher.hexdigest()
+                    self.done[key] = group
+                    return
+            group.size, group.digest = self._write_new(key, first)
+            self.done[key] = group
+
+        return task
+
+    def _write_new(self, key: str, parts: list[memoryview]) -> tuple[int, str]:
+        temp = blobs.temp_relpath()
+        writer = blob_writes.HeldWriter(self.storage.open_write(temp))
+        stream = payload_write.PayloadStream(writer, size_hint=sum(p.nbytes for p in parts))
+        self.pending.append(_New(key, temp, writer))
+        try:
+            for part in parts:
+                stream.write(part)
+        except BaseException:
+            stream.abort()
+            raise
+        return stream.close()
+
+    def settle(self) -> None:
+        """Make the new blobs durable (all fsynced together), then give them their keys."""
+        new, self.pending = self.pending, []
+        try:
+            blob_writes.sync_all([n.writer for n in new])
+            for n in new:
+                blobs.publish(self.root, n.temp, n.key)
+        except BaseException:
+            for n in new:  # what was not published: never a blob
+                blobs.discard(self.root, n.temp)
+            raise
+        if new:
+            blobs.sync_store(self.root)
+
+    def abort(self) -> None:
+        """Close and remove the blobs written but not published (a failed save)."""
+        new, self.pending = self.pending, []
+        for n in new:
+            n.writer.abort()
+            blobs.discard(self.root, n.temp)
+
+    def link(
+        self,
+        staged: str,
+        placed: dict[str, BlobRef | None],
+        where: dict[str, tuple[str, str]],
+        files: dict[str, dict[str, object]],
+    ) -> None:
+        """Link each shared tensor's blob into ``staged``; write the unshared ones there."""
+        for key, group in self.done.items():
+            ref = BlobRef(key, group.size, group.digest)
+            unshared = list(group.unshared)
+            for item in group.shared:
+                if blobs.link(self.root, key, f"{staged}/{item.fname}"):
+                    placed[item.leaf.key] = ref
+                    where[item.leaf.key] = (item.fname, INNER)
+                    files[item.fname] = _entry(ref)
+                else:  # collected since it was found: this checkpoint keeps its own copy
+                    unshared.append(item)
+            for item in unshared:
+                parts = item.parts()
+                total = sum(p.nbytes for p in parts)
+                size, digest = _write(self.storage, f"{staged}/{item.fname}", parts, total)
+                placed[item.leaf.key] = None
+                where[item.leaf.key] = (item.fname, INNER)
+                files[item.fname] = _entry(BlobRef("", size, digest))
+
+
+__all__ = [
+    "HASH",
+    "INNER",
+    "OWN",
+    "BlobRef",
+    "Plan",
+    "Verdict",
+    "blob_key",
+    "is_view",
+    "write_dedup_checkpoint",
+]

@@ -80,7 +80,7 @@ def _sharing(mgr: CheckpointManager, names: list[str]) -> dict[str, tuple[int, i
         if found.extra.get("dedup"):
             keys: dict[str, int] = {}
             for fname, info in found.files.items():
-                keys[str(info.get("blob", f"own:{fname}"))] = int(info["size"])
+                keys[str(info.get("blob", f"own:{name}/{fname}"))] = int(info["size"])
             per[name] = keys
     users: dict[str, int] = {}
     for keys in per.values():

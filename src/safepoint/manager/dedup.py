@@ -1,11 +1,15 @@
-"""The cheap-skip hints of a dedup manager: tensors provably unchanged since the last save.
+"""The plan of a dedup manager: which tensors to link, hash, or write without hashing.
 
 A torch tensor whose storage pointer, offset, shape, dtype and version counter
 (``_version``, bumped by every in-place write, optimizer steps included) are those
 of the last save holds the same bytes, so its blob is reused without hashing or
-copying. A hint is only a hint: every ``rehash_every``-th save hashes everything
-again, and a blob the store lost is written again. Numpy arrays have no version
-counter and are always hashed.
+copying (a *hint*). A tensor whose version moved and whose bytes changed at the last
+save too (trainable weights, optimizer moments) is *predicted* changed: it is written
+into the checkpoint's own file without hashing, as a plain save writes it -- so with
+nothing frozen a dedup save costs what a plain one does. Hints and predictions are
+only that: every ``rehash_every``-th save hashes everything again, a blob the store
+lost is written again, and a prediction only ever makes a save write bytes it could
+have shared. Numpy arrays have no version counter and are always hashed.
 
 Writes that bypass the version counter (through ``tensor.data``, or a numpy view of
 the tensor's memory) are invisible to the hint until the next re-hash: a program that
@@ -14,9 +18,13 @@ changes frozen tensors that way should pass ``dedup_rehash_every=1``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from safepoint.catalog.dedup import BlobRef, write_dedup_checkpoint
+import numpy as np
+import xxhash
+
+from safepoint.catalog.dedup import HASH, OWN, BlobRef, Verdict, is_view, write_dedup_checkpoint
 from safepoint.errors import ConfigError
 from safepoint.manager import options
 from safepoint.ondisk.manifest import Manifest
@@ -56,39 +64,93 @@ def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     return a[1:] == b[1:]
 
 
+#: A fingerprint samples this many slices of this many bytes of a tensor.
+_SAMPLES, _SLICE = 16, 256
+
+
+def _fingerprint(leaf: TensorLeaf) -> str | None:
+    """A cheap digest of a few slices of a CPU tensor's bytes (None for other tensors:
+    sampling a GPU tensor would copy it). Two tensors of equal size whose fingerprints
+    differ have different bytes; equal fingerprints prove nothing."""
+    if not is_view(leaf):
+        return None
+    arr = np.frombuffer(leaf.buffer(), dtype=np.uint8)
+    if arr.size > _SAMPLES * _SLICE:
+        starts = np.linspace(0, arr.size - _SLICE, _SAMPLES).astype(np.int64)
+        arr = np.concatenate([arr[s : s + _SLICE] for s in starts])
+    return f"{leaf.nbytes}:{xxhash.xxh3_64_hexdigest(arr.tobytes())}"
+
+
+@dataclass(frozen=True)
+class _Known:
+    """A tensor at the last save: its identity, its blob (None: in that checkpoint's
+    own file, i.e. it was not equal to anything stored) and its fingerprint."""
+
+    ident: tuple[Any, ...]
+    ref: BlobRef | None
+    fp: str | None
+
+
 class Hints:
-    """Per-key identity of each tensor at the last save, and its blob."""
+    """Per-key identity of each tensor at the last save, and where its bytes went.
+
+    The verdicts (see ``catalog/dedup.py``): same identity and a blob -> that blob;
+    same identity, own bytes -> hash it (it stopped changing: make it a blob); changed
+    identity after changed bytes -> :data:`OWN`, no hash; changed identity after shared
+    bytes -> :data:`OWN` too when a fingerprint (a few sampled slices) proves the bytes
+    differ from the last save's, else :data:`HASH` (an EMA of frozen weights changes
+    its version, not its bytes); unknown -> hash. A re-hash save hashes everything,
+    hinted or predicted.
+    """
 
     def __init__(self, rehash_every: int = REHASH_EVERY) -> None:
         self.rehash_every = max(1, rehash_every)
         self._saves = 0
-        self._known: dict[str, tuple[tuple[Any, ...], BlobRef]] = {}
+        self._known: dict[str, _Known] = {}
         self._pending: dict[str, tuple[Any, ...] | None] = {}
+        self._fps: dict[str, str | None] = {}
+        self._fresh = True
         self.hits = 0
+        self.predicted = 0
 
     def begin(self, leaves: list[TensorLeaf]) -> None:
         """Note each leaf's identity now (at snapshot time, before any copy)."""
         self._pending = {leaf.key: _identity(leaf.source) for leaf in leaves}
         self._fresh = self._saves % self.rehash_every == 0
         self._saves += 1
-        self.hits = 0
+        self._fps = {}
+        self.hits = self.predicted = 0
 
-    def hint(self, leaf: TensorLeaf) -> BlobRef | None:
-        if self._fresh:
-            return None
+    def plan(self, leaf: TensorLeaf) -> Verdict:
         ident = self._pending.get(leaf.key)
         known = self._known.get(leaf.key)
-        if ident is None or known is None or not _same(known[0], ident):
+        if ident is None:
             return None
-        self.hits += 1
-        return known[1]
+        same = known is not None and _same(known.ident, ident)
+        if known is not None and known.ref is not None and not self._fresh:
+            if same:
+                self.hits += 1
+                self._fps[leaf.key] = known.fp  # the same bytes
+                return known.ref
+        elif known is not None and not same and not self._fresh:
+            self.predicted += 1  # changed after changed bytes: no fingerprint needed
+            return OWN
+        # becomes a blob or is compared with one: the next save compares fingerprints
+        fp = self._fps[leaf.key] = _fingerprint(leaf)
+        if known is None or same:
+            return None
+        if not self._fresh and fp and known.fp and fp != known.fp:
+            self.predicted += 1
+            return OWN
+        return HASH
 
-    def commit(self, refs: dict[str, BlobRef], identities: dict[str, Any]) -> None:
-        """Remember the blobs of a committed save under the identities noted at its start."""
+    def commit(self, placed: dict[str, BlobRef | None], identities: dict[str, Any]) -> None:
+        """Remember where a committed save put each tensor, under the identities noted
+        at its start."""
         self._known = {
-            key: (ident, refs[key])
+            key: _Known(ident, placed[key], self._fps.get(key))
             for key, ident in identities.items()
-            if ident is not None and key in refs and refs[key].key
+            if ident is not None and key in placed
         }
 
     def take(self) -> dict[str, tuple[Any, ...] | None]:
@@ -130,7 +192,7 @@ class DedupSaving:
         self._identities = self.hints.take()
 
     def write(self, draft: Manifest, leaves: list[TensorLeaf]) -> Manifest:
-        manifest, refs = write_dedup_checkpoint(self.storage, draft, leaves, hint=self.hints.hint)
+        manifest, refs = write_dedup_checkpoint(self.storage, draft, leaves, plan=self.hints.plan)
         self.hints.commit(refs, self._identities)
         return manifest
 

@@ -1,7 +1,7 @@
 """The content-addressed blob store of a dedup root: ``ROOT/.sp-blobs/<32 hex>``.
 
 Each blob is one whole payload file (a one-tensor safetensors file) named by the
-blake2b-128 of its bytes. A checkpoint that uses a blob holds a **hard link** to it
+xxh3-128 of its bytes. A checkpoint that uses a blob holds a **hard link** to it
 inside its own directory, so:
 
 - readers see an ordinary checkpoint directory (nothing changes for them, and a copy
@@ -88,12 +88,21 @@ def same_bytes(root: str, key: str, parts: list[memoryview]) -> bool:
 def publish(root: str, temp: str, key: str) -> None:
     """Give the written, fsynced blob at ``temp`` its content name (atomic rename).
 
-    A blob of the same key written meanwhile has the same bytes: either one wins.
+    A blob of the same key written meanwhile has the same bytes: either one wins. The
+    rename is made durable by :func:`sync_store`, once per save: a store name lost to a
+    power cut costs sharing (the next save writes the blob again), never content (the
+    checkpoint's own link, made durable by its commit, keeps the inode).
     """
     src, dst = os.path.join(root, temp), os.path.join(root, blob_relpath(key))
     with translate("rename", dst):
         os.rename(src, dst)
-        _fsync_dir(os.path.join(root, BLOBS))
+
+
+def sync_store(root: str) -> None:
+    """Make the store's entries (the renames of :func:`publish`) durable."""
+    path = os.path.join(root, BLOBS)
+    with translate("dir-fsync", path):
+        _fsync_dir(path)
 
 
 def link(root: str, key: str, dst_rel: str) -> bool:
