@@ -43,7 +43,7 @@ STAGE_RE = re.compile(r"^\.sp\.tmp-[0-9a-f]{16}$")
 TRASH_RE = re.compile(r"^\.trash-sp-[0-9a-f]{16}$")
 MANIFEST_NAME = "manifest.json"
 #: The content-addressed blob store of a dedup root (see storage/blobs.py); each
-#: blob is named by the 32 lowercase hex digits of its blake2b-128.
+#: blob is named by the 32 lowercase hex digits of its xxh3-128.
 BLOBS = ".sp-blobs"
 BLOB_KEY_RE = re.compile(r"^[0-9a-f]{32}$")
 PAYLOAD_RE = re.compile(r"^model-\d{5}\.(safetensors|h5)$")
