@@ -180,7 +180,7 @@ class DedupSaving:
             raise ConfigError(
                 "dedup=True needs a local root (hard links share the bytes). Expected a "
                 f"local directory. Received: root={str(storage.root)!r}. Use dedup=False "
-                "for an object store."
+                "for an object store root (with or without local_first)."
             )
         self.storage = storage
         self.hints = Hints(rehash_every)
