@@ -1,6 +1,6 @@
 """Power loss during dedup saves, retention and gc (issue 15, RELIABILITY.md family 5).
 
-:class:`LinkedPowerLoss` is the power-loss layer of ``tests/reliability/test_f05_power_loss.py``
+:class:`PowerLossStorage` is the power-loss layer of ``tests/reliability/test_f05_power_loss.py``
 (a root whose durable image changes only through ``fsync``: unsynced bytes are dropped,
 entries not followed by a directory fsync undone, unlinks resurrected), made aware of
 hard links: names of one inode come back as links of one file, so a blob's link count
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -28,95 +27,13 @@ import numpy as np
 import pytest
 
 import safepoint
+from powerloss import PowerCut, PowerLossStorage
 from safepoint.cli.commands import main as cli
 from safepoint.ondisk.names import BLOBS
-from safepoint.storage.local import LocalStorage
 
 torch = pytest.importorskip("torch")
 
 N = 4096
-
-
-class PowerCut(BaseException):
-    """The power went out here (a BaseException: nothing may catch and carry on)."""
-
-
-class LinkedPowerLoss(LocalStorage):
-    """A local root whose durable state is exactly what ``fsync`` made durable."""
-
-    def __init__(self, root: Path, monkeypatch: pytest.MonkeyPatch, *, cut_at: int | None = None):
-        super().__init__(root, faults=self._stage_point)
-        self.cut_at = cut_at
-        self.points: list[str] = []
-        self.dead = False
-        self.dirs: dict[int, dict[str, tuple[int, bool]]] = {}
-        self.files: dict[int, bytes] = {}
-        self.root_ino = os.stat(self.root).st_ino
-        for here, _, names in os.walk(self.root):  # what is there now counts as durable
-            self._record_dir(here, os.lstat(here).st_ino)
-            for name in names:
-                path = os.path.join(here, name)
-                self.files[os.lstat(path).st_ino] = Path(path).read_bytes()
-        real_fsync = os.fsync
-
-        def fsync(fd: int) -> None:
-            self._point("fsync")
-            real_fsync(fd)
-            self._made_durable(fd)
-
-        monkeypatch.setattr(os, "fsync", fsync)
-
-    def _record_dir(self, path: str, ino: int) -> None:
-        entries = {}
-        for name in os.listdir(path):
-            info = os.lstat(os.path.join(path, name))
-            entries[name] = (info.st_ino, stat.S_ISDIR(info.st_mode))
-        self.dirs[ino] = entries
-
-    def _made_durable(self, fd: int) -> None:
-        if self.dead:
-            return
-        info = os.fstat(fd)
-        proc = f"/proc/self/fd/{fd}"
-        if stat.S_ISDIR(info.st_mode):
-            self._record_dir(proc, info.st_ino)
-        elif stat.S_ISREG(info.st_mode):
-            with open(proc, "rb") as f:
-                self.files[info.st_ino] = f.read()
-
-    def _point(self, what: str) -> None:
-        if self.dead:
-            raise PowerCut(f"no power (at {what})")
-        self.points.append(what)
-        if self.cut_at is not None and len(self.points) == self.cut_at:
-            self.dead = True
-            raise PowerCut(f"power cut before {what} (point {self.cut_at})")
-
-    def _stage_point(self, stage: str, target: str) -> None:
-        self._point(stage)
-
-    def power_loss(self) -> None:
-        """Replace the root's contents with its durable image (hard links kept)."""
-        self.dead = True
-        for name in os.listdir(self.root):
-            path = os.path.join(self.root, name)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.unlink(path)
-        self._rebuild(self.root, self.root_ino, {})
-
-    def _rebuild(self, path: str, ino: int, made: dict[int, str]) -> None:
-        for name, (child, is_dir) in self.dirs.get(ino, {}).items():
-            target = os.path.join(path, name)
-            if is_dir:
-                os.mkdir(target)
-                self._rebuild(target, child, made)
-            elif child in made:
-                os.link(made[child], target)
-            else:
-                Path(target).write_bytes(self.files.get(child, b""))
-                made[child] = target
 
 
 class Training:
@@ -181,7 +98,7 @@ def _check(root: Path, *, returned: int, in_flight: int | None) -> int:
     return latest
 
 
-def _saves(storage: LinkedPowerLoss, steps: list[int], returned: list[int]) -> None:
+def _saves(storage: PowerLossStorage, steps: list[int], returned: list[int]) -> None:
     """Save ``steps`` with one manager, noting each step whose save returned."""
     run = Training()
     mgr = safepoint.CheckpointManager(storage, dedup=True, keep=KEEP, run_log=False)
@@ -212,7 +129,7 @@ STEPS = [3, 4, 5]
 def test_returned_dedup_saves_survive_power_loss(tmp_path: Path, monkeypatch) -> None:
     root = tmp_path / "run"
     _committed(root)
-    storage = LinkedPowerLoss(root, monkeypatch)
+    storage = PowerLossStorage(root, monkeypatch)
     returned: list[int] = []
     _saves(storage, STEPS, returned)
     assert returned == STEPS
@@ -228,7 +145,7 @@ def test_power_cut_at_every_crash_point_of_dedup_saves(tmp_path: Path, monkeypat
     _committed(template)
     probe_root = tmp_path / "probe"
     shutil.copytree(template, probe_root)
-    probe = LinkedPowerLoss(probe_root, monkeypatch)
+    probe = PowerLossStorage(probe_root, monkeypatch)
     _saves(probe, STEPS, [])
     monkeypatch.undo()
     points = len(probe.points)
@@ -236,7 +153,7 @@ def test_power_cut_at_every_crash_point_of_dedup_saves(tmp_path: Path, monkeypat
     for k in range(1, points + 1):
         shutil.rmtree(root, ignore_errors=True)
         shutil.copytree(template, root)
-        storage = LinkedPowerLoss(root, monkeypatch, cut_at=k)
+        storage = PowerLossStorage(root, monkeypatch, cut_at=k)
         returned = [2]
         with pytest.raises(PowerCut):
             _saves(storage, STEPS, returned)
@@ -252,14 +169,14 @@ def test_power_cut_at_every_crash_point_of_gc(tmp_path: Path, monkeypatch) -> No
         for step in range(1, 7):  # retention leaves the blobs of steps 1-4 unreferenced
             mgr.save(run.state(step), step=step)
     shutil.copytree(template, root)
-    probe = LinkedPowerLoss(root, monkeypatch)
+    probe = PowerLossStorage(root, monkeypatch)
     assert cli(["gc", str(root), "--grace", "0"]) == 0
     monkeypatch.undo()
     assert probe.points  # gc makes its unlinks durable
     for k in range(1, len(probe.points) + 1):
         shutil.rmtree(root)
         shutil.copytree(template, root)
-        storage = LinkedPowerLoss(root, monkeypatch, cut_at=k)
+        storage = PowerLossStorage(root, monkeypatch, cut_at=k)
         with pytest.raises(PowerCut):
             cli(["gc", str(root), "--grace", "0"])
         storage.power_loss()
@@ -273,7 +190,7 @@ def test_the_layer_keeps_hard_links(tmp_path: Path, monkeypatch) -> None:
     root.mkdir()
     (root / "a").write_bytes(b"durable")
     os.link(root / "a", root / "b")
-    storage = LinkedPowerLoss(root, monkeypatch)
+    storage = PowerLossStorage(root, monkeypatch)
     os.link(root / "a", root / "c")  # never made durable by a directory fsync
     storage.power_loss()
     assert sorted(os.listdir(root)) == ["a", "b"]
