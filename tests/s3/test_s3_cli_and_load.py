@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +14,8 @@ from safepoint.cli import main
 from safepoint.errors import CheckpointNotFoundError, ConfigError
 
 s3 = pytest.importorskip("safepoint.storage.s3")
+sys.path.insert(0, os.path.dirname(__file__))
+from racing import race  # noqa: E402
 
 
 def _run(s3_root: str, options, steps=(1, 2, 3)) -> dict[int, dict]:
@@ -138,29 +142,15 @@ def test_wrong_credentials_are_a_storage_error_not_a_missing_root(
 
 
 def test_a_reader_racing_resaves_of_a_directory_checkpoint_never_sees_damage(s3_env, s3_root):
-    import threading
-
     mgr = safepoint.CheckpointManager(s3_root, name="latest")
     mgr.save({"w": np.zeros(50_000, dtype=np.float32)}, step=0)
-    done, errors, loads = threading.Event(), [], [0]
-
-    def read() -> None:
-        while not done.is_set():
-            try:
-                value = safepoint.load(f"{s3_root}/latest")["w"]
-                assert (value == value[0]).all()  # one version, whole
-                loads[0] += 1
-            except Exception as exc:  # collected and reported below
-                errors.append(exc)
-
-    reader = threading.Thread(target=read)
-    reader.start()
     try:
-        for step in range(1, 31):
-            mgr.save({"w": np.full(50_000, step, dtype=np.float32)}, step=step)
+        loads = race(
+            lambda: safepoint.load(f"{s3_root}/latest")["w"],
+            lambda value: bool((value == value[0]).all()),  # one version, whole
+            lambda step: mgr.save({"w": np.full(50_000, step, dtype=np.float32)}, step=step),
+            saves=30,
+        )
     finally:
-        done.set()
-        reader.join()
         mgr.close()
-    assert not errors, errors[:3]
-    assert loads[0] > 0
+    assert loads > 0

@@ -28,6 +28,19 @@ WRITER = os.path.join(HERE, "s3_local_first_writer.py")
 SRC = os.path.abspath(os.path.join(HERE, "..", "..", "src"))
 
 
+def _hold_uploads(monkeypatch) -> threading.Event:
+    """Uploads wait at their start (stage) until the returned event is set."""
+    release = threading.Event()
+    real_stage = s3.S3Storage.stage
+
+    def held_stage(self, name):
+        assert release.wait(30), "the test never released the upload"
+        return real_stage(self, name)
+
+    monkeypatch.setattr(s3.S3Storage, "stage", held_stage)
+    return release
+
+
 def _same(got, step: int) -> None:
     want = state_of(step)
     assert got.state["w"].tobytes() == want["w"].tobytes() and got.state["meta"] == want["meta"]
@@ -200,14 +213,7 @@ def test_async_local_first_saves_upload_too(s3_server, s3_root, tmp_path):
 def test_a_damaged_local_file_is_never_uploaded(s3_server, s3_root, tmp_path, monkeypatch):
     opts = s3_server.options
     local = tmp_path / "l"
-    release = threading.Event()
-    real_stage = s3.S3Storage.stage
-
-    def held_stage(self, name):
-        assert release.wait(30)
-        return real_stage(self, name)
-
-    monkeypatch.setattr(s3.S3Storage, "stage", held_stage)
+    release = _hold_uploads(monkeypatch)
     mgr = safepoint.CheckpointManager(s3_root, local_first=local, storage_options=opts)
     mgr.save(state_of(1), step=1)  # committed locally; its upload waits
     payload = next(p for p in (local / "step-00000001").iterdir() if p.name != "manifest.json")
@@ -288,14 +294,7 @@ def test_a_plain_run_root_is_not_taken_as_a_local_first_directory(s3_server, s3_
 
 def test_framework_files_do_not_wait_for_their_upload(s3_server, s3_root, tmp_path, monkeypatch):
     h5py = pytest.importorskip("h5py")
-    release = threading.Event()
-    real_stage = s3.S3Storage.stage
-
-    def held_stage(self, name):
-        assert release.wait(30)
-        return real_stage(self, name)
-
-    monkeypatch.setattr(s3.S3Storage, "stage", held_stage)
+    release = _hold_uploads(monkeypatch)
 
     def write(path: str) -> None:
         with h5py.File(path, "w") as f:

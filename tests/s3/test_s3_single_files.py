@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
@@ -14,6 +15,9 @@ from safepoint.cli import main
 from safepoint.errors import CorruptCheckpointError, StorageError
 
 s3 = pytest.importorskip("safepoint.storage.s3")
+sys.path.insert(0, os.path.dirname(__file__))
+from racing import race  # noqa: E402
+
 h5py = pytest.importorskip("h5py")
 
 _KERAS_COPY = "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
@@ -168,32 +172,18 @@ def test_a_link_left_by_write_fn_is_refused_on_a_bucket(s3_env, s3_root, tmp_pat
 
 
 def test_a_reader_racing_resaves_of_a_file_never_sees_damage(s3_env, s3_root):
-    import threading
-
     mgr = safepoint.CheckpointManager(s3_root)
     mgr.save_file("best.h5", _writer(0.0), step=0)
-    done, errors, loads = threading.Event(), [], [0]
-
-    def read() -> None:
-        while not done.is_set():
-            try:
-                value = safepoint.load(f"{s3_root}/best.h5")["layer"]["kernel"]
-                assert (value == value.flat[0]).all()  # one version, whole
-                loads[0] += 1
-            except Exception as exc:  # collected and reported below
-                errors.append(exc)
-
-    reader = threading.Thread(target=read)
-    reader.start()
     try:
-        for step in range(1, 16):
-            mgr.save_file("best.h5", _writer(float(step)), step=step)
+        loads = race(
+            lambda: safepoint.load(f"{s3_root}/best.h5")["layer"]["kernel"],
+            lambda value: bool((value == value.flat[0]).all()),  # one version, whole
+            lambda step: mgr.save_file("best.h5", _writer(float(step)), step=step),
+            saves=15,
+        )
     finally:
-        done.set()
-        reader.join()
         mgr.close()
-    assert not errors, errors[:3]
-    assert loads[0] > 0
+    assert loads > 0
 
 
 def _temp_dirs() -> set[str]:

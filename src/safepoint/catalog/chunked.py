@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ from safepoint.errors import CorruptCheckpointError
 from safepoint.ondisk import checksum, chunks
 from safepoint.ondisk.manifest import Manifest
 from safepoint.state import dtypes
+from safepoint.storage import parallel
 from safepoint.storage.local import Storage
 
 
@@ -171,14 +171,7 @@ def box_reads(
 
 def run_reads(reads: Sequence[Read], threads: int = READERS) -> None:
     """Run ``reads``, several at a time; raise the first failure after all have ended."""
-    if len(reads) <= 1 or threads <= 1:
-        for read in reads:
-            read()
-        return
-    with ThreadPoolExecutor(max_workers=min(threads, len(reads))) as pool:
-        futures = [pool.submit(read) for read in reads]
-    for future in futures:
-        future.result()
+    parallel.run_all(reads, threads)
 
 
 def read_box(

@@ -17,8 +17,8 @@ links is durable (``catalog/dedup.py``).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
+from safepoint.storage import parallel
 from safepoint.storage.protocol import Writer
 
 #: Threads writing one save's files. Two cores keep copying and hashing busy while
@@ -57,17 +57,7 @@ def run_all(tasks: Sequence[Callable[[], object]], workers: int | None = None) -
     thread still writes into a staging directory the caller then removes. One task
     runs on the calling thread, without a pool.
     """
-    workers = WORKERS if workers is None else workers
-    if len(tasks) <= 1 or workers <= 1:
-        for task in tasks:
-            task()
-        return
-    with ThreadPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
-        futures = [pool.submit(task) for task in tasks]
-    for future in futures:
-        error = future.exception()
-        if error is not None:
-            raise error
+    parallel.run_all(tasks, WORKERS if workers is None else workers)
 
 
 def sync_all(writers: Sequence[HeldWriter], workers: int | None = None) -> None:
