@@ -43,6 +43,7 @@ from safepoint.ondisk.manifest import Manifest
 from safepoint.state.tree import TensorLeaf
 from safepoint.storage import blob_writes, blobs, payload_write
 from safepoint.storage.local import LocalStorage
+from safepoint.storage.protocol import Writer
 
 #: The tensor's name inside every blob file.
 INNER = "t"
@@ -203,7 +204,12 @@ def _write(
     storage: LocalStorage, relpath: str, parts: Iterable[memoryview], total: int
 ) -> tuple[int, str]:
     """Write and fsync one file of ``parts`` (``total`` bytes); its ``(size, xxh3)``."""
-    stream = payload_write.PayloadStream(storage.open_write(relpath), size_hint=total)
+    return _stream(storage.open_write(relpath), parts, total)
+
+
+def _stream(writer: Writer, parts: Iterable[memoryview], total: int) -> tuple[int, str]:
+    """Stream ``parts`` through ``writer`` and close it; its ``(size, xxh3)``."""
+    stream = payload_write.PayloadStream(writer, size_hint=total)
     try:
         for part in parts:
             stream.write(part)
@@ -305,15 +311,8 @@ class _Sharing:
     def _write_new(self, key: str, parts: list[memoryview]) -> tuple[int, str]:
         temp = blobs.temp_relpath()
         writer = blob_writes.HeldWriter(self.storage.open_write(temp))
-        stream = payload_write.PayloadStream(writer, size_hint=sum(p.nbytes for p in parts))
         self.pending.append(_New(key, temp, writer))
-        try:
-            for part in parts:
-                stream.write(part)
-        except BaseException:
-            stream.abort()
-            raise
-        return stream.close()
+        return _stream(writer, parts, sum(p.nbytes for p in parts))
 
     def settle(self) -> None:
         """Make the new blobs durable (all fsynced together), then give them their keys."""
