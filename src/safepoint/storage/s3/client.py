@@ -145,16 +145,18 @@ class S3Client:
         # so the ranges in flight and the reader's checksum do not take turns.
         np.copyto(np.frombuffer(view, dtype=np.uint8), np.frombuffer(got, dtype=np.uint8))
 
-    def head(self, relkey: str, *, stage: str = "read") -> dict[str, Any]:
-        return dict(
-            self.call(stage, relkey, self.obstore.head, self.store, self.location.key(relkey))
-        )
+    def head(self, relkey: str, *, stage: str = "read", quick: bool = False) -> dict[str, Any]:
+        """The object's metadata. ``quick``: with the probe's short retries, for best-effort
+        calls that must not hold up an exit (releasing a lease that expires anyway)."""
+        store = self._probe_store if quick else self.store
+        return dict(self.call(stage, relkey, self.obstore.head, store, self.location.key(relkey)))
 
-    def delete(self, relkeys: Sequence[str], *, stage: str) -> None:
+    def delete(self, relkeys: Sequence[str], *, stage: str, quick: bool = False) -> None:
         if not relkeys:
             return
         keys = [self.location.key(k) for k in relkeys]
-        self.call(stage, relkeys[0], self.obstore.delete, self.store, keys)
+        store = self._probe_store if quick else self.store
+        self.call(stage, relkeys[0], self.obstore.delete, store, keys)
 
     def list_dirs(
         self, relprefix: str = "", *, stage: str = "list"

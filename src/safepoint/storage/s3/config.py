@@ -25,9 +25,12 @@ from typing import Any, NoReturn
 
 from safepoint.errors import ConfigError, SafepointError, StorageError
 
-#: Network errors and 5xx answers are retried by obstore with exponential backoff,
-#: up to this many times and this long in total, then reported. Ten retries span about
-#: 25 s (100 ms doubling to 5 s): a store that restarts or sheds load (503 SlowDown)
+#: Network errors and 5xx answers are retried by obstore with backoff, up to this many
+#: times and this long in total, then reported. obstore draws each wait at random
+#: between ``init_backoff`` and ``base`` times the previous one (capped at 5 s), so it
+#: grows about (1 + base) / 2 per retry: from 0.5 s with base 2.5, ten retries span
+#: about 20-30 s (measured: 24 s; with 100 ms and base 2 they spanned only 1.6 s, too
+#: short for a store restarting). A store that restarts or sheds load (503 SlowDown)
 #: for seconds does not fail a save or a restore; a dead one is reported within that.
 MAX_RETRIES = 10
 RETRY_TIMEOUT = datetime.timedelta(seconds=60)
@@ -153,9 +156,9 @@ def retry_config(*, probe: bool = False) -> dict[str, Any]:
         "max_retries": PROBE_RETRIES if probe else MAX_RETRIES,
         "retry_timeout": PROBE_TIMEOUT if probe else RETRY_TIMEOUT,
         "backoff": {
-            "init_backoff": datetime.timedelta(milliseconds=100),
+            "init_backoff": datetime.timedelta(milliseconds=500),
             "max_backoff": datetime.timedelta(seconds=5),
-            "base": 2.0,
+            "base": 2.5,
         },
     }
 

@@ -145,8 +145,10 @@ class Lease:
         if etag is None or self._lost is not None:
             return
         try:
-            if self.client.head(LEASE_KEY, stage="lease")["e_tag"] == etag:
-                self.client.delete([LEASE_KEY], stage="lease")
+            # Best effort, with short retries: an unreleased lease expires on its own,
+            # and a process exiting after its store went away must not wait for it.
+            if self.client.head(LEASE_KEY, stage="lease", quick=True)["e_tag"] == etag:
+                self.client.delete([LEASE_KEY], stage="lease", quick=True)
         except (StorageError, FileNotFoundError) as exc:  # it expires on its own
             log.warning("safepoint: could not release the S3 lease: %s", exc)
 
