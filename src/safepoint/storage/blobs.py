@@ -27,6 +27,7 @@ import stat
 import time
 
 from safepoint.ondisk.names import BLOB_KEY_RE, BLOBS
+from safepoint.storage.commit import fsync_path
 from safepoint.storage.files import translate
 
 #: Seconds an unreferenced blob is kept, measured from its last link change: a
@@ -52,7 +53,7 @@ def ensure(root: str) -> None:
         return
     with translate("mkdir", path):
         os.makedirs(path, exist_ok=True)
-        _fsync_dir(root)
+        fsync_path(root)
 
 
 def has(root: str, key: str) -> bool:
@@ -102,7 +103,7 @@ def sync_store(root: str) -> None:
     """Make the store's entries (the renames of :func:`publish`) durable."""
     path = os.path.join(root, BLOBS)
     with translate("dir-fsync", path):
-        _fsync_dir(path)
+        fsync_path(path)
 
 
 def link(root: str, key: str, dst_rel: str) -> bool:
@@ -151,7 +152,7 @@ def collect(root: str, *, grace_s: float = GRACE_S, dry_run: bool = False) -> tu
                 os.unlink(path)
         count, freed = count + 1, freed + st.st_size
     if count and not dry_run:
-        _fsync_dir(folder)
+        fsync_path(folder)
     return count, freed
 
 
@@ -159,14 +160,6 @@ def inode(root: str, relpath: str) -> tuple[int, int, int]:
     """``(device, inode, size)`` of the file at ``relpath`` (never following links)."""
     st = os.lstat(os.path.join(root, relpath))
     return st.st_dev, st.st_ino, st.st_size
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 __all__ = [
