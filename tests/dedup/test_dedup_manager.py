@@ -202,9 +202,9 @@ def test_damaged_blob_named_in_every_sharing_checkpoint(tmp_path: Path) -> None:
 def test_a_key_collision_never_substitutes_content(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from safepoint.catalog import dedup
+    from safepoint.storage.blobs import LocalBlobStore
 
-    monkeypatch.setattr(dedup, "blob_key", lambda head, buf: "ab" * 16)  # every key collides
+    monkeypatch.setattr(LocalBlobStore, "key", lambda self, head, buf: "ab" * 16)  # all collide
     a, b = torch.zeros(100), torch.ones(100)
     with safepoint.CheckpointManager(tmp_path, dedup=True) as mgr:
         mgr.save({"a": a, "b": b, "a2": a.clone()}, step=0)
@@ -219,12 +219,14 @@ def test_a_key_collision_never_substitutes_content(
 def test_predicted_changes_skip_hashing_and_a_layer_frozen_later_is_shared(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from safepoint.catalog import dedup
+    from safepoint.storage.blobs import LocalBlobStore
 
     hashed: list[int] = []
-    real_key = dedup.blob_key
+    real_key = LocalBlobStore.key
     monkeypatch.setattr(
-        dedup, "blob_key", lambda head, buf: hashed.append(buf.nbytes) or real_key(head, buf)
+        LocalBlobStore,
+        "key",
+        lambda self, head, buf: hashed.append(buf.nbytes) or real_key(self, head, buf),
     )
     frozen, ema, live = torch.arange(300.0), torch.arange(300.0), torch.zeros(200)
     with safepoint.CheckpointManager(tmp_path, dedup=True, dedup_rehash_every=100) as mgr:

@@ -1,11 +1,13 @@
-"""Writing a dedup checkpoint: shared blobs hard-linked in, plus the save's own file.
+"""Writing a dedup checkpoint: shared blobs referenced, plus the save's own file.
 
-The checkpoint directory looks like any sharded checkpoint. A tensor that is shared
-is a one-tensor file ``model-NNNNN.safetensors`` (named ``t`` inside, so equal bytes
-under different keys -- EMA weights equal to the model's -- are one blob), a hard link
-to its blob; its file entry in the manifest carries the optional ``blob`` key. The
-tensors that changed go into the checkpoint's own ``own-NNNNN.safetensors``, written
-as a plain save writes a shard, without a ``blob`` key. Readers need nothing else.
+The checkpoint looks like any sharded checkpoint. A tensor that is shared is a
+one-tensor file ``model-NNNNN.safetensors`` (named ``t`` inside, so equal bytes under
+different keys -- EMA weights equal to the model's -- are one blob) whose file entry in
+the manifest carries the optional ``blob`` key; the root's blob store
+(:class:`~safepoint.storage.protocol.BlobStore`) makes that file the blob: a hard link
+on a local disk, the blob object itself on S3. The tensors that changed go into the
+checkpoint's own ``own-NNNNN.safetensors``, written as a plain save writes a shard,
+without a ``blob`` key. Readers need nothing else.
 
 The manager's plan gives each tensor a verdict (``manager/dedup.py`` decides):
 
@@ -17,22 +19,21 @@ The manager's plan gives each tensor a verdict (``manager/dedup.py`` decides):
 - None (never seen, or unchanged but unshared): hashed; linked when equal bytes are in
   the store, else written as a new blob, so that the next save can share it.
 
-Order (crash safety): new blobs are written under temporary names by a few threads
-without an fsync each, then fsynced together, then renamed to their keys
-(:mod:`safepoint.storage.blob_writes`); every blob is hard-linked into the staging
-directory, the own files are written and fsynced there, the manifest is written last
-and the directory committed by the one commit transaction. So a committed manifest
-only ever names durable bytes.
+Order (crash safety): the tensors to share are hashed by a few threads; new blobs are
+written by them too and made durable together before they get their keys
+(:meth:`~safepoint.storage.protocol.BlobStore.settle`); every blob is linked into the
+staging area, the own files are written there, the manifest is written last and the
+save committed by the one commit transaction. So a committed manifest only ever
+names durable bytes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
-import xxhash
 
 from safepoint.formats import SHARD_BYTES, shards
 from safepoint.formats.safetensors import header_bytes
@@ -41,9 +42,8 @@ from safepoint.ondisk.container import CONTAINER
 from safepoint.ondisk.manifest import NAME as MANIFEST_NAME
 from safepoint.ondisk.manifest import Manifest
 from safepoint.state.tree import TensorLeaf
-from safepoint.storage import blob_writes, blobs, payload_write
-from safepoint.storage.local import LocalStorage
-from safepoint.storage.protocol import Writer
+from safepoint.storage import blob_writes, payload_write
+from safepoint.storage.protocol import BlobStore, NewBlob, SharedBlobs, Storage, Writer
 
 #: The tensor's name inside every blob file.
 INNER = "t"
@@ -67,19 +67,6 @@ Verdict = BlobRef | Literal["own", "hash"] | None
 Plan = Callable[[TensorLeaf], Verdict]
 
 
-def blob_key(head: bytes, buf: memoryview) -> str:
-    """The content key: xxh3-128 over the whole blob file (header and bytes).
-
-    Not cryptographic, and it need not be: a blob is only reused after a byte-by-byte
-    comparison (:func:`safepoint.storage.blobs.same_bytes`), so a constructed collision
-    costs the colliding tensor its sharing, never its content. xxh3-128 hashes at
-    ~8.8 GiB/s here against ~0.7 GiB/s for sha256 (docs/dedup.md).
-    """
-    h = xxhash.xxh3_128(head)
-    h.update(buf)
-    return h.hexdigest()
-
-
 @dataclass
 class _Item:
     """A tensor to hash and share: its file in the checkpoint, its blob's header, and
@@ -100,8 +87,12 @@ class _Item:
         return [memoryview(self.head), self.buf if self.buf is not None else self.leaf.buffer()]
 
 
+class DedupStorage(Storage, SharedBlobs, Protocol):
+    """A root that can share bytes between checkpoints (local disk, S3)."""
+
+
 def write_dedup_checkpoint(
-    storage: LocalStorage,
+    storage: DedupStorage,
     draft: Manifest,
     leaves: Sequence[TensorLeaf],
     *,
@@ -113,8 +104,8 @@ def write_dedup_checkpoint(
     Returns the manifest and each leaf's blob (None: in the checkpoint's own bytes),
     for the next save's plan.
     """
-    root = str(storage.root)
-    blobs.ensure(root)
+    store = storage.blob_store()
+    store.prepare()
     staged = storage.stage(draft.name)
     placed: dict[str, BlobRef | None] = {}
     where: dict[str, tuple[str, str]] = {}  # leaf key -> (file, name inside)
@@ -128,14 +119,14 @@ def write_dedup_checkpoint(
                 own.append(leaf)
                 continue
             fname = f"model-{index:05d}.safetensors"
-            if isinstance(verdict, BlobRef) and blobs.link(root, verdict.key, f"{staged}/{fname}"):
+            if isinstance(verdict, BlobRef) and store.link(verdict.key, f"{staged}/{fname}"):
                 placed[leaf.key] = verdict
                 where[leaf.key] = (fname, INNER)
                 files[fname] = _entry(verdict)
                 continue
             head = header_bytes([replace(leaf, key=INNER)])
             hashed.append(_Item(fname, leaf, head, new_blob=verdict != HASH))
-        shared = _Sharing(storage, root, hashed)
+        shared = _Sharing(storage, store, hashed)
         own += shared.own  # hashed, unequal to anything stored
         groups = list(shards(own, shard_bytes)) if own else []
         names = [f"own-{i:05d}.safetensors" for i in range(len(groups))]
@@ -172,6 +163,8 @@ def write_dedup_checkpoint(
     except BaseException:
         storage.discard(staged)
         raise
+    finally:
+        store.release()
     return manifest, placed
 
 
@@ -183,7 +176,7 @@ def _entry(ref: BlobRef) -> dict[str, object]:
 
 
 def _own_task(
-    storage: LocalStorage,
+    storage: Storage,
     staged: str,
     fname: str,
     leaves: list[TensorLeaf],
@@ -201,7 +194,7 @@ def _own_task(
 
 
 def _write(
-    storage: LocalStorage, relpath: str, parts: Iterable[memoryview], total: int
+    storage: Storage, relpath: str, parts: Iterable[memoryview], total: int
 ) -> tuple[int, str]:
     """Write and fsync one file of ``parts`` (``total`` bytes); its ``(size, xxh3)``."""
     return _stream(storage.open_write(relpath), parts, total)
@@ -238,15 +231,6 @@ def _equal(a: memoryview, b: memoryview) -> bool:
 
 
 @dataclass
-class _New:
-    """A blob written under a temporary name, not yet fsynced or published."""
-
-    key: str
-    temp: str
-    writer: blob_writes.HeldWriter
-
-
-@dataclass
 class _Group:
     """What became of the tensors of one key: those sharing its blob, those written
     unshared (equal key, other bytes), the blob's size and xxh3."""
@@ -261,24 +245,34 @@ class _Sharing:
     """The tensors of a save to hash and share: grouped by key; each group linked to
     an equal blob of the store, or its blob written once."""
 
-    def __init__(self, storage: LocalStorage, root: str, items: list[_Item]) -> None:
-        self.storage, self.root = storage, root
+    def __init__(self, storage: Storage, store: BlobStore, items: list[_Item]) -> None:
+        self.storage, self.store = storage, store
+        keys: list[str] = [""] * len(items)
+
+        def hash_one(i: int) -> Callable[[], None]:
+            def task() -> None:
+                item = items[i]
+                buf = item.leaf.buffer()
+                keys[i] = store.key(item.head, buf)
+                if is_view(item.leaf):
+                    item.buf = buf
+
+            return task
+
+        blob_writes.run_all([hash_one(i) for i in range(len(items))])  # hashes drop the GIL
         groups: dict[str, list[_Item]] = {}
-        for item in items:
-            buf = item.leaf.buffer()
-            groups.setdefault(blob_key(item.head, buf), []).append(item)
-            if is_view(item.leaf):
-                item.buf = buf
+        for key, item in zip(keys, items, strict=True):
+            groups.setdefault(key, []).append(item)
         #: the tensors hashed in vain: no equal bytes stored, and not to become a blob
         self.own: list[TensorLeaf] = []
         self.groups: dict[str, list[_Item]] = {}
         for key, members in groups.items():
-            if any(m.new_blob for m in members) or blobs.has(root, key):
+            if any(m.new_blob for m in members) or store.has(key):
                 self.groups[key] = members
             else:
                 self.own += [m.leaf for m in members]
         self.done: dict[str, _Group] = {}
-        self.pending: list[_New] = []  # written, not yet published
+        self.pending: list[NewBlob] = []  # written, not yet settled
 
     def windows(self) -> list[list[Callable[[], None]]]:
         """The groups' tasks, in windows of at most ``HELD_MAX`` (at least one window)."""
@@ -292,12 +286,13 @@ class _Sharing:
             group = _Group([members[0]], [])
             for m in members[1:]:
                 (group.shared if _equal(m.parts()[1], first[1]) else group.unshared).append(m)
-            if blobs.has(self.root, key):
-                if not blobs.same_bytes(self.root, key, first) and blobs.has(self.root, key):
+            store = self.store
+            if store.has(key):
+                if not store.same_bytes(key, first) and store.has(key):
                     # a hash collision (or a damaged blob): nothing of this key is shared
                     self.done[key] = _Group([], members)
                     return
-                if blobs.has(self.root, key):  # the equal blob is still there: link it
+                if store.has(key):  # the equal blob is still there: link it
                     hasher = checksum.Hasher()
                     hasher.update_all(first)
                     group.size, group.digest = sum(p.nbytes for p in first), hasher.hexdigest()
@@ -309,31 +304,19 @@ class _Sharing:
         return task
 
     def _write_new(self, key: str, parts: list[memoryview]) -> tuple[int, str]:
-        temp = blobs.temp_relpath()
-        writer = blob_writes.HeldWriter(self.storage.open_write(temp))
-        self.pending.append(_New(key, temp, writer))
-        return _stream(writer, parts, sum(p.nbytes for p in parts))
+        new = self.store.create(key)
+        self.pending.append(new)
+        return _stream(new.writer, parts, sum(p.nbytes for p in parts))
 
     def settle(self) -> None:
         """Make the new blobs durable (all fsynced together), then give them their keys."""
         new, self.pending = self.pending, []
-        try:
-            blob_writes.sync_all([n.writer for n in new])
-            for n in new:
-                blobs.publish(self.root, n.temp, n.key)
-        except BaseException:
-            for n in new:  # what was not published: never a blob
-                blobs.discard(self.root, n.temp)
-            raise
-        if new:
-            blobs.sync_store(self.root)
+        self.store.settle(new)
 
     def abort(self) -> None:
         """Close and remove the blobs written but not published (a failed save)."""
         new, self.pending = self.pending, []
-        for n in new:
-            n.writer.abort()
-            blobs.discard(self.root, n.temp)
+        self.store.abort(new)
 
     def link(
         self,
@@ -347,7 +330,7 @@ class _Sharing:
             ref = BlobRef(key, group.size, group.digest)
             unshared = list(group.unshared)
             for item in group.shared:
-                if blobs.link(self.root, key, f"{staged}/{item.fname}"):
+                if self.store.link(key, f"{staged}/{item.fname}"):
                     placed[item.leaf.key] = ref
                     where[item.leaf.key] = (item.fname, INNER)
                     files[item.fname] = _entry(ref)
@@ -367,9 +350,9 @@ __all__ = [
     "INNER",
     "OWN",
     "BlobRef",
+    "DedupStorage",
     "Plan",
     "Verdict",
-    "blob_key",
     "is_view",
     "write_dedup_checkpoint",
 ]

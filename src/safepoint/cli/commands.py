@@ -26,7 +26,8 @@ from safepoint.errors import (
     StorageError,
 )
 from safepoint.manager import CheckpointManager
-from safepoint.storage import blobs, runlog
+from safepoint.storage import runlog
+from safepoint.storage.protocol import SharedBlobs
 from safepoint.storage.urls import is_url
 
 Result = tuple[str, Exception | None]
@@ -147,9 +148,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
         removed = storage.cleanup_stale()
         if abort is not None:
             removed += abort()
-        # Under the writer lock no save is in flight: a blob no checkpoint links is
-        # garbage (--grace keeps recently unlinked ones anyway; see storage/blobs.py).
-        freed = blobs.collect(str(storage.root), grace_s=args.grace or 0.0)
+        # Under the writer lock no save is in flight: a blob no checkpoint references is
+        # garbage (--grace keeps recently unreferenced ones anyway; docs/dedup.md).
+        freed = (0, 0)
+        if isinstance(storage, SharedBlobs):
+            freed = storage.blob_store().collect(grace_s=args.grace or 0.0)
     finally:
         storage.unlock()
     for name in removed:

@@ -24,13 +24,20 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from safepoint.catalog.dedup import HASH, OWN, BlobRef, Verdict, is_view, write_dedup_checkpoint
+from safepoint.catalog.dedup import (
+    HASH,
+    OWN,
+    BlobRef,
+    DedupStorage,
+    Verdict,
+    is_view,
+    write_dedup_checkpoint,
+)
 from safepoint.errors import ConfigError
 from safepoint.manager import options
 from safepoint.ondisk.manifest import Manifest
 from safepoint.state.tree import TensorLeaf
-from safepoint.storage import blobs
-from safepoint.storage.local import LocalStorage, Storage
+from safepoint.storage.protocol import SharedBlobs, Storage
 
 #: Every this many saves the hints are ignored and every tensor hashed.
 REHASH_EVERY = 10
@@ -176,13 +183,14 @@ class DedupSaving:
                 "dedup=True writes safetensors blobs. Expected format='safetensors'. "
                 f"Received: format={fmt!r}. Drop format= or dedup=True."
             )
-        if not isinstance(storage, LocalStorage):
+        if not isinstance(storage, SharedBlobs):
             raise ConfigError(
-                "dedup=True needs a local root (hard links share the bytes). Expected a "
-                f"local directory. Received: root={str(storage.root)!r}. Use dedup=False "
-                "for an object store root (with or without local_first)."
+                "dedup=True needs a root that can share bytes between checkpoints. Expected "
+                "a local directory or an s3:// root without local_first. Received: "
+                f"root={str(storage.root)!r} ({type(storage).__name__}). Use dedup=False "
+                "here, or drop local_first= to deduplicate in the bucket itself."
             )
-        self.storage = storage
+        self.storage: DedupStorage = storage  # type: ignore[assignment]
         self.hints = Hints(rehash_every)
         self._identities: dict[str, tuple[Any, ...] | None] = {}
 
@@ -197,7 +205,8 @@ class DedupSaving:
         return manifest
 
     def collect(self) -> None:
-        blobs.collect(str(self.storage.root), grace_s=IN_PROCESS_GRACE_S)
+        # only the blobs the retention pass may have freed (a bucket's store is not listed)
+        self.storage.blob_store().collect(grace_s=IN_PROCESS_GRACE_S, full=False)
 
 
 def dedup_saving(storage: Storage, dedup: Any, rehash_every: Any, fmt: str) -> DedupSaving | None:

@@ -25,10 +25,19 @@ import os
 import secrets
 import stat
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import xxhash
 
 from safepoint.ondisk.names import BLOB_KEY_RE, BLOBS
+from safepoint.storage import blob_writes
 from safepoint.storage.commit import fsync_path
 from safepoint.storage.files import translate
+
+if TYPE_CHECKING:
+    from safepoint.storage.local import LocalStorage
 
 #: Seconds an unreferenced blob is kept, measured from its last link change: a
 #: ``safepoint gc`` from another process then never races a save that just found it.
@@ -162,8 +171,79 @@ def inode(root: str, relpath: str) -> tuple[int, int, int]:
     return st.st_dev, st.st_ino, st.st_size
 
 
+@dataclass
+class _NewLocal:
+    """A blob written under a temporary name, not yet fsynced or renamed to its key."""
+
+    key: str
+    temp: str
+    writer: blob_writes.HeldWriter
+
+
+class LocalBlobStore:
+    """The :class:`~safepoint.storage.protocol.BlobStore` of a local root: hard links.
+
+    The key is xxh3-128 of the blob file. It is not cryptographic, and need not be: a
+    blob found by key is reused only after :meth:`same_bytes` compared it byte by byte
+    (reading a local file is cheap), so a constructed collision costs the colliding
+    tensor its sharing, never its content. xxh3-128 hashes at ~10 GiB/s here against
+    ~1.4 GiB/s for sha256 (docs/dedup.md).
+    """
+
+    def __init__(self, storage: LocalStorage) -> None:
+        self.storage = storage
+        self.root = str(storage.root)
+
+    def prepare(self) -> None:
+        ensure(self.root)
+
+    def key(self, head: bytes, data: memoryview) -> str:
+        h = xxhash.xxh3_128(head)
+        h.update(data)
+        return h.hexdigest()
+
+    def has(self, key: str) -> bool:
+        return has(self.root, key)
+
+    def same_bytes(self, key: str, parts: list[memoryview]) -> bool:
+        return same_bytes(self.root, key, parts)
+
+    def create(self, key: str) -> _NewLocal:
+        temp = temp_relpath()
+        return _NewLocal(key, temp, blob_writes.HeldWriter(self.storage.open_write(temp)))
+
+    def settle(self, new: Sequence[_NewLocal]) -> None:
+        """fsync every new blob together, then rename each to its key, then fsync the
+        store once: a blob has its key only once its bytes are durable."""
+        try:
+            blob_writes.sync_all([n.writer for n in new])
+            for n in new:
+                publish(self.root, n.temp, n.key)
+        except BaseException:
+            for n in new:  # what was not published: never a blob
+                discard(self.root, n.temp)
+            raise
+        if new:
+            sync_store(self.root)
+
+    def abort(self, new: Sequence[_NewLocal]) -> None:
+        for n in new:
+            n.writer.abort()
+            discard(self.root, n.temp)
+
+    def link(self, key: str, dst: str) -> bool:
+        return link(self.root, key, dst)
+
+    def release(self) -> None:
+        """Nothing to do: a hard link in a committed directory is the reference."""
+
+    def collect(self, *, grace_s: float, full: bool = True) -> tuple[int, int]:
+        return collect(self.root, grace_s=grace_s)
+
+
 __all__ = [
     "GRACE_S",
+    "LocalBlobStore",
     "blob_relpath",
     "collect",
     "discard",

@@ -33,6 +33,7 @@ from safepoint.ondisk.names import split as _split
 from safepoint.storage import commit as transaction
 from safepoint.storage import held as heldview
 from safepoint.storage import leftovers, rootlock
+from safepoint.storage.blobs import LocalBlobStore
 
 # translate_read, LOG_NAME, check_name...: re-exported for the formats, catalog, adapters.
 from safepoint.storage.files import (
@@ -233,6 +234,10 @@ class LocalStorage:
     def local_path(self, relpath: str) -> str | None:
         _split(relpath)
         return os.path.join(self.root, relpath)
+
+    def blob_store(self) -> LocalBlobStore:
+        """The root's dedup blobs, shared by hard links (:mod:`.blobs`)."""
+        return LocalBlobStore(self)
 
     # -- writing -----------------------------------------------------------------------
     def _ensure_root(self) -> None:

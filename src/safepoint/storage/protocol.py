@@ -175,9 +175,86 @@ class LocalFiles(Protocol):
         ...
 
 
+class NewBlob(Protocol):
+    """A blob being written by a save: ``key`` and the :class:`Writer` its bytes go to."""
+
+    key: str
+    writer: Writer
+
+
+class BlobStore(Protocol):
+    """One save's view of a root's content-addressed blobs (``dedup=True``, docs/dedup.md).
+
+    The order a dedup save calls these (``catalog/dedup.py``): :meth:`prepare`;
+    :meth:`key` per tensor to share; :meth:`link` for a blob the plan names, or
+    :meth:`has` and :meth:`same_bytes` for one found by key, else :meth:`create`
+    (write through its writer, ``close()`` it) and :meth:`settle` once for all new
+    blobs before the manifest is written (:meth:`abort` on failure); :meth:`release`
+    once the save committed or was discarded. A blob a committed record names is
+    never removed while that record exists: :meth:`collect` frees only blobs no
+    record and no save in flight references.
+    """
+
+    def prepare(self) -> None:
+        """Make the store ready for writing (create its folder)."""
+        ...
+
+    def key(self, head: bytes, data: memoryview) -> str:
+        """The content key (32 lowercase hex) of the blob file ``head + data``."""
+        ...
+
+    def has(self, key: str) -> bool: ...
+
+    def same_bytes(self, key: str, parts: list[memoryview]) -> bool:
+        """Whether blob ``key`` holds exactly ``parts``; a key match alone may be a collision."""
+        ...
+
+    def create(self, key: str) -> NewBlob:
+        """A new blob to write; not visible under its key before :meth:`settle`."""
+        ...
+
+    def settle(self, new: Sequence[NewBlob]) -> None:
+        """Make the written blobs durable and give them their keys (raises: none kept)."""
+        ...
+
+    def abort(self, new: Sequence[NewBlob]) -> None:
+        """Drop blobs written but not settled (a failed save)."""
+        ...
+
+    def link(self, key: str, dst: str) -> bool:
+        """Reference blob ``key`` as the staged file ``dst``; False when it is gone."""
+        ...
+
+    def release(self) -> None:
+        """The save ended: its references are in its committed record, or gone."""
+        ...
+
+    def collect(self, *, grace_s: float, full: bool = True) -> tuple[int, int]:
+        """Remove blobs no checkpoint references (``(count, bytes)`` freed); under the
+        writer lock. ``full=False``: only those the last removals may have freed."""
+        ...
+
+
+@runtime_checkable
+class SharedBlobs(Protocol):
+    """Capability: the root can share a tensor's bytes between checkpoints (dedup)."""
+
+    def blob_store(self) -> BlobStore:
+        """A fresh view of the store for one save (or one collection)."""
+        ...
+
+
 def local_path(storage: Storage, relpath: str) -> str | None:
     """``relpath``'s path on this machine, or None for a root without :class:`LocalFiles`."""
     return storage.local_path(relpath) if isinstance(storage, LocalFiles) else None
 
 
-__all__ = ["LocalFiles", "Storage", "Writer", "local_path"]
+__all__ = [
+    "BlobStore",
+    "LocalFiles",
+    "NewBlob",
+    "SharedBlobs",
+    "Storage",
+    "Writer",
+    "local_path",
+]

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from safepoint.errors import CorruptCheckpointError, StorageError
-from safepoint.ondisk.names import STAGE_PREFIX, STAGE_RE, check_name
+from safepoint.ondisk.names import BLOB_KEY_RE, BLOBS, STAGE_PREFIX, STAGE_RE, check_name
 from safepoint.ondisk.names import split as _split
+from safepoint.storage.s3 import blobs as s3_blobs
 from safepoint.storage.s3 import config as s3_config
 from safepoint.storage.s3 import log as s3_log
 from safepoint.storage.s3 import writers
@@ -51,6 +52,7 @@ class _Staged:
     name: str
     prior_etag: str | None
     prior_id: str | None
+    prior_refs: dict[str, str]
     manifest: bytes | None = None
 
 
@@ -82,6 +84,7 @@ class S3Storage(Cleanup):
         self._lease = Lease(self.client, ttl=lease_ttl)
         self._staged: dict[str, _Staged] = {}
         self._ids: dict[str, str] = {}  # name -> save id of its record (cache)
+        self._refs: dict[str, dict[str, str]] = {}  # name -> {file: blob key} (dedup)
         self._mutex = threading.RLock()
         self._seq = 0
         self._release: weakref.finalize[Any, Any] | None = None
@@ -139,8 +142,28 @@ class S3Storage(Cleanup):
                 "It was not committed by safepoint's S3 backend; remove it.",
                 file=f"{name}/{RECORD}",
             )
-        self._ids[name] = save_id
+        self._ids[name], self._refs[name] = save_id, s3_blobs.references(data)
         return data
+
+    def record_refs(self, name: str) -> dict[str, str]:
+        """``file -> blob key`` of the files of committed ``name`` that are shared blobs."""
+        self._read_record(name)
+        return dict(self._refs.get(name, {}))
+
+    def _drop(self, refs: Mapping[str, str]) -> None:
+        """Keys a removed or replaced record referenced: candidates for collection."""
+        held = self._held
+        if refs and held is not None:
+            with held.blobs.lock:
+                held.blobs.dropped |= set(refs.values())
+
+    def blob_store(self) -> s3_blobs.S3BlobStore:
+        """The root's dedup blobs (:mod:`.blobs`), with this process's view of them."""
+        held = self._held
+        return s3_blobs.S3BlobStore(self, held.blobs if held is not None else writers.BlobState())
+
+    def holds_lease(self) -> bool:
+        return self._lease.held
 
     def _key(self, relpath: str) -> str:
         """The object key (relative to the prefix) of ``relpath``; hostile paths refused."""
@@ -148,11 +171,15 @@ class S3Storage(Cleanup):
         head, rest = parts[0], "/".join(parts[1:])
         if STAGE_RE.match(head):
             return f"{DATA}/{self._staged_id(head)}/{rest}"
+        if head == BLOBS and BLOB_KEY_RE.match(rest):
+            return relpath
         if not rest:
             return head
         if rest == RECORD:
             return f"{head}/{RECORD}"
-        return f"{DATA}/{self._save_id(head)}/{rest}"
+        save_id = self._save_id(head)
+        blob = self._refs.get(head, {}).get(rest)
+        return s3_blobs.blob_relpath(blob) if blob else f"{DATA}/{save_id}/{rest}"
 
     # -- reading -------------------------------------------------------------------------
     def list_names(self) -> list[str]:
@@ -219,14 +246,16 @@ class S3Storage(Cleanup):
         check_name(name)
         self._fault("stage", name)
         prior_etag = prior_id = None
+        prior_refs: dict[str, str] = {}
         try:
-            _, meta, attrs = self.client.get(f"{name}/{RECORD}", stage="stage")
+            data, meta, attrs = self.client.get(f"{name}/{RECORD}", stage="stage")
             prior_etag, prior_id = meta["e_tag"], attrs.get(SAVE_ATTR)
+            prior_refs = s3_blobs.references(data)
         except FileNotFoundError:
             pass
         save_id = secrets.token_hex(8)
         with self._mutex:
-            self._staged[save_id] = _Staged(name, prior_etag, prior_id)
+            self._staged[save_id] = _Staged(name, prior_etag, prior_id, prior_refs)
             writers.LIVE.add(save_id)
         return f"{STAGE_PREFIX}{save_id}"
 
@@ -273,7 +302,8 @@ class S3Storage(Cleanup):
                     raise self._lost_race(name, exc) from exc
             del self._staged[save_id]
             writers.LIVE.discard(save_id)
-            self._ids[name] = save_id
+            self._ids[name], self._refs[name] = save_id, s3_blobs.references(entry.manifest)
+        self._drop(entry.prior_refs)
         if entry.prior_id and _SAVE_ID.match(entry.prior_id) and entry.prior_id != save_id:
             self._delete_prefix(f"{DATA}/{entry.prior_id}/", stage="retention", quiet=True)
 
@@ -323,6 +353,7 @@ class S3Storage(Cleanup):
         try:
             self._read_record(name)
             save_id = self._ids.pop(name)
+            self._drop(self._refs.pop(name, {}))
         except FileNotFoundError:
             return
         except CorruptCheckpointError:

@@ -11,13 +11,32 @@ the process's storages runs it.
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Callable
 
 from safepoint.storage.s3.lease import Lease
 
 
+class BlobState:
+    """What the dedup saves of this process know of a root's blobs (:mod:`.blobs`).
+
+    ``refs`` counts the references of saves in flight (never collected), ``known``
+    maps keys seen in the store to their sizes (no HEAD per hinted tensor: only this
+    process, the lease holder, deletes blobs), ``dropped`` holds the keys of records
+    removed since the last collection. ``lock`` orders a save's reference-then-check
+    against a collection's check-then-delete.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.refs: Counter[str] = Counter()
+        self.known: dict[str, int] = {}
+        self.dropped: set[str] = set()
+
+
 class Held:
-    """One root leased by this process: the lease, its users, the save mutex, the seq."""
+    """One root leased by this process: the lease, its users, the save mutex, the seq,
+    and the dedup saves' view of the blobs."""
 
     def __init__(self, key: str, lease: Lease) -> None:
         self.key = key
@@ -25,6 +44,7 @@ class Held:
         self.refs = 1
         self.mutex = threading.RLock()
         self.seq = 0
+        self.blobs = BlobState()
 
 
 _HELD: dict[str, Held] = {}
@@ -58,4 +78,4 @@ def release(held: Held) -> None:
     held.lease.release()
 
 
-__all__ = ["LIVE", "Held", "acquire", "release"]
+__all__ = ["LIVE", "BlobState", "Held", "acquire", "release"]
