@@ -44,9 +44,16 @@ class Training:
         self.frozen = torch.arange(N, dtype=torch.float32)
         self.ema = self.frozen.clone()
         self.live = torch.zeros(N // 4)
+        self._trained = 0
+
+    def _train(self, step: int) -> None:
+        """Bring ``live`` to ``step``, in place, once."""
+        if self._trained != step:
+            self.live.fill_(float(step))
+            self._trained = step
 
     def state(self, step: int) -> dict[str, Any]:
-        self.live.fill_(float(step))
+        self._train(step)
         self.ema.copy_(self.frozen)
         return {
             "frozen": self.frozen,
@@ -55,9 +62,12 @@ class Training:
             "other": np.full(N // 8, step % 3, dtype=np.int32),
         }
 
-    def scribble(self) -> None:
-        """Training goes on: overwrite in place what the next :meth:`state` sets again."""
-        self.live.fill_(-1.0)
+    def scribble(self, step: int) -> None:
+        """Training goes on right after ``save(step)`` returned: ``live`` takes the next
+        step's value in place (``state(step + 1)`` finds it done and leaves it alone,
+        so its version is the one noted right after the save) and ``ema`` is overwritten
+        (``state`` sets it again)."""
+        self._train(step + 1)
         self.ema.fill_(-1.0)
 
 

@@ -48,7 +48,7 @@ def _saves(storage: PowerLossStorage, waited: list[int]) -> None:
             if in_flight is not None:
                 waited.append(in_flight)
             in_flight = step
-            run.scribble()  # while the save is written
+            run.scribble(step)  # while the save is written
         mgr.wait()
         waited.append(STEPS[-1])
     finally:
