@@ -36,7 +36,7 @@ from safepoint.storage.s3 import writers
 from safepoint.storage.s3.cleanup import DATA, Cleanup
 from safepoint.storage.s3.client import S3Client
 from safepoint.storage.s3.io import RangeFile, S3Writer
-from safepoint.storage.s3.lease import DEFAULT_TTL, Lease
+from safepoint.storage.s3.lease import DEFAULT_TTL, Lease, lost_race
 
 RECORD = "manifest.json"  # safepoint.ondisk.manifest.NAME
 SAVE_ATTR = "safepoint-save"
@@ -299,7 +299,7 @@ class S3Storage(Cleanup):
                 )
             except StorageError as exc:
                 if exc.errno != errno.EEXIST or not self._is_ours(key, save_id, entry.manifest):
-                    raise self._lost_race(name, exc) from exc
+                    raise lost_race(self.root, name, exc) from exc
             del self._staged[save_id]
             writers.LIVE.discard(save_id)
             self._ids[name], self._refs[name] = save_id, s3_blobs.references(entry.manifest)
@@ -314,18 +314,6 @@ class S3Storage(Cleanup):
         except FileNotFoundError:
             return False
         return attrs.get(SAVE_ATTR) == save_id and data == manifest
-
-    def _lost_race(self, name: str, exc: StorageError) -> StorageError:
-        if exc.errno != errno.EEXIST:
-            return exc
-        return StorageError(
-            f"Checkpoint {name!r} in {self.root!r} was committed by another save while this "
-            "one was in flight. Expected to be the only writer. Received: a conditional write "
-            "that lost (the other checkpoint was kept, this save was discarded). Make sure only "
-            "one process saves to this root.",
-            errno=errno.EEXIST,
-            stage="manifest",
-        )
 
     def discard(self, staged: str) -> None:
         save_id = staged[len(STAGE_PREFIX) :]

@@ -252,4 +252,18 @@ def _parse(data: bytes) -> dict[str, Any]:
     return found if isinstance(found, dict) else {}
 
 
-__all__ = ["LEASE_KEY", "Lease"]
+def lost_race(root: str, name: str, exc: StorageError) -> StorageError:
+    """What a commit that lost its conditional write raises (another writer committed)."""
+    if exc.errno != errno.EEXIST:
+        return exc
+    return StorageError(
+        f"Checkpoint {name!r} in {root!r} was committed by another save while this "
+        "one was in flight. Expected to be the only writer. Received: a conditional write "
+        "that lost (the other checkpoint was kept, this save was discarded). Make sure only "
+        "one process saves to this root.",
+        errno=errno.EEXIST,
+        stage="manifest",
+    )
+
+
+__all__ = ["LEASE_KEY", "Lease", "lost_race"]
