@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -74,13 +75,18 @@ class PowerLossStorage(LocalStorage):
                 self.files[info.st_ino] = f.read()
 
     # -- crash points --------------------------------------------------------------------
+    #: Blob writers and async save workers meet crash points from several threads;
+    #: counted under a lock, exactly one of them is point ``cut_at``.
+    _counting = threading.Lock()
+
     def _point(self, what: str) -> None:
-        if self.dead:
-            raise PowerCut(f"no power (at {what})")
-        self.points.append(what)
-        if self.cut_at is not None and len(self.points) == self.cut_at:
-            self.dead = True
-            raise PowerCut(f"power cut before {what} (point {self.cut_at})")
+        with self._counting:
+            if self.dead:
+                raise PowerCut(f"no power (at {what})")
+            self.points.append(what)
+            if self.cut_at is not None and len(self.points) == self.cut_at:
+                self.dead = True
+                raise PowerCut(f"power cut before {what} (point {self.cut_at})")
 
     def _stage_point(self, stage: str, target: str) -> None:
         self._point(stage)
