@@ -157,6 +157,13 @@ def test_refused_configurations(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="True or False"):
         safepoint.CheckpointManager(tmp_path, dedup=1)  # type: ignore[arg-type]
 
+    class Collective:  # what coordination.find accepts as a caller-built collective
+        def save(self, *args: object, **kwargs: object) -> None: ...
+        def restore(self, *args: object, **kwargs: object) -> None: ...
+
+    with pytest.raises(ConfigError, match="multi-rank"):  # never silently ignored
+        safepoint.CheckpointManager(tmp_path, dedup=True, group=Collective())
+
 
 @pytest.mark.parametrize("key", ["../../etc/passwd", "ABC", "0" * 31, 7])
 def test_hostile_blob_key_refused(tmp_path: Path, key: object) -> None:

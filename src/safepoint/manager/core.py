@@ -111,6 +111,12 @@ class CheckpointManager(Listing, FileSaving):
         self._pruner = Pruner(self.catalog, self.template, self._history)
         #: ``dedup=True``: tensors equal to committed ones are hard-linked blobs (docs/dedup.md).
         self._dedup = dedup_saving(self.storage, dedup, dedup_rehash_every, self.format.name)
+        if self._dedup is not None and self.collective is not None:
+            raise ConfigError(
+                "dedup=True is not available for multi-rank saves (each rank writes its own "
+                "shards). Expected one process, or dedup=False. Received: dedup=True with a "
+                f"process group ({type(self.collective).__name__}). Drop dedup=True."
+            )
 
     # -- context manager ---------------------------------------------------------------
     def __enter__(self) -> CheckpointManager:
