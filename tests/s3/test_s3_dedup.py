@@ -223,3 +223,43 @@ def test_local_first_with_dedup_is_refused(s3_server, s3_root, tmp_path: Path):
         safepoint.CheckpointManager(
             s3_root, storage_options=s3_server.options, dedup=True, local_first=tmp_path / "lf"
         )
+
+
+def _leak(storage: Any, payload: bytes) -> str:
+    """A blob a killed save uploaded and never committed (what collection must remove)."""
+    import hashlib
+
+    key = hashlib.sha256(payload).hexdigest()[:32]
+    storage.client.put(f".sp-blobs/{key}", payload, stage="test")
+    return key
+
+
+def test_gc_removes_unreferenced_blobs_only(s3_root, s3_env, capsys):
+    base = torch.arange(N, dtype=torch.float32)
+    with safepoint.CheckpointManager(s3_root, dedup=True) as mgr:
+        mgr.save({"a": base}, step=1)
+        storage = mgr.storage
+        kept = set(_blobs(storage))
+        leaked = _leak(storage, b"never committed")
+    assert cli(["gc", s3_root, "--grace", "3600"]) == 0  # too young: kept
+    assert leaked in _blobs(storage)
+    capsys.readouterr()
+    assert cli(["gc", s3_root, "--grace", "0"]) == 0
+    assert "1 unreferenced blobs removed" in capsys.readouterr().out
+    assert set(_blobs(storage)) == kept
+    got = safepoint.load(f"{s3_root}/step-00000001")
+    assert torch.equal(torch.as_tensor(got["a"]), base)
+
+
+def test_a_managers_first_save_collects_what_a_crashed_save_left(s3_server, s3_root, monkeypatch):
+    from safepoint.manager import dedup as manager_dedup
+
+    base = torch.arange(N, dtype=torch.float32)
+    with safepoint.CheckpointManager(s3_root, storage_options=s3_server.options, dedup=True) as mgr:
+        mgr.save({"a": base}, step=1)
+        leaked = _leak(mgr.storage, b"left by a killed writer")
+    monkeypatch.setattr(manager_dedup, "STARTUP_GRACE_S", 0.0)
+    with safepoint.CheckpointManager(s3_root, storage_options=s3_server.options, dedup=True) as mgr:
+        mgr.save({"a": base}, step=2)
+        left = _blobs(mgr.storage)
+    assert leaked not in left and len(left) == 1

@@ -70,7 +70,8 @@ def test_killed_dedup_managers_never_lose_a_referenced_blob(s3_server, s3_root):
             steps = _check(storage, want)
             if reported:
                 assert max(steps) >= reported[-1], (steps, reported[-1])
-            storage.cleanup_stale()  # no grace: the killed save's blobs and payload go
+            storage.cleanup_stale()  # no grace: the killed save's payload goes
+            storage.blob_store().collect(grace_s=0)  # and its blobs
             names = storage.list_names()
             referenced = {k for n in names for k in storage.record_refs(n).values()}
             blobs = {m["path"].split("/")[1] for m in storage.client.list_all(".sp-blobs/")}

@@ -171,6 +171,10 @@ __all__ = ["REHASH_EVERY", "Hints"]
 #: An in-process collection after retention keeps blobs unreferenced for less than
 #: this many seconds (another manager of this process may have just written one).
 IN_PROCESS_GRACE_S = 10.0
+#: A manager's first save collects every unreferenced blob older than this: what a
+#: crashed save wrote and never committed (a writer of another process that held the
+#: root this long ago is gone: the root's lock or lease is ours now).
+STARTUP_GRACE_S = 15 * 60.0
 
 
 class DedupSaving:
@@ -193,6 +197,7 @@ class DedupSaving:
         self.storage: DedupStorage = storage  # type: ignore[assignment]
         self.hints = Hints(rehash_every)
         self._identities: dict[str, tuple[Any, ...] | None] = {}
+        self._started = False
 
     def snapshot(self, leaves: list[TensorLeaf]) -> None:
         """Note the tensors' identities before any copy (sync or async save)."""
@@ -200,6 +205,9 @@ class DedupSaving:
         self._identities = self.hints.take()
 
     def write(self, draft: Manifest, leaves: list[TensorLeaf]) -> Manifest:
+        if not self._started:
+            self._started = True
+            self.storage.blob_store().collect(grace_s=STARTUP_GRACE_S)
         manifest, refs = write_dedup_checkpoint(self.storage, draft, leaves, plan=self.hints.plan)
         self.hints.commit(refs, self._identities)
         return manifest
@@ -216,4 +224,4 @@ def dedup_saving(storage: Storage, dedup: Any, rehash_every: Any, fmt: str) -> D
     return DedupSaving(storage, options.int_arg("dedup_rehash_every", rehash_every) or 1, fmt)
 
 
-__all__ += ["IN_PROCESS_GRACE_S", "DedupSaving", "dedup_saving"]
+__all__ += ["IN_PROCESS_GRACE_S", "STARTUP_GRACE_S", "DedupSaving", "dedup_saving"]

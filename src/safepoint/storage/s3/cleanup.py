@@ -2,8 +2,8 @@
 
 A mixin of :class:`safepoint.storage.s3.S3Storage` (kept apart: one concept of its
 own). :meth:`Cleanup.cleanup_stale` (a manager's first save, ``safepoint gc``) deletes
-``.sp-data/<save id>/`` prefixes and dedup blobs (:mod:`.blobs`) that no record
-references once older than the grace period on the server's clock;
+``.sp-data/<save id>/`` prefixes that no record references once older than the grace
+period on the server's clock (dedup blobs are collected by :mod:`.blobs`);
 :meth:`Cleanup.abort_stale_uploads` (``safepoint gc`` only) aborts multipart uploads
 under the same rule (:mod:`.uploads`). Saves in flight in this process are never
 touched, whichever of its storages runs the cleanup.
@@ -14,11 +14,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from safepoint.errors import CorruptCheckpointError
-from safepoint.ondisk.names import BLOBS
 from safepoint.storage.s3 import uploads, writers
 
 if TYPE_CHECKING:
-    from safepoint.storage.s3.blobs import S3BlobStore
     from safepoint.storage.s3.client import S3Client
     from safepoint.storage.s3.config import S3Location
     from safepoint.storage.s3.lease import Lease
@@ -51,9 +49,6 @@ class Cleanup:
     def _delete_prefix(self, prefix: str, *, stage: str, quiet: bool = False) -> None:
         raise NotImplementedError
 
-    def blob_store(self) -> S3BlobStore:
-        raise NotImplementedError
-
     def cleanup_stale(self) -> list[str]:
         """Remove payload that no record references, once older than ``stale_after``.
 
@@ -65,10 +60,7 @@ class Cleanup:
         if not held:
             self.lock()
         try:
-            removed = self._clean()
-            # dedup blobs a crashed save uploaded and never committed (one LIST when none)
-            count, _ = self.blob_store().collect(grace_s=self.stale_after)
-            return removed + ([f"{count} unreferenced blobs in {BLOBS}/"] if count else [])
+            return self._clean()
         finally:
             if not held:
                 self.unlock()
