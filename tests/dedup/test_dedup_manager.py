@@ -121,9 +121,11 @@ def test_write_bypassing_version_counter_caught_by_rehash_every_1(tmp_path: Path
 
 def test_retention_frees_only_unreferenced_blobs(tmp_path: Path) -> None:
     frozen = torch.arange(1000, dtype=torch.float32)
-    with safepoint.CheckpointManager(tmp_path, dedup=True, keep=safepoint.Keep(last=2)) as mgr:
+    with safepoint.CheckpointManager(
+        tmp_path, dedup=True, keep=safepoint.Keep(last=2), dedup_rehash_every=1
+    ) as mgr:
         for step in range(5):
-            # numpy: no version counter, so always hashed and stored as a blob
+            # numpy, and every save a re-hash: a new blob at each save
             live = np.full(500, step, dtype=np.float32)
             mgr.save({"frozen": frozen, "live": live}, step=step)
         assert [c.name for c in mgr.checkpoints()] == ["step-00000003", "step-00000004"]
@@ -282,3 +284,44 @@ def test_blobs_written_in_windows_of_held_files(
     assert _file_of(tmp_path, "step-00000000", "dup").st_ino == (
         _file_of(tmp_path, "step-00000000", "t3").st_ino
     )
+
+
+def test_numpy_arrays_are_predicted_by_their_fingerprint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safepoint.storage.blobs import LocalBlobStore
+
+    hashed: list[int] = []
+    real_key = LocalBlobStore.key
+    monkeypatch.setattr(
+        LocalBlobStore,
+        "key",
+        lambda self, head, buf: hashed.append(buf.nbytes) or real_key(self, head, buf),
+    )
+    still = np.arange(3000, dtype=np.float32)
+    with safepoint.CheckpointManager(tmp_path, dedup=True, dedup_rehash_every=100) as mgr:
+        for step in range(4):
+            changing = np.full(1000, step, dtype=np.float32)
+            mgr.save({"still": still.copy(), "changing": changing}, step=step)
+            if step == 1:
+                hashed.clear()
+        for step in range(4):
+            got = mgr.restore(checkpoint=f"step-{step:08d}").state
+            assert np.array_equal(got["changing"], np.full(1000, step, dtype=np.float32))
+            assert np.array_equal(got["still"], still)
+    # after the first saves the changing array is predicted (own file, not hashed); the
+    # unchanged one (no version counter) is hashed and linked
+    assert hashed == [still.nbytes] * 2
+    files = read_manifest(tmp_path / "step-00000003")["files"]
+    assert sum("blob" in f for f in files.values()) == 1
+
+
+def test_a_write_that_bypasses_the_version_counter_is_caught(tmp_path: Path) -> None:
+    frozen = torch.arange(100_000, dtype=torch.float32)
+    with safepoint.CheckpointManager(tmp_path, dedup=True, dedup_rehash_every=100) as mgr:
+        for step in range(3):
+            mgr.save({"frozen": frozen}, step=step)
+            frozen.data.add_(1.0)  # no _version bump: the hint alone would link stale bytes
+        for step in range(3):
+            got = mgr.restore(checkpoint=f"step-{step:08d}").state["frozen"]
+            assert torch.equal(got, torch.arange(100_000, dtype=torch.float32) + step)

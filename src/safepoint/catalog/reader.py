@@ -14,7 +14,7 @@ import io
 import os
 import stat
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -29,11 +29,13 @@ from safepoint.errors import (
     IncompatibleCheckpointError,
     IncompleteCheckpointError,
 )
+from safepoint.formats.safetensors import FILES_IN_FLIGHT
 from safepoint.ondisk import checksum, manifest
 from safepoint.ondisk.manifest import Manifest
 from safepoint.state.tree import unflatten
-from safepoint.storage import held, rangeimage
+from safepoint.storage import held, parallel, rangeimage
 from safepoint.storage.local import LocalStorage, Storage, check_name
+from safepoint.storage.protocol import LocalFiles
 from safepoint.storage.urls import is_url, open_url, split_url
 
 
@@ -153,9 +155,19 @@ def _payloads(
         # A payload the manifest lists is gone: the checkpoint is damaged, and
         # restore("latest") must be able to skip it like any other corruption.
         fname = os.path.basename(str(exc.filename or "")) or "a payload file"
+        shared = {str(info["blob"]): f for f, info in found.files.items() if "blob" in info}
+        advice = "Restore an older checkpoint."
+        if fname in shared:  # an object store names the blob object, not the file
+            fname, advice = (
+                shared[fname],
+                (
+                    f"It is the shared dedup blob {fname}: every checkpoint that lists it in "
+                    "'safepoint verify' is damaged too; restore one that does not."
+                ),
+            )
         raise CorruptCheckpointError(
             f"{name}/{fname} is listed in the manifest but missing. Expected every payload "
-            "file of the manifest. Received: no file. Restore an older checkpoint.",
+            f"file of the manifest. Received: no file. {advice}",
             file=f"{name}/{fname}",
             actual=None,
         ) from None
@@ -170,8 +182,14 @@ def verify(storage: Storage, name: str) -> Manifest:
     def check(view: Storage) -> Manifest:
         found = _dir_manifest(view, name)
         _preopen(view, name, found)
-        for fname, info in found.files.items():
-            _check_file(view, name, fname, info)
+
+        def one(fname: str, info: dict[str, Any]) -> Callable[[], None]:
+            return lambda: _check_file(view, name, fname, info)
+
+        # streamed and hashed file by file; on an object store several at once (each
+        # costs round trips: a dedup checkpoint has one file per shared tensor)
+        workers = 1 if isinstance(view, LocalFiles) else FILES_IN_FLIGHT
+        parallel.run_all([one(f, info) for f, info in found.files.items()], workers)
         return found
 
     return versions.consistent(storage, name, check)

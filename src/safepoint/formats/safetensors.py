@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,9 +38,13 @@ from safepoint.ondisk.manifest import (
 )
 from safepoint.state import dtypes
 from safepoint.state.tree import TensorLeaf
-from safepoint.storage import payload_read, payload_write
+from safepoint.storage import parallel, payload_read, payload_write
 from safepoint.storage.files import translate_read
-from safepoint.storage.protocol import Storage
+from safepoint.storage.protocol import LocalFiles, Storage
+
+#: Payload files of one checkpoint read at once from a store without local files, when
+#: each is at most ``SMALL_FILE`` bytes.
+FILES_IN_FLIGHT, SMALL_FILE = 8, 64 << 20
 
 MAX_HEADER = 100 << 20
 _METADATA_MEMBERS = 64  # "__metadata__": a few string pairs (safepoint writes two)
@@ -154,8 +158,26 @@ class SafetensorsFormat:
         for key, entry in manifest.tensors.items():
             by_file[entry["file"]].append((key, entry))
         out: dict[str, np.ndarray] = {}
-        for fname, info in manifest.files.items():
-            out.update(self._read_file(storage, f"{ckpt}/{fname}", info, by_file[fname], lazy=lazy))
+
+        def read_one(fname: str, info: dict[str, Any]) -> Callable[[], None]:
+            def task() -> None:
+                got = self._read_file(storage, f"{ckpt}/{fname}", info, by_file[fname], lazy=lazy)
+                out.update(got)  # one dict update: atomic under the GIL
+
+            return task
+
+        files = manifest.files.items()
+        if isinstance(storage, LocalFiles):  # read (or mapped) at memory speed, in turn
+            parallel.run_all([read_one(f, info) for f, info in files], 1)
+            return out
+        # On an object store each file costs round trips (a HEAD, then GETs): a dedup
+        # checkpoint of hundreds of one-tensor blobs would pay them in sequence. Large
+        # files already have their ranges in flight at once; they are read in turn.
+        small = [read_one(f, info) for f, info in files if int(info["size"]) <= SMALL_FILE]
+        parallel.run_all(small, FILES_IN_FLIGHT)
+        for f, info in files:
+            if int(info["size"]) > SMALL_FILE:
+                read_one(f, info)()
         return out
 
     def _read_file(

@@ -9,11 +9,14 @@ into the checkpoint's own file without hashing, as a plain save writes it -- so 
 nothing frozen a dedup save costs what a plain one does. Hints and predictions are
 only that: every ``rehash_every``-th save hashes everything again, a blob the store
 lost is written again, and a prediction only ever makes a save write bytes it could
-have shared. Numpy arrays have no version counter and are always hashed.
+have shared. Numpy arrays have no version counter: one whose fingerprint changed since
+the last save is predicted changed, any other is hashed.
 
 Writes that bypass the version counter (through ``tensor.data``, or a numpy view of
-the tensor's memory) are invisible to the hint until the next re-hash: a program that
-changes frozen tensors that way should pass ``dedup_rehash_every=1``.
+the tensor's memory) are caught by the fingerprint (16 sampled slices) that confirms
+every hint of a CPU tensor, unless they change none of the sampled bytes; then they are
+invisible until the next re-hash: a program that changes a few elements of frozen
+tensors that way should pass ``dedup_rehash_every=1``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import xxhash
 
 from safepoint.catalog.dedup import (
@@ -78,14 +80,19 @@ _SAMPLES, _SLICE = 16, 256
 def _fingerprint(leaf: TensorLeaf) -> str | None:
     """A cheap digest of a few slices of a CPU tensor's bytes (None for other tensors:
     sampling a GPU tensor would copy it). Two tensors of equal size whose fingerprints
-    differ have different bytes; equal fingerprints prove nothing."""
+    differ have different bytes; equal fingerprints prove nothing. ~15 us for 4 MiB."""
     if not is_view(leaf):
         return None
-    arr = np.frombuffer(leaf.buffer(), dtype=np.uint8)
-    if arr.size > _SAMPLES * _SLICE:
-        starts = np.linspace(0, arr.size - _SLICE, _SAMPLES).astype(np.int64)
-        arr = np.concatenate([arr[s : s + _SLICE] for s in starts])
-    return f"{leaf.nbytes}:{xxhash.xxh3_64_hexdigest(arr.tobytes())}"
+    buf = leaf.buffer()
+    size = buf.nbytes
+    h = xxhash.xxh3_64()
+    if size <= _SAMPLES * _SLICE:
+        h.update(buf)
+    else:
+        step = (size - _SLICE) // (_SAMPLES - 1)
+        for i in range(_SAMPLES):
+            h.update(buf[i * step : i * step + _SLICE])
+    return f"{size}:{h.hexdigest()}"
 
 
 @dataclass(frozen=True)
@@ -93,7 +100,7 @@ class _Known:
     """A tensor at the last save: its identity, its blob (None: in that checkpoint's
     own file, i.e. it was not equal to anything stored) and its fingerprint."""
 
-    ident: tuple[Any, ...]
+    ident: tuple[Any, ...] | None  # None: a numpy array (no version counter)
     ref: BlobRef | None
     fp: str | None
 
@@ -131,22 +138,34 @@ class Hints:
     def plan(self, leaf: TensorLeaf) -> Verdict:
         ident = self._pending.get(leaf.key)
         known = self._known.get(leaf.key)
-        if ident is None:
+        fresh = self._fresh
+        if ident is None:  # numpy (no version counter): only the fingerprint predicts
+            fp = self._fps[leaf.key] = _fingerprint(leaf)
+            if known is not None and not fresh and fp and known.fp and fp != known.fp:
+                self.predicted += 1
+                return OWN
             return None
-        same = known is not None and _same(known.ident, ident)
-        if known is not None and known.ref is not None and not self._fresh:
+        same = known is not None and known.ident is not None and _same(known.ident, ident)
+        if known is not None and known.ref is not None and not fresh:
             if same:
-                self.hits += 1
-                self._fps[leaf.key] = known.fp  # the same bytes
-                return known.ref
-        elif known is not None and not same and not self._fresh:
+                # Confirm the hint: a write through .data or a numpy view of the tensor
+                # changes its bytes but not its version counter.
+                fp = _fingerprint(leaf) if known.fp is not None else None
+                if fp is None or fp == known.fp:
+                    self.hits += 1
+                    self._fps[leaf.key] = known.fp
+                    return known.ref
+                self._fps[leaf.key] = fp
+                self.predicted += 1
+                return OWN
+        elif known is not None and not same and not fresh:
             self.predicted += 1  # changed after changed bytes: no fingerprint needed
             return OWN
         # becomes a blob or is compared with one: the next save compares fingerprints
         fp = self._fps[leaf.key] = _fingerprint(leaf)
         if known is None or same:
             return None
-        if not self._fresh and fp and known.fp and fp != known.fp:
+        if not fresh and fp and known.fp and fp != known.fp:
             self.predicted += 1
             return OWN
         return HASH
@@ -157,7 +176,7 @@ class Hints:
         self._known = {
             key: _Known(ident, placed[key], self._fps.get(key))
             for key, ident in identities.items()
-            if ident is not None and key in placed
+            if key in placed
         }
 
     def take(self) -> dict[str, tuple[Any, ...] | None]:

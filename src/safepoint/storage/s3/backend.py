@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from safepoint.errors import CorruptCheckpointError, StorageError
+from safepoint.ondisk.manifest import MAX_BYTES as MANIFEST_MAX
+from safepoint.ondisk.manifest import NAME as MANIFEST_NAME
 from safepoint.ondisk.names import BLOB_KEY_RE, BLOBS, STAGE_PREFIX, STAGE_RE, check_name
 from safepoint.ondisk.names import split as _split
 from safepoint.storage.s3 import blobs as s3_blobs
@@ -38,7 +40,9 @@ from safepoint.storage.s3.client import S3Client
 from safepoint.storage.s3.io import RangeFile, S3Writer
 from safepoint.storage.s3.lease import DEFAULT_TTL, Lease, lost_race
 
-RECORD = "manifest.json"  # safepoint.ondisk.manifest.NAME
+RECORD = MANIFEST_NAME
+#: A record larger than a manifest may be is refused before it is read.
+MAX_RECORD = MANIFEST_MAX
 SAVE_ATTR = "safepoint-save"
 _SAVE_ID = re.compile(r"^[0-9a-f]{16}$")
 #: Unreferenced payload younger than this may belong to a save in flight: kept.
@@ -56,7 +60,7 @@ class _Staged:
     manifest: bytes | None = None
 
 
-class S3Storage(Cleanup):
+class S3Storage(Cleanup, s3_blobs.Shared):
     """A checkpoint root in an S3 (or S3-compatible) bucket.
 
     Construction checks endpoint, credentials and bucket with one LIST, so a typo
@@ -84,7 +88,7 @@ class S3Storage(Cleanup):
         self._lease = Lease(self.client, ttl=lease_ttl)
         self._staged: dict[str, _Staged] = {}
         self._ids: dict[str, str] = {}  # name -> save id of its record (cache)
-        self._refs: dict[str, dict[str, str]] = {}  # name -> {file: blob key} (dedup)
+        self._refs: dict[str, dict[str, str] | None] = {}  # name -> {file: blob} (dedup)
         self._mutex = threading.RLock()
         self._seq = 0
         self._release: weakref.finalize[Any, Any] | None = None
@@ -133,7 +137,10 @@ class S3Storage(Cleanup):
         return found
 
     def _read_record(self, name: str) -> bytes:
-        data, _, attrs = self.client.get(f"{name}/{RECORD}")
+        data, meta, attrs = self.client.get_capped(f"{name}/{RECORD}", MAX_RECORD)
+        if data is None:  # never read into memory
+            self._check_size(f"{name}/{RECORD}", int(meta["size"]), MAX_RECORD)
+        assert data is not None
         save_id = attrs.get(SAVE_ATTR, "")
         if not _SAVE_ID.match(save_id):
             raise CorruptCheckpointError(
@@ -142,28 +149,9 @@ class S3Storage(Cleanup):
                 "It was not committed by safepoint's S3 backend; remove it.",
                 file=f"{name}/{RECORD}",
             )
-        self._ids[name], self._refs[name] = save_id, s3_blobs.references(data)
+        refs = s3_blobs.references(data)  # None: not a manifest (collection stops)
+        self._ids[name], self._refs[name] = save_id, refs
         return data
-
-    def record_refs(self, name: str) -> dict[str, str]:
-        """``file -> blob key`` of the files of committed ``name`` that are shared blobs."""
-        self._read_record(name)
-        return dict(self._refs.get(name, {}))
-
-    def _drop(self, refs: Mapping[str, str]) -> None:
-        """Keys a removed or replaced record referenced: candidates for collection."""
-        held = self._held
-        if refs and held is not None:
-            with held.blobs.lock:
-                held.blobs.dropped |= set(refs.values())
-
-    def blob_store(self) -> s3_blobs.S3BlobStore:
-        """The root's dedup blobs (:mod:`.blobs`), with this process's view of them."""
-        held = self._held
-        return s3_blobs.S3BlobStore(self, held.blobs if held is not None else writers.BlobState())
-
-    def holds_lease(self) -> bool:
-        return self._lease.held
 
     def _key(self, relpath: str) -> str:
         """The object key (relative to the prefix) of ``relpath``; hostile paths refused."""
@@ -178,7 +166,7 @@ class S3Storage(Cleanup):
         if rest == RECORD:
             return f"{head}/{RECORD}"
         save_id = self._save_id(head)
-        blob = self._refs.get(head, {}).get(rest)
+        blob = (self._refs.get(head) or {}).get(rest)
         return s3_blobs.blob_relpath(blob) if blob else f"{DATA}/{save_id}/{rest}"
 
     # -- reading -------------------------------------------------------------------------
@@ -250,7 +238,7 @@ class S3Storage(Cleanup):
         try:
             data, meta, attrs = self.client.get(f"{name}/{RECORD}", stage="stage")
             prior_etag, prior_id = meta["e_tag"], attrs.get(SAVE_ATTR)
-            prior_refs = s3_blobs.references(data)
+            prior_refs = s3_blobs.references(data) or {}
         except FileNotFoundError:
             pass
         save_id = secrets.token_hex(8)
@@ -302,7 +290,8 @@ class S3Storage(Cleanup):
                     raise lost_race(self.root, name, exc) from exc
             del self._staged[save_id]
             writers.LIVE.discard(save_id)
-            self._ids[name], self._refs[name] = save_id, s3_blobs.references(entry.manifest)
+            self._ids[name] = save_id
+            self._refs[name] = s3_blobs.references(entry.manifest) or {}
         self._drop(entry.prior_refs)
         if entry.prior_id and _SAVE_ID.match(entry.prior_id) and entry.prior_id != save_id:
             self._delete_prefix(f"{DATA}/{entry.prior_id}/", stage="retention", quiet=True)
@@ -341,7 +330,7 @@ class S3Storage(Cleanup):
         try:
             self._read_record(name)
             save_id = self._ids.pop(name)
-            self._drop(self._refs.pop(name, {}))
+            self._drop(self._refs.pop(name, None) or {})
         except FileNotFoundError:
             return
         except CorruptCheckpointError:

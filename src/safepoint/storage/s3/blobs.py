@@ -32,8 +32,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -41,16 +42,20 @@ from typing import TYPE_CHECKING, Any
 from safepoint.errors import CorruptCheckpointError, StorageError
 from safepoint.ondisk.names import BLOB_KEY_RE, BLOBS
 from safepoint.storage.protocol import Writer
-from safepoint.storage.s3.writers import BlobState
+from safepoint.storage.s3.writers import BlobState, Held
 
 if TYPE_CHECKING:
     from safepoint.storage.s3.backend import S3Storage
+    from safepoint.storage.s3.lease import Lease
 
 log = logging.getLogger("safepoint")
+#: A blob checked against its key is read in pieces of this size.
+_CHECK_CHUNK = 8 << 20
 
 
-def references(record: bytes) -> dict[str, str]:
-    """``file -> blob key`` of a record's file entries that name a blob.
+def references(record: bytes) -> dict[str, str] | None:
+    """``file -> blob key`` of a record's file entries that name a blob; None when the
+    record is not a manifest at all (then what it references is unknown).
 
     Entries whose key is not 32 lowercase hex are left out: the manifest's own
     validation refuses such a record before any payload is read.
@@ -58,10 +63,10 @@ def references(record: bytes) -> dict[str, str]:
     try:
         body = json.loads(record)
     except (ValueError, UnicodeDecodeError):
-        return {}
+        return None
     files = body.get("files") if isinstance(body, dict) else None
     if not isinstance(files, dict):
-        return {}
+        return None
     out: dict[str, str] = {}
     for fname, info in files.items():
         key = info.get("blob") if isinstance(info, dict) else None
@@ -72,6 +77,55 @@ def references(record: bytes) -> dict[str, str]:
 
 def blob_relpath(key: str) -> str:
     return f"{BLOBS}/{key}"
+
+
+class Shared:
+    """The dedup half of ``S3Storage``: what its records reference, its blob store."""
+
+    _refs: dict[str, dict[str, str] | None]
+    _held: Held | None
+    _lease: Lease
+
+    def _read_record(self, name: str) -> bytes:
+        raise NotImplementedError
+
+    def record_refs(self, name: str) -> dict[str, str]:
+        """``file -> blob key`` of the files of committed ``name`` that are shared blobs.
+
+        Raises ``CorruptCheckpointError`` for a record that is not a manifest: what it
+        references is unknown, so a collection must not delete anything.
+        """
+        self._read_record(name)
+        refs = self._refs.get(name)
+        if refs is None:
+            raise CorruptCheckpointError(
+                f"{name}/manifest.json is not a manifest. Expected a JSON object with a "
+                "'files' object. Received: other content. Delete the damaged checkpoint (or "
+                "restore its record from a backup); until then no dedup blob is collected.",
+                file=f"{name}/manifest.json",
+            )
+        return dict(refs)
+
+    def _drop(self, refs: Mapping[str, str]) -> None:
+        """Keys a removed or replaced record referenced: candidates for collection."""
+        held = self._held
+        if refs and held is not None:
+            with held.blobs.lock:
+                held.blobs.dropped.update(dict.fromkeys(refs.values(), 0.0))
+
+    def blob_store(self) -> S3BlobStore:
+        """The root's dedup blobs, with this process's view of them."""
+        held = self._held
+        state = held.blobs if held is not None else BlobState()
+        return S3BlobStore(self, state)  # type: ignore[arg-type]  # self is an S3Storage
+
+    def holds_lease(self) -> bool:
+        return self._lease.held
+
+    def confirm_lease(self) -> None:
+        """Renew the lease now (raises ``StorageError`` when it was lost): before deletes
+        that must not happen once another writer took over."""
+        self._lease.check()
 
 
 class _Counted:
@@ -116,18 +170,60 @@ class S3BlobStore:
         return h.hexdigest()[:32]
 
     def has(self, key: str) -> bool:
-        if key in self.state.known:
-            return True
-        try:
-            meta = self.client.head(blob_relpath(key), stage="blob")
-        except FileNotFoundError:
+        state = self.state
+        with state.lock:
+            if key in state.bad:
+                return False
+            if key in state.known:
+                return True
+            generation = state.generation
+        size = self._head(key)
+        if size is None:
             return False
-        self.state.known[key] = int(meta["size"])
+        with state.lock:  # a collection since the HEAD may have deleted it: not cached
+            if state.generation == generation and key not in state.bad:
+                state.known[key] = size
         return True
 
+    def _head(self, key: str) -> int | None:
+        try:
+            return int(self.client.head(blob_relpath(key), stage="blob")["size"])
+        except FileNotFoundError:
+            return None
+
     def same_bytes(self, key: str, parts: list[memoryview]) -> bool:
-        """Equal keys are equal bytes (a SHA-256 prefix); the size is checked as well."""
-        return self.has(key) and self.state.known.get(key) == sum(p.nbytes for p in parts)
+        """Whether blob ``key`` holds ``parts``: an equal key (a SHA-256 prefix) and size
+        mean equal bytes, once the stored object was checked, which happens once per
+        process for a blob this process did not upload (it is downloaded and hashed). A
+        damaged blob is marked bad: the save uploads the bytes again, repairing every
+        checkpoint that references it."""
+        size = sum(p.nbytes for p in parts)
+        if not self.has(key) or self.state.known.get(key, size) != size:
+            return False
+        if key in self.state.verified:
+            return True
+        if self._stored_key(key) == key:
+            self.state.verified.add(key)
+            return True
+        with self.state.lock:
+            self.state.bad.add(key)
+            self.state.known.pop(key, None)
+        log.warning(
+            "safepoint: dedup blob %s does not hold the bytes its key names (damaged in the "
+            "bucket); uploading it again",
+            self.storage.describe(blob_relpath(key)),
+        )
+        return False
+
+    def _stored_key(self, key: str) -> str | None:
+        h = hashlib.sha256()
+        try:
+            with self.storage.open_read(blob_relpath(key)) as f:
+                while chunk := f.read(_CHECK_CHUNK):
+                    h.update(chunk)
+        except FileNotFoundError:
+            return None
+        return h.hexdigest()[:32]
 
     def _register(self, key: str) -> None:
         self.state.refs[key] += 1
@@ -140,8 +236,11 @@ class S3BlobStore:
 
     def settle(self, new: Sequence[_NewS3]) -> None:
         """Nothing to wait for: each upload completed when its writer closed."""
-        for n in new:
-            self.state.known[n.key] = n.writer.size
+        with self.state.lock:
+            for n in new:
+                self.state.known[n.key] = n.writer.size
+                self.state.verified.add(n.key)
+                self.state.bad.discard(n.key)
 
     def abort(self, new: Sequence[_NewS3]) -> None:
         for n in new:  # a completed one is left unreferenced, for a collection
@@ -149,9 +248,17 @@ class S3BlobStore:
 
     def link(self, key: str, dst: str) -> bool:
         """Reference blob ``key`` (the record names it; ``dst`` has no object of its own)."""
-        with self.state.lock:
+        state = self.state
+        with state.lock:  # no collection between the registration and the check
             self._register(key)
-            return self.has(key)
+            if key in state.bad:
+                return False
+            if key in state.known:
+                return True
+            size = self._head(key)
+            if size is not None:
+                state.known[key] = size
+            return size is not None
 
     def release(self) -> None:
         with self.state.lock:
@@ -162,13 +269,18 @@ class S3BlobStore:
     def collect(self, *, grace_s: float, full: bool = True) -> tuple[int, int]:
         """Delete blobs no record and no save in flight references, older than ``grace_s``.
 
-        ``full``: every blob of the store (``safepoint gc``, a manager's start); else only
-        the keys of records removed since the last collection (after retention), which
-        costs no request at all when they were none. Needs the lease.
+        ``full``: every blob of the store (``safepoint gc``, a manager's first save); else
+        only the keys of records removed since the last collection (after retention),
+        which costs no request at all when they were none or are known to be too young.
+        Needs the lease, and renews it before each batch of deletes: a collector that
+        stalled past its lease (another writer may have referenced the blob again since)
+        deletes nothing.
         """
         state = self.state
         with state.lock:
-            if not full and not state.dropped:
+            now_local = time.monotonic()
+            examined = {k for k, t in state.dropped.items() if t <= now_local}
+            if not full and not examined:
                 return 0, 0
             if not self.storage.holds_lease():
                 raise StorageError(
@@ -177,7 +289,6 @@ class S3BlobStore:
                     "a bug in the caller.",
                     stage="cleanup",
                 )
-            examined = set(state.dropped)
             found: dict[str, Any] = {}
             if full:
                 for o in self.client.list_all(f"{BLOBS}/", stage="cleanup"):
@@ -208,11 +319,18 @@ class S3BlobStore:
                 doomed = {k: m for k, m in doomed.items() if k not in young}
             keys = sorted(doomed)
             for i in range(0, len(keys), 1000):
+                self.storage.confirm_lease()
                 self.client.delete([blob_relpath(k) for k in keys[i : i + 1000]], stage="cleanup")
+            if keys:
+                state.generation += 1
             for k in keys:
                 state.known.pop(k, None)
-            # still candidates: too young to go, or referenced by a save that may yet fail
-            state.dropped = (state.dropped - examined) | (examined & (young | live))
+                state.verified.discard(k)
+            for k in examined:  # still candidates: too young, or a save's that may yet fail
+                if k in young:
+                    state.dropped[k] = now_local + grace_s
+                elif k not in live:
+                    state.dropped.pop(k, None)
             return len(keys), sum(int(m["size"]) for m in doomed.values())
 
     def _referenced(self) -> set[str] | None:
@@ -236,4 +354,4 @@ class S3BlobStore:
         return {key for r in found if r is not None for key in r.values()}
 
 
-__all__ = ["S3BlobStore", "blob_relpath", "references"]
+__all__ = ["S3BlobStore", "Shared", "blob_relpath", "references"]

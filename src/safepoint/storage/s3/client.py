@@ -105,11 +105,22 @@ class S3Client:
         self, relkey: str, *, stage: str = "read"
     ) -> tuple[bytes, dict[str, Any], dict[str, str]]:
         """The object's bytes, its metadata and its attributes (user metadata)."""
+        data, meta, attrs = self.get_capped(relkey, None, stage=stage)
+        assert data is not None  # no cap
+        return data, meta, attrs
 
-        def fetch() -> tuple[bytes, dict[str, Any], dict[str, str]]:
+    def get_capped(
+        self, relkey: str, limit: int | None, *, stage: str = "read"
+    ) -> tuple[bytes | None, dict[str, Any], dict[str, str]]:
+        """As :meth:`get`, but an object larger than ``limit`` bytes is not read at all
+        (its size comes with the response headers): its bytes are then ``None``."""
+
+        def fetch() -> tuple[bytes | None, dict[str, Any], dict[str, str]]:
             result = self.obstore.get(self.store, self.location.key(relkey))
             meta = dict(result.meta)
             attrs = {str(k): str(v) for k, v in result.attributes.items()}
+            if limit is not None and int(meta["size"]) > limit:
+                return None, meta, attrs  # the body is dropped unread
             return bytes(result.bytes()), meta, attrs
 
         return self.call(stage, relkey, fetch)

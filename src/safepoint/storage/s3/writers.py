@@ -20,18 +20,25 @@ from safepoint.storage.s3.lease import Lease
 class BlobState:
     """What the dedup saves of this process know of a root's blobs (:mod:`.blobs`).
 
-    ``refs`` counts the references of saves in flight (never collected), ``known``
-    maps keys seen in the store to their sizes (no HEAD per hinted tensor: only this
-    process, the lease holder, deletes blobs), ``dropped`` holds the keys of records
-    removed since the last collection. ``lock`` orders a save's reference-then-check
-    against a collection's check-then-delete.
+    ``refs`` counts the references of saves in flight (never collected); ``known`` maps
+    keys seen in the store to their sizes (no HEAD per hinted tensor: only this process,
+    the lease holder, deletes blobs), filled only while ``generation`` (bumped by every
+    collection that deleted) did not move; ``verified`` holds the keys whose bytes this
+    process uploaded or checked, ``bad`` those found damaged (uploaded again by the next
+    save that has their bytes); ``dropped`` maps keys of records removed since the last
+    collection to the monotonic time before which looking again is pointless (too young
+    then). ``lock`` orders a save's reference-then-check against a collection's
+    check-then-delete.
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.refs: Counter[str] = Counter()
         self.known: dict[str, int] = {}
-        self.dropped: set[str] = set()
+        self.generation = 0
+        self.verified: set[str] = set()
+        self.bad: set[str] = set()
+        self.dropped: dict[str, float] = {}
 
 
 class Held:
