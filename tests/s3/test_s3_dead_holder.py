@@ -44,8 +44,9 @@ def test_a_killed_holder_on_this_machine_is_taken_over_at_once(s3_server, s3_roo
     proc = _holder(s3_root, s3_server.options)
     successor = s3.S3Storage(s3_root, s3_server.options)
     try:
-        with pytest.raises(StorageError, match="leased by another writer"):
+        with pytest.raises(StorageError, match="leased by another writer") as info:
             successor.lock()  # alive: refused, although on this machine
+        assert "this very process" not in str(info.value)  # another process
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         began = time.monotonic()

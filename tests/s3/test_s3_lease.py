@@ -18,6 +18,8 @@ def test_a_live_second_writer_is_refused_naming_the_lease(s3_server, s3_root):
     with pytest.raises(StorageError, match=r"leased by another writer.*\.sp-lease\.json") as info:
         second.lock()
     assert info.value.stage == "lock"
+    # both storages are this process's: the message says so, and how to share the lease
+    assert "this very process" in str(info.value) and "same s3:// URL" in str(info.value)
     first.unlock()
     second.lock()  # released: taken at once
     second.unlock()

@@ -108,8 +108,15 @@ class Lease:
                 f"The S3 root {self.client.location.url!r} is leased by another writer "
                 f"(lease object {self.client.url(LEASE_KEY)}: host={holder.get('host')!r}, "
                 f"pid={holder.get('pid')!r}, renewed {age:.0f} s ago, expires after {ttl:.0f} s "
-                "without renewal). Expected no live writer. Received: a live lease. Stop the "
-                "other writer, or wait for its lease to expire if it crashed.",
+                "without renewal). Expected no live writer. Received: a live lease. "
+                + (
+                    "That writer is this very process, through another storage object (a "
+                    "root spelled differently: another endpoint string, an S3Storage next to "
+                    "a URL): give every manager and callback of this root the same s3:// URL "
+                    "and storage_options, so that they share the lease."
+                    if _is_us(holder)
+                    else "Stop the other writer, or wait for its lease to expire if it crashed."
+                ),
                 errno=errno.EBUSY,
                 stage="lock",
             )
@@ -202,6 +209,15 @@ def _read_text(path: str) -> str | None:
             return f.read(4096).strip()
     except OSError:
         return None
+
+
+def _is_us(holder: dict[str, Any]) -> bool:
+    """Whether the lease ``holder`` describes this very process (same machine, same
+    process since boot)."""
+    if holder.get("host") != socket.gethostname() or holder.get("pid") != os.getpid():
+        return False
+    ident = _process_identity(os.getpid())
+    return all(holder.get(k) == v for k, v in ident.items())
 
 
 def _process_identity(pid: int) -> dict[str, Any]:
