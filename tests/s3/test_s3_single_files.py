@@ -219,3 +219,15 @@ def test_temporary_files_never_outlive_their_save(s3_env, s3_root):
     mgr.close()
     assert not os.path.exists(left)
     assert _temp_dirs() - before == set()
+
+
+def test_ls_shows_the_size_of_a_file_in_a_bucket(s3_env, s3_root, capsys):
+    import json
+
+    storage = _two_files(s3_root)
+    assert main(["ls", s3_root, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    rows = rows if isinstance(rows, list) else rows["checkpoints"]
+    sizes = {r["name"]: r["bytes"] for r in rows}
+    assert sizes == {n: storage.size(f"{n}/{n}") for n in ("a.h5", "b.h5")}
+    assert all(n > 32 * 4 * 4 for n in sizes.values())

@@ -20,6 +20,7 @@ from safepoint.cli import pathkind, report
 from safepoint.errors import CheckpointNotFoundError, ConfigError
 from safepoint.manager import CheckpointManager
 from safepoint.monitor import resolve_mode
+from safepoint.ondisk import embedded
 from safepoint.retention import rank_best
 
 __all__ = ["cmd_ls", "cmd_show"]
@@ -63,7 +64,10 @@ def _size(mgr: CheckpointManager, ckpt: Checkpoint) -> int | None:
     try:
         if os.path.isfile(ckpt.path):  # a single file is its own payload
             return os.path.getsize(ckpt.path)
-        return mgr.catalog.manifest(ckpt.name).nbytes()
+        found = mgr.catalog.manifest(ckpt.name)
+        if not found.files and embedded.KEY in found.extra:  # a file on a bucket
+            return mgr.storage.size(f"{ckpt.name}/{ckpt.name}")
+        return found.nbytes()
     except (FileNotFoundError, CheckpointNotFoundError):
         return None
 
