@@ -125,6 +125,7 @@ class Run:
             "first": self.times[0],
             "later": statistics.median(self.times[1:]),
             "total": sum(self.times),
+            **{f"save{i}": t for i, t in enumerate(self.times)},
             "written": self.written,
             # one full checkpoint (each distinct tensor once: the EMA equals the weights)
             # plus the tensors that changed at each later step
@@ -210,6 +211,22 @@ def main() -> None:
         print(
             f"  paired overhead per rep: {', '.join(f'{r:+.1%}' for r in ratios)} "
             f"(median {statistics.median(ratios):+.1%})"
+        )
+        # Per save: the median over reps of (dedup on - dedup off) for each save index, so
+        # that one slow save (writeback of the other run's bytes) does not move the total.
+        by_index = [
+            statistics.median(
+                a[f"save{i}"] - b[f"save{i}"]
+                for a, b in zip(res[(0.0, True)], res[(0.0, False)], strict=True)
+            )
+            for i in range(args.ckpts)
+        ]
+        base_total = med(0.0, False, "total")
+        print(
+            f"  per save (median paired difference): first {by_index[0]:+.3f} s "
+            f"({by_index[0] / med(0.0, False, 'first'):+.0%} of a plain first save), later "
+            f"{statistics.median(by_index[1:]):+.3f} s each; summed "
+            f"{sum(by_index):+.3f} s = {sum(by_index) / base_total:+.1%} of the dedup-off total"
         )
     finally:
         if weed is not None:

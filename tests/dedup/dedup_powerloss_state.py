@@ -35,8 +35,9 @@ class Training:
 
     ``frozen`` never changes (a hinted link after the first save), ``ema`` equals it
     and is updated in place (a changed version, equal bytes), ``live`` changes in place
-    every step (predicted changed after two saves), ``other`` is numpy (always hashed)
-    and repeats every 3 steps (a blob an older checkpoint already stored).
+    every step (predicted changed after two saves), ``other`` is numpy (hashed by a
+    manager's first save, then predicted by its fingerprint) and repeats every 3 steps
+    (a blob an older checkpoint already stored, found by a hashing save).
     """
 
     def __init__(self) -> None:

@@ -325,3 +325,27 @@ def test_a_write_that_bypasses_the_version_counter_is_caught(tmp_path: Path) -> 
         for step in range(3):
             got = mgr.restore(checkpoint=f"step-{step:08d}").state["frozen"]
             assert torch.equal(got, torch.arange(100_000, dtype=torch.float32) + step)
+
+
+def test_optimizer_buffers_never_become_blobs(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    model[0].requires_grad_(False)  # a frozen layer
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
+    model(torch.ones(2, 64)).sum().backward()
+    opt.step()
+    with safepoint.CheckpointManager(tmp_path, dedup=True) as mgr:
+        mgr.save({"model": model, "optim": opt}, step=0)
+        got = mgr.restore().state
+    manifest = read_manifest(tmp_path / "step-00000000")
+    shared = {
+        key
+        for key, entry in manifest["tensors"].items()
+        if "blob" in manifest["files"][entry["file"]]
+    }
+    # every weight is a blob (the first save cannot tell frozen from trainable); no
+    # Adam moment or step counter is
+    assert shared == {"model/0.weight", "model/0.bias", "model/1.weight", "model/1.bias"}
+    moments = opt.state_dict()["state"]
+    for index, buffers in moments.items():
+        for name, value in buffers.items():
+            assert torch.equal(got["optim"]["state"][index][name], value), (index, name)

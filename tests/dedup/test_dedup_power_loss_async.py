@@ -79,8 +79,9 @@ def test_waited_async_dedup_saves_survive_power_loss(tmp_path: Path, monkeypatch
     assert waited == STEPS
     # 3 (new manager): every tensor hashed; live (3) and other (0) become new blobs,
     # frozen and ema link the stored one. 4 and 5: frozen a hinted link, ema (in place,
-    # equal bytes) hashed and linked, live predicted changed, other (1, 2) stored blobs.
-    later = {"frozen": "link", "ema": HASH, "live": OWN, "other": None}
+    # equal bytes) hashed and linked, live predicted changed, other (numpy: 1, 2) predicted
+    # changed by its fingerprint.
+    later = {"frozen": "link", "ema": HASH, "live": OWN, "other": OWN}
     assert verdicts == [dict.fromkeys(later), later, later]
     assert len(set(os.listdir(root / BLOBS)) - stored) == 2
     assert {"fsync", "dir-fsync", "rename", "retention"} <= set(storage.points)

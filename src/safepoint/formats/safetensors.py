@@ -172,12 +172,16 @@ class SafetensorsFormat:
             return out
         # On an object store each file costs round trips (a HEAD, then GETs): a dedup
         # checkpoint of hundreds of one-tensor blobs would pay them in sequence. Large
-        # files already have their ranges in flight at once; they are read in turn.
+        # files already have their ranges in flight at once; they are read in turn, by
+        # one of the workers, while the others read the small ones.
         small = [read_one(f, info) for f, info in files if int(info["size"]) <= SMALL_FILE]
-        parallel.run_all(small, FILES_IN_FLIGHT)
-        for f, info in files:
-            if int(info["size"]) > SMALL_FILE:
-                read_one(f, info)()
+        large = [read_one(f, info) for f, info in files if int(info["size"]) > SMALL_FILE]
+
+        def large_in_turn() -> None:
+            for task in large:
+                task()
+
+        parallel.run_all([large_in_turn, *small] if large else small, FILES_IN_FLIGHT)
         return out
 
     def _read_file(

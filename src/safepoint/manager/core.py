@@ -190,7 +190,7 @@ class CheckpointManager(Listing, FileSaving):
         name = self.template.format(step=step, epoch=epoch, metrics=metrics)
         created = now()
         if self._dedup is not None:
-            self._dedup.snapshot(leaves)  # the cheap-skip hint is checked before any copy
+            self._dedup.snapshot(leaves, tree)  # hints are checked before any copy
         if self.async_save:
             groups = list(shards(leaves, self.shard_bytes))
             prefixes = [self.format.image_prefix(g) for g in groups]
