@@ -27,7 +27,7 @@ from s3_dedup_kill_manager import Run  # noqa: E402
 
 WRITER = os.path.join(HERE, "s3_dedup_kill_manager.py")
 SRC = os.path.abspath(os.path.join(HERE, "..", "..", "src"))
-KILLS = 12
+KILLS = 8
 
 
 def _check(storage: s3.S3Storage, want: Run) -> list[int]:
