@@ -224,3 +224,28 @@ def test_a_checkpoint_whose_manifest_is_gone_is_incomplete_never_deletable(paths
     capsys.readouterr()
     assert main(["ls", str(paths["root"])]) == OK
     assert [ln.split()[0] for ln in capsys.readouterr().out.splitlines()[1:]] == ["step-00000002"]
+
+
+def test_a_directory_renamed_away_while_classified_is_missing_not_a_crash(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """A re-save without RENAME_EXCHANGE renames the old directory away between two
+    looks at it (stat, then listdir): the CLI says "not found", it does not crash on
+    the FileNotFoundError (this once failed CI's reader-race test)."""
+    from safepoint.cli import pathkind
+
+    with safepoint.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.save({"w": np.ones(3)}, step=1)
+    real = pathkind._classify
+    calls = []
+
+    def renamed_away(path: str, *, listing: bool) -> pathkind.PathKind:
+        calls.append(path)
+        if len(calls) == 1:
+            raise FileNotFoundError(2, "No such file or directory", path)
+        return real(path, listing=listing)
+
+    monkeypatch.setattr(pathkind, "_classify", renamed_away)
+    found = pathkind.classify(str(tmp_path / "run" / "step-00000001"))
+    assert found.kind == "missing"  # no writer in flight: not looked up again
+    assert main(["verify", str(tmp_path / "run" / "step-00000001")]) == 0  # next look: fine

@@ -33,7 +33,7 @@ _RACED = (CorruptCheckpointError, IncompleteCheckpointError, FileNotFoundError)
 #: Seconds to wait, one after the other, for a name gone missing to come back: the gap
 #: between the two renames of a re-save without RENAME_EXCHANGE is microseconds, but a
 #: loaded machine can deschedule the writer between them.
-ABSENT_WAITS = (0.01, 0.04, 0.16)
+ABSENT_WAITS = (0.01, 0.04, 0.16, 0.5)
 
 
 def consistent(storage: Storage, name: str, read: Callable[[Storage], _T]) -> _T:

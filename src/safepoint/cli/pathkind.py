@@ -110,16 +110,25 @@ def classify(path: str, *, listing: bool = True) -> PathKind:
         return PathKind(url, *classify_url(url, listing=listing))
     for _ in range(3):
         before = _inode(path)
-        found = _classify(path, listing=listing)
+        found = _classify_now(path, listing=listing)
         if found.kind not in ("uncommitted", "empty") or _inode(path) == before:
             break
     if found.kind == "missing" and _writer_in_flight(os.path.dirname(found.path)):
         for wait in ABSENT_WAITS:  # a re-save may be between its two renames
             time.sleep(wait)
-            again = _classify(path, listing=listing)
+            again = _classify_now(path, listing=listing)
             if again.kind != "missing":
                 return again
     return found
+
+
+def _classify_now(path: str, *, listing: bool) -> PathKind:
+    """:func:`_classify`, where a directory renamed away while it is looked at (a re-save
+    between its two renames) is missing, not an error."""
+    try:
+        return _classify(path, listing=listing)
+    except (FileNotFoundError, NotADirectoryError):
+        return PathKind(os.path.abspath(path).rstrip(os.sep) or os.sep, "missing", "")
 
 
 def _classify(path: str, *, listing: bool) -> PathKind:
