@@ -225,9 +225,8 @@ def test_a_key_collision_never_substitutes_content(
     assert sorted("blob" in info for info in files.values()) == [False, True, True]
 
 
-def test_predicted_changes_skip_hashing_and_a_layer_frozen_later_is_shared(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _count_hashed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the tensors the local blob store hashes from now on."""
     from safepoint.storage.blobs import LocalBlobStore
 
     hashed: list[int] = []
@@ -237,6 +236,13 @@ def test_predicted_changes_skip_hashing_and_a_layer_frozen_later_is_shared(
         "key",
         lambda self, head, buf: hashed.append(buf.nbytes) or real_key(self, head, buf),
     )
+    return hashed
+
+
+def test_predicted_changes_skip_hashing_and_a_layer_frozen_later_is_shared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hashed = _count_hashed(monkeypatch)
     frozen, ema, live = torch.arange(300.0), torch.arange(300.0), torch.zeros(200)
     with safepoint.CheckpointManager(tmp_path, dedup=True, dedup_rehash_every=100) as mgr:
         for step in range(8):
@@ -289,15 +295,7 @@ def test_blobs_written_in_windows_of_held_files(
 def test_numpy_arrays_are_predicted_by_their_fingerprint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from safepoint.storage.blobs import LocalBlobStore
-
-    hashed: list[int] = []
-    real_key = LocalBlobStore.key
-    monkeypatch.setattr(
-        LocalBlobStore,
-        "key",
-        lambda self, head, buf: hashed.append(buf.nbytes) or real_key(self, head, buf),
-    )
+    hashed = _count_hashed(monkeypatch)
     still = np.arange(3000, dtype=np.float32)
     with safepoint.CheckpointManager(tmp_path, dedup=True, dedup_rehash_every=100) as mgr:
         for step in range(4):

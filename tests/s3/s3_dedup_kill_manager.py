@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from typing import Any
 
 import numpy as np
 import torch
+from lease_wait import take
 
 import safepoint
-from safepoint.errors import StorageError
 from safepoint.storage.s3 import S3Storage
 
 FROZEN = 1 << 20  # float32 elements: 4 MiB
@@ -45,15 +44,7 @@ class Run:
 def main() -> None:
     root, options, first = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
     storage = S3Storage(root, options, lease_ttl=0.2)
-    deadline = time.monotonic() + 15  # wait out the killed writer's lease
-    while True:
-        try:
-            storage.lock()
-            break
-        except StorageError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+    take(storage)  # waits out the killed writer's lease
     mgr = safepoint.CheckpointManager(storage, dedup=True, keep=safepoint.Keep(last=2))
     run = Run()
     print("ready", flush=True)

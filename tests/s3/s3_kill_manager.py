@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import numpy as np
+from lease_wait import take
 
 import safepoint
-from safepoint.errors import StorageError
 from safepoint.storage.s3 import S3Storage
 
 
@@ -34,15 +33,7 @@ def main() -> None:
     storage = S3Storage(root, options, lease_ttl=0.2)
     # Take the lease before saying ready, waiting out one left by a killed writer: a
     # request it had in flight when it was killed may still land on the server.
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            storage.lock()
-            break
-        except StorageError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+    take(storage)  # waits out the killed writer's lease
     mgr = safepoint.CheckpointManager(
         storage, monitor="loss", mode="min", keep=safepoint.Keep(last=2, best=1)
     )

@@ -5,13 +5,9 @@ exactly the referenced blobs and payload."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -22,11 +18,10 @@ torch = pytest.importorskip("torch")
 s3 = pytest.importorskip("safepoint.storage.s3")
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, HERE)
-from lease_wait import successor  # noqa: E402
+from lease_wait import kill_round, successor  # noqa: E402
 from s3_dedup_kill_manager import Run  # noqa: E402
 
 WRITER = os.path.join(HERE, "s3_dedup_kill_manager.py")
-SRC = os.path.abspath(os.path.join(HERE, "..", "..", "src"))
 KILLS = 8
 
 
@@ -47,24 +42,10 @@ def _check(storage: s3.S3Storage, want: Run) -> list[int]:
 @pytest.mark.e2e
 def test_killed_dedup_managers_never_lose_a_referenced_blob(s3_server, s3_root):
     rng = random.Random(15)
-    env = {**os.environ, "PYTHONPATH": SRC}
     want = Run()
     first, reported = 1, []
     for round_ in range(KILLS):
-        proc = subprocess.Popen(
-            [sys.executable, WRITER, s3_root, json.dumps(s3_server.options), str(first)],
-            stdout=subprocess.PIPE,
-            env=env,
-        )
-        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
-        time.sleep(rng.uniform(0.1, 1.5))
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait() == -signal.SIGKILL, round_
-        lines = proc.stdout.read().decode().split()
-        proc.stdout.close()
-        reported += [
-            int(v) for k, v in zip(lines[::2], lines[1::2], strict=True) if k == "committed"
-        ]
+        reported += kill_round(WRITER, s3_root, s3_server.options, first, rng, (0.1, 1.5))
         storage = successor(s3_root, s3_server.options)
         try:
             steps = _check(storage, want)

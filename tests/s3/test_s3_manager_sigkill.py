@@ -4,13 +4,9 @@ committed and the best survive, and gc leaves exactly the referenced payload."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -20,11 +16,10 @@ import safepoint
 s3 = pytest.importorskip("safepoint.storage.s3")
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, HERE)
-from lease_wait import successor  # noqa: E402
+from lease_wait import kill_round, successor  # noqa: E402
 from s3_kill_manager import loss_of, state_of  # noqa: E402
 
 WRITER = os.path.join(HERE, "s3_kill_manager.py")
-SRC = os.path.abspath(os.path.join(HERE, "..", "..", "src"))
 KILLS = 50
 
 
@@ -54,21 +49,9 @@ def _check(storage: s3.S3Storage, reported: list[int], seen: set[int]) -> int:
 @pytest.mark.e2e
 def test_fifty_killed_managers_leave_only_whole_checkpoints(s3_server, s3_root):
     rng = random.Random(2026)
-    env = {**os.environ, "PYTHONPATH": SRC}
     first, seen, reported, saves = 1, set(), [], 0
-    for round_ in range(KILLS):
-        proc = subprocess.Popen(
-            [sys.executable, WRITER, s3_root, json.dumps(s3_server.options), str(first)],
-            stdout=subprocess.PIPE,
-            env=env,
-        )
-        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
-        time.sleep(rng.uniform(0.0, 0.6))
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait() == -signal.SIGKILL, (round_, proc.pid, os.getpid())  # not an error
-        lines = proc.stdout.read().decode().split()
-        proc.stdout.close()
-        done = [int(v) for k, v in zip(lines[::2], lines[1::2], strict=True) if k == "committed"]
+    for _ in range(KILLS):
+        done = kill_round(WRITER, s3_root, s3_server.options, first, rng, (0.0, 0.6))
         reported += done
         seen.update(done)
         saves += len(done)

@@ -6,37 +6,23 @@ import hashlib
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 
 s3 = pytest.importorskip("safepoint.storage.s3")
 sys.path.insert(0, os.path.dirname(__file__))
-from lease_wait import successor  # noqa: E402
+from lease_wait import kill_round, successor  # noqa: E402
 
 WRITER = os.path.join(os.path.dirname(__file__), "s3_kill_writer.py")
-SRC = os.path.join(os.path.dirname(__file__), "..", "..", "src")
 
 
 @pytest.mark.e2e
 def test_killed_writers_leave_only_whole_checkpoints(s3_server, s3_root):
     rng = random.Random(12)
-    env = {**os.environ, "PYTHONPATH": os.path.abspath(SRC)}
     first, kills, committed = 0, 0, set()
     for _ in range(4):
-        proc = subprocess.Popen(
-            [sys.executable, WRITER, s3_root, json.dumps(s3_server.options), str(first)],
-            stdout=subprocess.PIPE,
-            env=env,
-        )
-        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
-        time.sleep(rng.uniform(0.05, 0.8))
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait() == -signal.SIGKILL  # killed, not died of an error
-        proc.stdout.close()
+        kill_round(WRITER, s3_root, s3_server.options, first, rng, (0.05, 0.8))
         kills += 1
         storage = successor(s3_root, s3_server.options)
         names = storage.list_names()

@@ -38,7 +38,7 @@ from safepoint.catalog.dedup import (
 from safepoint.errors import ConfigError
 from safepoint.manager import options
 from safepoint.ondisk.manifest import Manifest
-from safepoint.state.tree import TensorLeaf
+from safepoint.state.tree import TensorLeaf, tensor_refs
 from safepoint.storage.protocol import SharedBlobs, Storage
 
 #: Every this many saves the hints are ignored and every tensor hashed.
@@ -106,31 +106,16 @@ def optimizer_buffers(tree: Any) -> set[str]:
     blob file per buffer (two thirds of an Adam run's tensors) on the first save.
     """
     found: set[str] = set()
-
-    def refs(node: Any) -> None:
-        if isinstance(node, dict):
-            if isinstance(node.get("$tensor"), str):
-                found.add(node["$tensor"])
-                return
-            for value in node.values():
-                refs(value)
-        elif isinstance(node, list):
-            for value in node:
-                refs(value)
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            groups = node.get("param_groups")
-            if "state" in node and isinstance(groups, list):
-                refs(node["state"])
-                return
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(tree)
+    stack = [tree]
+    while stack:  # iteratively, as tensor_refs: no recursion limit
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            if "state" in node and isinstance(node.get("param_groups"), list):
+                found.update(tensor_refs(node["state"]))
+            else:
+                stack.extend(node.values())
     return found
 
 

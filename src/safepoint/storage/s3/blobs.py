@@ -14,17 +14,20 @@ downloading it, so the key itself must make a substitution infeasible: a SHA-256
 prefix of 128 bits needs ~2^64 work for a constructed collision, where xxh3 needs
 none. SHA-256 hashes ~1.4 GiB/s per core here (GIL released, a few threads at once),
 cheaper than uploading the bytes it saves. Every read still verifies the manifest's
-xxh3-64 of the tensor's bytes, so a blob damaged at rest is detected, not loaded.
+xxh3-64 of the tensor's bytes, so a blob damaged at rest is detected, not loaded; and
+a writer checks a blob it did not upload once per process before reusing it, uploading
+a damaged one again (:meth:`S3BlobStore.same_bytes`).
 
 **Collection.** A blob is deleted only when no record of the root and no save in
 flight in this process references it, by the lease holder (a manager after its
 retention pass, looking only at the keys that pass dropped; ``safepoint gc`` and a
-manager's start, looking at every blob), and only once older than a grace period on
-the server's clock. Saves register each key they reference (:class:`BlobState`)
-*before* checking that it exists, under the same lock a collection holds from reading
-the registrations to its last delete: either the collection sees the reference, or
-the save's check sees the blob gone and uploads it again. Another process cannot
-collect while this one holds the lease; a writer that lost its lease cannot commit.
+dedup manager's first save, looking at every blob), after renewing the lease, and only
+once older than a grace period on the server's clock. Saves register each key they
+reference (:class:`BlobState`) *before* checking that it exists, under the same lock
+a collection holds from reading the registrations to its last delete: either the
+collection sees the reference, or the save's check sees the blob gone and uploads it
+again. Another process cannot collect while this one holds the lease; a writer that
+lost its lease cannot commit.
 """
 
 from __future__ import annotations
